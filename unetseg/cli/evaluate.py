@@ -1,0 +1,253 @@
+"""unetseg-evaluate: score predicted masks against ground-truth masks, per image and overall."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unetseg.io import IMAGE_SUFFIXES, ImageReadError, is_image_file, read_labels
+from unetseg.metrics import CONNECTIVITY, DSB_THRESHOLDS, MATCH_THRESHOLD, SCORE_KEYS, segmentation_scores, summarize
+
+PROG = "unetseg-evaluate"
+MAX_TABLE_ROWS = 25  # more images than this: the table shows only the summary
+TABLE_COLUMNS = (
+    ("dice", "Dice"), ("iou", "IoU"), ("precision", "Prec"), ("recall", "Rec"), ("f1", "F1"),
+    ("dsb_score", "DSB"), ("adapted_rand_error", "ARand"), ("vi", "VI"),
+)
+
+DESCRIPTION = f"""\
+Score predicted masks (PRED) against ground-truth masks (GT). Each is a folder, searched
+recursively, or a single file. Files are paired by sub-folder and name without suffix, so
+pred/a/img1.tif scores against gt/a/img1.png. Masks may be binary (0/1, 0/255) or instance
+labels; binary masks are split into 4-connected components for the object scores.
+
+Per image and as the mean over images: foreground Dice and IoU (label > 0); object precision,
+recall and F1 (a match is IoU > {MATCH_THRESHOLD}); the 2018 Data Science Bowl score (mean over
+IoU thresholds {DSB_THRESHOLDS[0]}, {DSB_THRESHOLDS[1]}, ..., {DSB_THRESHOLDS[-1]} of TP / (TP + FP + FN)); adapted Rand error and
+variation of information (scikit-image). Also the pooled Dice of all pixels of all images.
+Both masks empty scores 1 (errors 0); exactly one empty scores 0 (Rand error 1).
+"""
+
+EPILOG = """\
+exit status: 0 when every GT image was scored; 1 when a GT image has no prediction, a shape
+differs or a file can't be read (each is named on stderr, the rest is still scored and
+written); 2 for usage errors (a missing folder, no image files, two files with one name).
+Predictions without a GT file are named on stderr but don't change the exit status.
+"""
+
+
+class UsageError(Exception):
+    """A problem with the command line or the folders given; exit status 2."""
+
+
+@dataclass
+class Evaluation:
+    """Scores of the paired images and every file that could not be scored, with the reason."""
+
+    scores: dict[str, dict] = field(default_factory=dict)  # name -> {"pred", "gt", metric...}
+    missing_predictions: list[dict] = field(default_factory=list)  # {"image", "gt"}
+    predictions_without_gt: list[dict] = field(default_factory=list)  # {"image", "pred"}
+    shape_mismatches: list[dict] = field(default_factory=list)  # {"image", "pred", "gt", "pred_shape", "gt_shape"}
+    unreadable: list[dict] = field(default_factory=list)  # {"image", "pred", "gt", "errors"}
+
+    @property
+    def failed(self) -> bool:
+        """True when some GT image could not be scored."""
+        return bool(self.missing_predictions or self.shape_mismatches or self.unreadable)
+
+    def problems(self) -> dict:
+        """The files that were not scored, by reason, for the JSON report."""
+        return {
+            "missing_predictions": self.missing_predictions,
+            "predictions_without_gt": self.predictions_without_gt,
+            "shape_mismatches": self.shape_mismatches,
+            "unreadable": self.unreadable,
+        }
+
+
+def find_masks(root: Path, role: str) -> dict[str, Path]:
+    """Image files under `root` keyed by relative sub-folder + name without suffix; a file is keyed by its stem."""
+    if root.is_file():
+        if not is_image_file(root):
+            raise UsageError(f"{role} {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
+        return {root.stem: root}
+    if not root.is_dir():
+        raise UsageError(f"{role} {root}: no such file or folder")
+    files: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts) or not is_image_file(path):
+            continue
+        name = relative.with_suffix("").as_posix()
+        if name in files:
+            raise UsageError(f"{role}: {files[name]} and {path} have the same name; keep one of them")
+        files[name] = path
+    if not files:
+        raise UsageError(f"{role} {root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
+    return files
+
+
+def pair_masks(pred_root: Path, gt_root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Prediction and GT files keyed by name; two single files pair whatever their names."""
+    pred_files, gt_files = find_masks(pred_root, "PRED"), find_masks(gt_root, "GT")
+    if pred_root.is_file() and gt_root.is_file():
+        pred_files = {name: pred_root for name in gt_files}
+    return pred_files, gt_files
+
+
+def _read_pair(name: str, pred_path: Path, gt_path: Path, evaluation: Evaluation):
+    """The (pred, gt) labels of one image, or None after naming each file that can't be read."""
+    labels, errors = [], []
+    for path in (pred_path, gt_path):
+        try:
+            labels.append(read_labels(path))
+        except ImageReadError as error:
+            errors.append(str(error))
+            print(f"error: unreadable: {error}", file=sys.stderr)
+    if errors:
+        evaluation.unreadable.append({"image": name, "pred": str(pred_path), "gt": str(gt_path), "errors": errors})
+        return None
+    return labels
+
+
+def evaluate(pred_files: dict[str, Path], gt_files: dict[str, Path]) -> Evaluation:
+    """Score every GT image against its prediction; name on stderr each file that can't be scored."""
+    evaluation = Evaluation()
+    for name, gt_path in sorted(gt_files.items()):
+        pred_path = pred_files.get(name)
+        if pred_path is None:
+            evaluation.missing_predictions.append({"image": name, "gt": str(gt_path)})
+            print(f"error: missing prediction: GT {gt_path} has no prediction named {name}.*", file=sys.stderr)
+            continue
+        labels = _read_pair(name, pred_path, gt_path, evaluation)
+        if labels is None:
+            continue
+        pred, gt = labels
+        if pred.shape != gt.shape:
+            evaluation.shape_mismatches.append(
+                {"image": name, "pred": str(pred_path), "gt": str(gt_path),
+                 "pred_shape": list(pred.shape), "gt_shape": list(gt.shape)}
+            )
+            print(
+                f"error: shape mismatch: prediction {pred_path} is {pred.shape}, GT {gt_path} is {gt.shape}",
+                file=sys.stderr,
+            )
+            continue
+        evaluation.scores[name] = {"pred": str(pred_path), "gt": str(gt_path), **segmentation_scores(pred, gt)}
+    for name, pred_path in sorted(pred_files.items()):
+        if name not in gt_files:
+            evaluation.predictions_without_gt.append({"image": name, "pred": str(pred_path)})
+            print(f"warning: no ground truth: prediction {pred_path} has no GT named {name}.*", file=sys.stderr)
+    return evaluation
+
+
+def _format_row(label: str, scores: dict, width: int) -> str:
+    """One table row: the label, then each score with 3 decimals."""
+    values = "".join(f"{scores[key]:>7.3f}" for key, _ in TABLE_COLUMNS)
+    return f"{label:<{width}}{values}"
+
+
+def format_report(evaluation: Evaluation, summary: dict) -> str:
+    """The stdout report: per-image rows when there are few, then the mean, pooled Dice and counts."""
+    names = list(evaluation.scores)
+    width = max([len(name) for name in names] + [len("mean of 000 images")]) + 2
+    header = f"{'image':<{width}}" + "".join(f"{title:>7}" for _, title in TABLE_COLUMNS)
+    lines = [header, "-" * len(header)]
+    if len(names) <= MAX_TABLE_ROWS:
+        lines += [_format_row(name, evaluation.scores[name], width) for name in names]
+    else:
+        lines.append(f"({len(names)} images: per-image rows in --per-image CSV or --json)")
+    if names:
+        lines += ["-" * len(header), _format_row(f"mean of {len(names)} images", summary, width)]
+        lines.append(
+            f"pooled Dice (all pixels): {summary['pooled_dice']:.3f}   objects: {summary['n_gt']} GT, "
+            f"{summary['n_pred']} predicted; TP {summary['tp']}, FP {summary['fp']}, FN {summary['fn']} "
+            f"at IoU > {MATCH_THRESHOLD}"
+        )
+    else:
+        lines.append("no image was scored")
+    lines.append(
+        f"not scored: {len(evaluation.missing_predictions)} GT without prediction, "
+        f"{len(evaluation.shape_mismatches)} shape mismatch, {len(evaluation.unreadable)} unreadable; "
+        f"{len(evaluation.predictions_without_gt)} prediction(s) without GT"
+    )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Path, gt_root: Path) -> None:
+    """Write the summary, the per-image scores and the unscored files as one JSON document."""
+    document = {
+        "pred": str(pred_root),
+        "gt": str(gt_root),
+        "settings": {"match_threshold": MATCH_THRESHOLD, "dsb_thresholds": list(DSB_THRESHOLDS), "connectivity": CONNECTIVITY},
+        "summary": summary,
+        "problems": evaluation.problems(),
+        "images": evaluation.scores,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path: Path, evaluation: Evaluation) -> None:
+    """Write one row per image: scored ones with their metrics, the others with the reason in `status`."""
+    rows = [{"image": name, "status": "ok", **scores} for name, scores in evaluation.scores.items()]
+    for status, items in (
+        ("missing prediction", evaluation.missing_predictions),
+        ("shape mismatch", evaluation.shape_mismatches),
+        ("unreadable", evaluation.unreadable),
+        ("no ground truth", evaluation.predictions_without_gt),
+    ):
+        rows += [{"image": item["image"], "status": status, "pred": item.get("pred"), "gt": item.get("gt")} for item in items]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "status", "pred", "gt", *SCORE_KEYS])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of unetseg-evaluate."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("pred", type=Path, metavar="PRED", help="predicted masks: a folder (searched recursively) or one file")
+    parser.add_argument("gt", type=Path, metavar="GT", help="ground-truth masks: a folder (searched recursively) or one file")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the summary, per-image scores and unscored files as JSON")
+    parser.add_argument("--per-image", type=Path, metavar="CSV", help="write one CSV row per image")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run unetseg-evaluate; returns the exit status (0 all scored, 1 some GT image not scored, 2 usage error)."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        pred_files, gt_files = pair_masks(args.pred, args.gt)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    evaluation = evaluate(pred_files, gt_files)
+    summary = summarize(list(evaluation.scores.values()))
+    print(format_report(evaluation, summary))
+    print(f"{len(gt_files)} GT image(s) in {time.perf_counter() - started:.1f} s")
+    try:
+        if args.json:
+            write_json(args.json, evaluation, summary, args.pred, args.gt)
+        if args.per_image:
+            write_csv(args.per_image, evaluation)
+    except OSError as error:
+        print(f"{PROG}: error: cannot write the report: {error}", file=sys.stderr)
+        return 2
+    if evaluation.failed:
+        print(
+            f"{PROG}: {len(evaluation.missing_predictions)} GT image(s) without prediction, "
+            f"{len(evaluation.shape_mismatches)} shape mismatch(es), {len(evaluation.unreadable)} unreadable file(s)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

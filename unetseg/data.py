@@ -1,0 +1,295 @@
+"""Tiled training data: pairing image and mask files, random tiles with foreground
+oversampling, fixed validation tiles, and the LightningDataModule that owns them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from skimage.segmentation import find_boundaries
+from torch.utils.data import DataLoader, Dataset
+
+from unetseg.io import ImageReadError, Normalization, is_image_file, read_image, read_labels, to_channels
+from unetseg.losses import border_weight_map
+from unetseg.synthetic import default_dataset
+from unetseg.transforms import Augmentation, build_transform
+
+TARGETS = ("foreground", "boundary", "classes")
+
+
+@dataclass
+class Sample:
+    """One image (C, H, W) in its stored dtype, its labels (H, W) and its percentile range."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    value_range: tuple[float, float]
+    foreground: np.ndarray  # (K, 2) coordinates of foreground pixels, subsampled
+
+
+def find_pairs(root: str | Path, images: str = "images", masks: str = "masks") -> list[tuple[Path, Path]]:
+    """Image/mask file pairs under root/images and root/masks, matched by relative path and stem.
+
+    Raises ValueError naming every image without a mask, mask without an image, or duplicate
+    stem, and when nothing is found.
+    """
+    root = Path(root)
+    image_dir, mask_dir = root / images, root / masks
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: folder not found (expected {root}/{images} and {root}/{masks})")
+    image_files, mask_files = stem_index(image_dir), stem_index(mask_dir)
+    if not image_files:
+        raise ValueError(f"{image_dir}: no image files found (looked for .tif, .tiff, .png, .jpg)")
+    problems = [f"{image_files[key]}: no mask in {mask_dir}" for key in sorted(image_files.keys() - mask_files.keys())]
+    problems += [f"{mask_files[key]}: no image in {image_dir}" for key in sorted(mask_files.keys() - image_files.keys())]
+    if problems:
+        raise ValueError("images and masks do not pair up by name:\n  " + "\n  ".join(problems))
+    return [(image_files[key], mask_files[key]) for key in sorted(image_files)]
+
+
+def stem_index(folder: Path) -> dict[str, Path]:
+    """Map relative path without suffix -> file, refusing two files with one stem."""
+    index: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        if not is_image_file(path):
+            continue
+        key = path.relative_to(folder).with_suffix("").as_posix()
+        if key in index:
+            raise ValueError(f"{index[key]} and {path}: two files with one name; keep one")
+        index[key] = path
+    return index
+
+
+def load_sample(image_path: Path, mask_path: Path, in_channels: int, normalization: Normalization) -> Sample:
+    """Read and check one pair, and take its whole-image normalisation range."""
+    image = read_image(image_path)
+    if image.ndim == 3 and not image.shape[-1] in (1, 3, 4):
+        raise ImageReadError(f"{image_path}: a {image.shape} stack; training takes 2D images (H, W[, C])")
+    image = to_channels(image, in_channels, image_path)
+    labels = read_labels(mask_path)
+    if labels.shape != image.shape[1:]:
+        raise ImageReadError(f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but its image "
+                             f"{image_path.name} is {image.shape[1]}x{image.shape[2]}")
+    return Sample(image_path.stem, image, labels, normalization.range(image), foreground_coordinates(labels))
+
+
+def foreground_coordinates(labels: np.ndarray, limit: int = 4096) -> np.ndarray:
+    """(K, 2) row/column coordinates of foreground pixels, evenly subsampled to at most `limit`."""
+    coordinates = np.argwhere(labels > 0)
+    return coordinates[:: max(1, -(-len(coordinates) // limit))]
+
+
+def make_target(labels: np.ndarray, targets: str) -> np.ndarray:
+    """Training target (H, W) int64 from a mask: foreground 0/1, boundary 0/1/2, or class indices."""
+    if targets == "foreground":
+        return (labels > 0).astype(np.int64)
+    if targets == "boundary":
+        target = (labels > 0).astype(np.int64)
+        target[find_boundaries(labels, mode="inner")] = 2  # edges of every nucleus, also where two touch
+        return target
+    return labels.astype(np.int64)
+
+
+class TileDataset(Dataset):
+    """Tiles of `tile_size` from samples: random (training) or a fixed grid (validation).
+
+    Random tiles pick an image uniformly, then a position, centred on a random foreground
+    pixel with probability `foreground_oversampling` (nnU-Net samples a third this way).
+    Grid tiles cover each image once, the last row and column shifted to stay inside; images
+    smaller than a tile give one smaller tile, so validation never scores padding.
+    """
+
+    def __init__(self, samples: Sequence[Sample], normalization: Normalization, tile_size: int, targets: str,
+                 length: int | None = None, transform=None, foreground_oversampling: float = 0.33,
+                 border_weights: bool = False, border_w0: float = 10.0, border_sigma: float = 5.0):
+        self.samples, self.normalization, self.tile_size, self.targets = samples, normalization, tile_size, targets
+        self.transform, self.foreground_oversampling = transform, foreground_oversampling
+        self.border_weights, self.border_w0, self.border_sigma = border_weights, border_w0, border_sigma
+        self.grid = None if length else [(i, y, x) for i, s in enumerate(samples) for y, x in tile_grid(s, tile_size)]
+        self.length = length or len(self.grid)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.grid is None:
+            # Drawn from torch's generator, which DataLoader seeds per worker and per epoch.
+            rng = np.random.default_rng(int(torch.randint(2**62, ())))
+            sample, y, x = self.random_tile(rng)
+        else:
+            sample_index, y, x = self.grid[index]
+            sample, rng = self.samples[sample_index], None
+        size = self.tile_size
+        image = sample.image[:, y:y + size, x:x + size]
+        labels = sample.labels[y:y + size, x:x + size]
+        image = self.normalization.apply(image, sample.value_range)  # (C, h, w) float32
+        if self.transform is not None:
+            self.transform.set_random_seed(int(rng.integers(2**31)))
+            out = self.transform(image=np.moveaxis(image, 0, -1), mask=labels.astype(np.int32))
+            image, labels = np.moveaxis(out["image"], -1, 0), out["mask"]
+        item = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+                "target": torch.from_numpy(make_target(labels, self.targets))}
+        if self.border_weights:
+            item["weight"] = torch.from_numpy(border_weight_map(labels, self.border_w0, self.border_sigma))
+        return item
+
+    def random_tile(self, rng: np.random.Generator) -> tuple[Sample, int, int]:
+        sample = self.samples[rng.integers(len(self.samples))]
+        height, width = sample.labels.shape
+        size = self.tile_size
+        if len(sample.foreground) and rng.random() < self.foreground_oversampling:
+            cy, cx = sample.foreground[rng.integers(len(sample.foreground))]
+            y = int(np.clip(cy - size // 2, 0, height - size))
+            x = int(np.clip(cx - size // 2, 0, width - size))
+        else:
+            y, x = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
+        return sample, y, x
+
+
+def tile_grid(sample: Sample, tile_size: int) -> list[tuple[int, int]]:
+    """Top-left corners of tiles covering the sample, the last ones shifted inside."""
+    height, width = sample.labels.shape
+    rows = sorted({min(y, max(height - tile_size, 0)) for y in range(0, height, tile_size)})
+    cols = sorted({min(x, max(width - tile_size, 0)) for x in range(0, width, tile_size)})
+    return [(y, x) for y in rows for x in cols]
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    """Image/mask folders -> augmented random training tiles and fixed validation tiles.
+
+    Args:
+        root: folder holding `images/` and `masks/`, paired by file name (sub-folders too).
+            None uses the embedded synthetic nuclei dataset (generated once, no download).
+        images, masks: sub-folder names under root.
+        in_channels: channels the network takes; grey and RGB(A) images are converted to it.
+        targets: "foreground" (mask > 0, one output class), "boundary" (background / interior /
+            nucleus edge, three classes, to separate touching nuclei) or "classes" (mask values
+            are class indices, 0 to classes - 1).
+        classes: number of classes for targets="classes" (checked against every mask).
+        tile_size: side of the square training tiles.
+        batch_size: training tiles per batch.
+        tiles_per_epoch: random tiles drawn per epoch.
+        val_fraction: share of images held out for validation, chosen by `seed`.
+        split_file: a JSON {"train": [...], "val": [...]} of file stems to use instead.
+        normalization: percentiles of the whole-image normalisation.
+        augmentation: probabilities of each augmentation (see `Augmentation`).
+        foreground_oversampling: probability that a tile is centred on a foreground pixel.
+        border_weights: add the U-Net paper's weight map (w0, sigma in pixels) to each tile.
+        num_workers: DataLoader workers; None picks min(4, CPUs - 1).
+        seed: seed of the train/validation split.
+    """
+
+    def __init__(self, root: str | None = None, images: str = "images", masks: str = "masks", in_channels: int = 1,
+                 targets: str = "foreground", classes: int | None = None, tile_size: int = 256, batch_size: int = 8,
+                 tiles_per_epoch: int = 512, val_fraction: float = 0.15, split_file: str | None = None,
+                 normalization: Normalization = Normalization(), augmentation: Augmentation = Augmentation(),
+                 foreground_oversampling: float = 0.33, border_weights: bool = False, border_w0: float = 10.0,
+                 border_sigma: float = 5.0, num_workers: int | None = None, seed: int = 0):
+        super().__init__()
+        if targets not in TARGETS:
+            raise ValueError(f"targets={targets!r} is not valid; choose one of {', '.join(map(repr, TARGETS))}")
+        if targets == "classes" and (classes is None or classes < 2):
+            raise ValueError("targets='classes' needs classes >= 2 (the number of classes in the masks)")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}")
+        self.save_hyperparameters()
+        self.root, self.images, self.masks, self.in_channels = root, images, masks, in_channels
+        self.targets, self.classes, self.tile_size, self.batch_size = targets, classes, tile_size, batch_size
+        self.tiles_per_epoch, self.val_fraction, self.split_file = tiles_per_epoch, val_fraction, split_file
+        self.normalization, self.augmentation = normalization, augmentation
+        self.foreground_oversampling, self.border_weights = foreground_oversampling, border_weights
+        self.border_w0, self.border_sigma, self.seed = border_w0, border_sigma, seed
+        self.num_workers = max(0, min(4, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
+        self.split: dict[str, list[str]] | None = None
+
+    @property
+    def output_classes(self) -> int:
+        """Channels the network must output for these targets."""
+        return {"foreground": 1, "boundary": 3}.get(self.targets, self.classes)
+
+    @property
+    def input_spec(self) -> dict:
+        """How inputs were prepared, stored in checkpoints so prediction repeats it exactly."""
+        return {"in_channels": self.in_channels, "normalization": self.normalization.to_dict(),
+                "targets": self.targets, "classes": self.output_classes}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is not None:
+            return
+        root = Path(self.root) if self.root else default_dataset()
+        pairs = find_pairs(root, self.images, self.masks)
+        if len(pairs) < 2:
+            raise ValueError(f"{root}: found {len(pairs)} image/mask pair; need at least 2 (training and validation)")
+        self.split = self.make_split([image.stem for image, _ in pairs])
+        samples, problems = {}, []
+        for image_path, mask_path in pairs:
+            try:
+                samples[image_path.stem] = load_sample(image_path, mask_path, self.in_channels, self.normalization)
+                self.check_mask_values(samples[image_path.stem].labels, mask_path)
+            except ImageReadError as error:
+                problems.append(str(error))
+        if problems:
+            raise ValueError(f"{len(problems)} of {len(pairs)} training pairs cannot be used:\n  " + "\n  ".join(problems))
+        train = [pad_sample(samples[name], self.tile_size) for name in self.split["train"]]
+        val = [samples[name] for name in self.split["val"]]
+        common = dict(normalization=self.normalization, tile_size=self.tile_size, targets=self.targets,
+                      border_weights=self.border_weights, border_w0=self.border_w0, border_sigma=self.border_sigma)
+        self.train_set = TileDataset(train, length=self.tiles_per_epoch, transform=build_transform(self.augmentation),
+                                     foreground_oversampling=self.foreground_oversampling, **common)
+        self.val_set = TileDataset(val, **common)
+        self.write_split()
+
+    def make_split(self, names: list[str]) -> dict[str, list[str]]:
+        if self.split_file:
+            split = json.loads(Path(self.split_file).read_text())
+            unknown = sorted(set(split.get("train", []) + split.get("val", [])) - set(names))
+            if unknown or not split.get("train") or not split.get("val"):
+                raise ValueError(f"{self.split_file}: needs non-empty 'train' and 'val' lists of file stems found in "
+                                 f"the data; unknown: {unknown[:5]}")
+            return {"train": split["train"], "val": split["val"]}
+        order = np.random.default_rng(self.seed).permutation(len(names))
+        val_count = min(len(names) - 1, max(1, round(self.val_fraction * len(names))))
+        return {"train": sorted(names[i] for i in order[val_count:]), "val": sorted(names[i] for i in order[:val_count])}
+
+    def check_mask_values(self, labels: np.ndarray, mask_path: Path) -> None:
+        if self.targets == "classes" and labels.max() >= self.classes:
+            raise ImageReadError(f"{mask_path}: holds class {labels.max()} but classes={self.classes} "
+                                 f"(values must be 0 to {self.classes - 1})")
+
+    def write_split(self) -> None:
+        trainer = self.trainer
+        if trainer is None or trainer.log_dir is None or not trainer.is_global_zero:
+            return
+        Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(trainer.log_dir) / "split.json").write_text(json.dumps(self.split, indent=1))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        # One tile per batch: tiles of small images are smaller than tile_size.
+        return DataLoader(self.val_set, batch_size=1, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+
+def pad_sample(sample: Sample, tile_size: int) -> Sample:
+    """Reflect-pad a sample smaller than a tile, so random tiles always fit."""
+    height, width = sample.labels.shape
+    pad_h, pad_w = max(0, tile_size - height), max(0, tile_size - width)
+    if not pad_h and not pad_w:
+        return sample
+    spec = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+    labels = np.pad(sample.labels, spec, mode="reflect")  # numpy repeats the reflection for large pads
+    image = np.pad(sample.image, ((0, 0), *spec), mode="reflect")
+    return Sample(sample.name, image, labels, sample.value_range, foreground_coordinates(labels))

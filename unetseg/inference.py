@@ -1,0 +1,308 @@
+"""Tiled prediction of whole images: tiles cut, run and stitched on the model's device, band by band.
+
+Rows of tiles are processed in horizontal bands; each finished band of probabilities is handed
+out, so memory grows with the image width, not its area. The input is read band by band too,
+from anything that slices like a (C, H, W) array (numpy, `tifffile.memmap`, torch, zarr).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unetseg.tiling import axis_weights, check_tiling, pad_indices, padding, tile_starts
+
+__all__ = ["autocast_dtype", "iter_predict_bands", "predict_tiled", "select_device"]
+
+
+def select_device(model: nn.Module, device: str | torch.device | None = None) -> torch.device:
+    """The device tiles are run and stitched on: `device`, or the model's parameters' device (CPU if it has none).
+
+    Raises ValueError when `device` differs from where the model's parameters are: the
+    model is the caller's and is never moved here.
+    """
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    model_device = tensor.device if tensor is not None else None
+    if device is None:
+        return model_device if model_device is not None else torch.device("cpu")
+    device = torch.device(device)
+    if model_device is not None and not _same_device(device, model_device):
+        raise ValueError(f"device {device} differs from the model's device {model_device}; move the model with model.to(device)")
+    return device
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """True when two devices name the same hardware ("cuda" and "cuda:0" alike)."""
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
+def autocast_dtype(device: torch.device, amp: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype for `device`, or None for plain float32.
+
+    amp=None turns mixed precision on for CUDA only. On CUDA it is bfloat16 where the GPU
+    supports it (no overflow, no scaling needed), else float16; elsewhere bfloat16, the type
+    CPU autocast supports.
+    """
+    if amp is None:
+        amp = device.type == "cuda"
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+@dataclass(frozen=True)
+class _AxisPlan:
+    """Tiling of one image axis: padding, tile starts, normalised blend weights, source index map."""
+
+    length: int
+    before: int
+    padded_length: int
+    starts: np.ndarray  # (tiles,) in padded coordinates
+    weights: np.ndarray  # (tiles, tile_size)
+    source_index: np.ndarray  # (padded_length,) image index of each padded position
+
+
+def _plan_axis(length: int, tile_size: int, overlap: int, blend: str, pad_mode: str) -> _AxisPlan:
+    """Geometry of one axis from `unetseg.tiling`."""
+    before, after = padding(length, tile_size, overlap)
+    padded_length = before + length + after
+    starts = tile_starts(padded_length, tile_size, overlap)
+    return _AxisPlan(
+        length=length,
+        before=before,
+        padded_length=padded_length,
+        starts=starts,
+        weights=axis_weights(padded_length, starts, tile_size, blend),
+        source_index=pad_indices(length, before, after, pad_mode),
+    )
+
+
+def _dihedral_views(tiles: torch.Tensor) -> torch.Tensor:
+    """The 8 flips and quarter turns of (N, C, T, T) tiles, stacked as (8 N, C, T, T)."""
+    flipped = tiles.flip(-1)
+    views = [torch.rot90(tiles, k, dims=(-2, -1)) for k in range(4)]
+    views += [torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4)]
+    return torch.cat(views)
+
+
+def _merge_dihedral(probs: torch.Tensor) -> torch.Tensor:
+    """Undo `_dihedral_views` on (8 N, K, T, T) outputs and average them to (N, K, T, T)."""
+    views = probs.chunk(8)
+    total = torch.zeros_like(views[0])
+    for k, view in enumerate(views):
+        view = torch.rot90(view, -(k % 4), dims=(-2, -1))
+        total += view.flip(-1) if k >= 4 else view
+    return total / 8
+
+
+def _band_tensor(band: Any, device: torch.device) -> torch.Tensor:
+    """A (C, rows, W) band of any array type as float32 on `device`."""
+    if isinstance(band, torch.Tensor):
+        return band.to(device=device, dtype=torch.float32)
+    array = np.asarray(band, dtype=np.float32)
+    if not array.flags.writeable:  # torch.from_numpy refuses read-only memory (memmap mode "r")
+        array = array.copy()
+    return torch.from_numpy(array).to(device)
+
+
+class _BandPredictor:
+    """Runs the model on the tiles of one band and stitches them into weighted probabilities."""
+
+    def __init__(self, model, rows, cols, tile_size, batch_size, tta, device, dtype):
+        self.model = model
+        self.rows = rows
+        self.cols = cols
+        self.tile_size = tile_size
+        self.batch_size = batch_size
+        self.tta = tta
+        self.device = device
+        self.dtype = dtype
+        self.row_weights = torch.from_numpy(rows.weights).to(device)
+        self.col_weights = torch.from_numpy(cols.weights).to(device)
+        self.col_index = torch.from_numpy(cols.source_index).to(device)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Probabilities (N, K, T, T), float32, of a batch of tiles (N, C, T, T)."""
+        inputs = _dihedral_views(tiles) if self.tta else tiles
+        precision = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+        with precision:
+            logits = self.model(inputs)
+        if logits.ndim != 4 or logits.shape[0] != inputs.shape[0] or logits.shape[-2:] != inputs.shape[-2:]:
+            raise ValueError(
+                f"the model must return logits (N, classes, {self.tile_size}, {self.tile_size}) for tiles "
+                f"{tuple(inputs.shape)}; it returned {tuple(logits.shape)}"
+            )
+        logits = logits.float()  # accumulate in float32 whatever autocast computed in
+        probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+        return _merge_dihedral(probs) if self.tta else probs
+
+    @torch.inference_mode()
+    def __call__(self, image, normalize, tile_rows: range, carry: torch.Tensor | None):
+        """Weighted sum (K, rows, padded W) of the tiles in `tile_rows`, `carry` added at the top."""
+        rows, cols, size = self.rows, self.cols, self.tile_size
+        top = int(rows.starts[tile_rows.start])
+        bottom = int(rows.starts[tile_rows.stop - 1]) + size
+        source = rows.source_index[top:bottom]
+        low, high = int(source.min()), int(source.max()) + 1
+        band = image[:, low:high]
+        band = _band_tensor(normalize(band) if normalize is not None else band, self.device)
+        band = band.index_select(1, torch.from_numpy(source - low).to(self.device))
+        band = band.index_select(2, self.col_index)  # (C, bottom - top, padded W): mirrored borders
+
+        tiles = [(i, j) for i in tile_rows for j in range(len(cols.starts))]
+        total = carry
+        for first in range(0, len(tiles), self.batch_size):
+            batch = tiles[first : first + self.batch_size]
+            ys = [int(rows.starts[i]) - top for i, _ in batch]
+            xs = [int(cols.starts[j]) for _, j in batch]
+            probs = self.forward(torch.stack([band[:, y : y + size, x : x + size] for y, x in zip(ys, xs)]))
+            if total is None or total.shape[1] < bottom - top:
+                total = self._grow(total, probs.shape[1], bottom - top)
+            row_w = self.row_weights[[i for i, _ in batch]]  # (N, T)
+            col_w = self.col_weights[[j for _, j in batch]]
+            probs *= (row_w[:, :, None] * col_w[:, None, :])[:, None]
+            for tile_probs, y, x in zip(probs, ys, xs):
+                total[:, y : y + size, x : x + size] += tile_probs
+        return total
+
+    def _grow(self, total: torch.Tensor | None, classes: int, height: int) -> torch.Tensor:
+        """A zeroed (classes, height, padded W) sum holding `total` (the carried rows) at the top."""
+        grown = torch.zeros((classes, height, self.cols.padded_length), dtype=torch.float32, device=self.device)
+        if total is not None:
+            if total.shape[0] != classes:
+                raise ValueError(f"the model returned {classes} classes for one band and {total.shape[0]} for another")
+            grown[:, : total.shape[1]] = total
+        return grown
+
+
+def iter_predict_bands(
+    model: nn.Module,
+    image: Any,
+    *,
+    tile_size: int = 256,
+    overlap: int = 64,
+    batch_size: int = 8,
+    blend: str = "gaussian",
+    pad_mode: str = "reflect",
+    tta: bool = False,
+    normalize: Callable[[Any], Any] | None = None,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Predict an image band by band: yields (row_start, row_stop, probs) with probs (classes, rows, W) float32.
+
+    Bands come in order, cover every row once, and only one band of input and output is held
+    at a time, so a huge image needs memory in proportion to its width.
+
+    Args:
+        model: an nn.Module returning logits (N, classes, h, w) for (N, C, h, w); put in eval
+            mode while predicting, its training flag restored afterwards. One output channel
+            gives sigmoid probabilities, several a softmax.
+        image: (C, H, W) of any size, anything sliced as `image[:, start:stop]` (numpy,
+            `numpy.memmap`/`tifffile.memmap`, torch tensor, zarr); read one band at a time.
+        tile_size: side of the square tiles given to the model (a size the model accepts).
+        overlap: pixels shared by neighbouring tiles; image borders get overlap // 2 mirrored
+            context, so a model whose receptive field radius is at most overlap // 2 gives the
+            whole-image result exactly with blend="center".
+        batch_size: tiles per forward pass (tta makes the model batch 8 times larger).
+        blend: "gaussian" (importance window, sigma tile_size / 8), "mean", or "center" (each
+            pixel from the tile where it lies most centrally: the U-Net overlap-tile strategy).
+        pad_mode: "reflect", "symmetric" or "edge" padding of the borders (as `numpy.pad`),
+            repeated when the image is smaller than the padding.
+        tta: average the probabilities of the 8 flips and quarter turns of each tile.
+        normalize: applied to each raw band (C, rows, W) before tiling, e.g.
+            `lambda band: Normalization().apply(band, value_range)` with a range computed once
+            for the whole image; None takes the image as already normalised.
+        device: where tiles are run and stitched; None means the model's device.
+        amp: autocast (bfloat16, or float16 on GPUs without it); None means on for CUDA only.
+    """
+    check_tiling(tile_size, overlap, blend, pad_mode)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    shape = tuple(image.shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image must have shape (C, H, W) with C, H, W >= 1; got shape {shape}")
+    _, height, width = shape
+    device = select_device(model, device)
+    rows = _plan_axis(height, tile_size, overlap, blend, pad_mode)
+    cols = _plan_axis(width, tile_size, overlap, blend, pad_mode)
+    predictor = _BandPredictor(model, rows, cols, tile_size, batch_size, tta, device, autocast_dtype(device, amp))
+    # Enough tile rows per band to fill a batch, so narrow images still run full batches.
+    rows_per_band = max(1, math.ceil(batch_size / len(cols.starts)))
+    tile_row_count = len(rows.starts)
+
+    was_training = model.training
+    model.eval()
+    try:
+        carry = None
+        for first in range(0, tile_row_count, rows_per_band):
+            tile_rows = range(first, min(first + rows_per_band, tile_row_count))
+            top = int(rows.starts[first])
+            total = predictor(image, normalize, tile_rows, carry)
+            # Rows above the next band's first tile get no more contributions: they are final.
+            done = int(rows.starts[tile_rows.stop]) - top if tile_rows.stop < tile_row_count else total.shape[1]
+            carry = total[:, done:].clone()
+            start = max(top - rows.before, 0)
+            stop = min(top + done - rows.before, height)
+            if start < stop:
+                probs = total[:, start + rows.before - top : stop + rows.before - top, cols.before : cols.before + width]
+                yield start, stop, probs.contiguous().cpu().numpy()
+    finally:
+        model.train(was_training)
+
+
+def predict_tiled(
+    model: nn.Module,
+    image: Any,
+    *,
+    tile_size: int = 256,
+    overlap: int = 64,
+    batch_size: int = 8,
+    blend: str = "gaussian",
+    pad_mode: str = "reflect",
+    tta: bool = False,
+    normalize: Callable[[Any], Any] | None = None,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    out: Any = None,
+) -> np.ndarray:
+    """Predict a whole (C, H, W) image tile by tile; returns probabilities (classes, H, W), float32.
+
+    Takes the arguments of `iter_predict_bands`, plus:
+        out: a (classes, H, W) array written band by band and returned, e.g. a
+            `tifffile.memmap` for images too large for memory; None allocates one.
+    """
+    height, width = tuple(image.shape)[-2:] if len(image.shape) == 3 else (0, 0)
+    bands = iter_predict_bands(
+        model,
+        image,
+        tile_size=tile_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        blend=blend,
+        pad_mode=pad_mode,
+        tta=tta,
+        normalize=normalize,
+        device=device,
+        amp=amp,
+    )
+    for start, stop, probs in bands:
+        expected = (probs.shape[0], height, width)
+        if out is None:
+            out = np.empty(expected, dtype=np.float32)
+        elif tuple(out.shape) != expected:
+            raise ValueError(f"out must have shape {expected} (classes, H, W); got {tuple(out.shape)}")
+        out[:, start:stop] = probs
+    return out

@@ -1,0 +1,134 @@
+"""The LightningModule: loss, metrics, optimiser and the hyperparameters that let a
+checkpoint rebuild its network and repeat its input normalisation."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, MulticlassF1Score
+
+from unetseg.losses import SegmentationLoss
+
+SCHEDULERS = ("cosine", "plateau", "none")
+
+
+def describe_net(net: nn.Module) -> dict:
+    """{"class_path", "init_args"} of a network that records its `config`, else just the class."""
+    cls = type(net)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(getattr(net, "config", {}) or {})}
+
+
+def build_net(description: dict) -> nn.Module:
+    """Instantiate a network from `describe_net` output; only `nn.Module` subclasses are allowed."""
+    module_name, _, class_name = description["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{description['class_path']} is not a torch.nn.Module class")
+    return cls(**description.get("init_args", {}))
+
+
+class SegmentationModule(pl.LightningModule):
+    """Trains any network that maps (N, C, H, W) images to (N, classes, H, W) logits.
+
+    Args:
+        net: the network, e.g. `unetseg.models.UNet` or `unetseg.models.SMPUnet` (a
+            `class_path` in YAML). Networks with a `config` dict are rebuilt from checkpoints.
+        dice_weight: weight of the soft Dice term added to the cross-entropy.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        scheduler: "cosine" (to zero over the run, per step), "plateau" (halve when validation
+            Dice stalls for `patience` validations) or "none".
+        patience: validations without improvement before "plateau" lowers the rate.
+        input_spec: how images were read and normalised; filled from the data module at fit
+            time and saved in checkpoints. Leave it empty.
+
+    Batches are dicts with "image" (N, C, H, W), "target" (N, H, W) and optionally "weight"
+    (N, H, W), the per-pixel cross-entropy weights (the U-Net border weight map).
+    """
+
+    def __init__(self, net: nn.Module, dice_weight: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 scheduler: str = "cosine", patience: int = 5, input_spec: dict | None = None):
+        super().__init__()
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={scheduler!r} is not valid; choose one of {', '.join(map(repr, SCHEDULERS))}")
+        self.save_hyperparameters(ignore=["net"])
+        self.hparams["net"] = describe_net(net)
+        self.net = net
+        self.classes = int(getattr(net, "classes", 0)) or self.infer_classes(net)
+        self.loss = SegmentationLoss(self.classes, dice_weight)
+        # Dice and IoU of the foreground (any class > 0): what matters for nuclei and binary tasks.
+        self.val_metrics = MetricCollection({"dice": BinaryF1Score(), "iou": BinaryJaccardIndex()}, prefix="val/")
+        self.val_class_dice = MulticlassF1Score(self.classes, average="macro") if self.classes > 1 else None
+
+    @staticmethod
+    def infer_classes(net: nn.Module) -> int:
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            in_channels = next(p for p in net.parameters() if p.ndim == 4).shape[1]
+            classes = net(torch.zeros(1, in_channels, 64, 64)).shape[1]
+        net.train(was_training)
+        return classes
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location=None, **kwargs) -> SegmentationModule:
+        """Rebuild the module, its network included, from a checkpoint; loads tensors only, never code."""
+        if "net" not in kwargs:
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            kwargs["net"] = build_net(checkpoint["hyper_parameters"]["net"])
+        kwargs.setdefault("weights_only", True)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.classes == 1 else torch.softmax(logits, dim=1)
+
+    def on_fit_start(self) -> None:
+        spec = getattr(self.trainer.datamodule, "input_spec", None)
+        if spec is None:
+            return
+        if spec["classes"] != self.classes:
+            raise ValueError(f"the network outputs {self.classes} channel(s) but targets={spec['targets']!r} need "
+                             f"{spec['classes']}; set the network's classes to {spec['classes']}")
+        self.hparams["input_spec"] = spec
+
+    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        logits = self.net(batch["image"])
+        loss = self.loss(logits, batch["target"], batch.get("weight"))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch: dict, batch_index: int) -> None:
+        logits = self.net(batch["image"])
+        target = batch["target"]
+        self.log("val/loss", self.loss(logits, target, batch.get("weight")), batch_size=len(logits))
+        predicted = (logits[:, 0] > 0).long() if self.classes == 1 else logits.argmax(dim=1)
+        self.val_metrics.update(predicted > 0, target > 0)
+        if self.val_class_dice is not None:
+            self.val_class_dice.update(predicted, target)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+        if self.val_class_dice is not None:
+            self.log("val/dice_classes", self.val_class_dice.compute())
+            self.val_class_dice.reset()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.scheduler == "cosine":
+            steps = max(1, int(self.trainer.estimated_stepping_batches))
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if self.hparams.scheduler == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                                   patience=self.hparams.patience)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/dice"}}
+        return optimizer

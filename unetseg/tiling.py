@@ -1,0 +1,119 @@
+"""Pure tiling geometry along one axis: padding, tile starts, pad index maps and blend weights.
+
+A 2D tile grid is the product of two axes, and every blend window here is separable, so all
+geometry is computed per axis and combined by an outer product in `unetseg.inference`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLENDS = ("gaussian", "mean", "center")
+PAD_MODES = ("reflect", "symmetric", "edge")
+
+# Smallest gaussian weight, as MONAI's importance map: every covered pixel keeps a positive weight.
+GAUSSIAN_MIN_WEIGHT = 1e-3
+# Sigma as a fraction of the tile size, as nnU-Net and MONAI.
+GAUSSIAN_SIGMA_SCALE = 0.125
+
+
+def check_tiling(tile_size: int, overlap: int, blend: str = "gaussian", pad_mode: str = "reflect") -> None:
+    """Raise ValueError naming the option when a tiling setting is unusable."""
+    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 1:
+        raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 0 <= overlap < tile_size:
+        raise ValueError(f"overlap must be an integer with 0 <= overlap < tile_size ({tile_size}), got {overlap!r}")
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {', '.join(BLENDS)}; got {blend!r}")
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {', '.join(PAD_MODES)}; got {pad_mode!r}")
+
+
+def padding(length: int, tile_size: int, overlap: int) -> tuple[int, int]:
+    """(before, after) padding of an axis: overlap // 2 of context each side, more after if shorter than a tile.
+
+    The context makes border pixels as central in their tile as interior ones (the U-Net
+    overlap-tile strategy); an axis shorter than one tile is padded up to a full tile.
+    """
+    margin = overlap // 2
+    return margin, max(margin, tile_size - length - margin)
+
+
+def tile_starts(padded_length: int, tile_size: int, overlap: int) -> np.ndarray:
+    """Start of each tile along a padded axis: a step of tile_size - overlap, the last tile flush with the end.
+
+    Moving the last tile back (rather than padding further) keeps every tile inside real or
+    mirrored data; it only overlaps its neighbour by more than `overlap`.
+    """
+    if padded_length < tile_size:
+        raise ValueError(f"padded_length ({padded_length}) must be at least tile_size ({tile_size})")
+    stride = tile_size - overlap
+    starts = list(range(0, padded_length - tile_size, stride))
+    starts.append(padded_length - tile_size)
+    return np.asarray(starts, dtype=np.int64)
+
+
+def pad_indices(length: int, before: int, after: int, pad_mode: str = "reflect") -> np.ndarray:
+    """Source index of every padded position, as `np.pad(mode=pad_mode)` would fill it.
+
+    Pads wider than the axis repeat the mirroring, as `np.pad` does, so an image smaller than
+    half a tile is padded cleanly in every mode. Reflect on a one-pixel axis repeats that pixel.
+    """
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {', '.join(PAD_MODES)}; got {pad_mode!r}")
+    if length < 1:
+        raise ValueError(f"cannot pad an empty axis (length {length})")
+    index = np.arange(-before, length + after, dtype=np.int64)
+    if pad_mode == "edge":
+        return np.clip(index, 0, length - 1)
+    if pad_mode == "reflect":
+        if length == 1:
+            return np.zeros_like(index)
+        period = 2 * (length - 1)
+        index = np.abs(index) % period
+        return np.where(index >= length, period - index, index)
+    period = 2 * length  # symmetric: the edge pixel is repeated at each mirror
+    index = index % period
+    return np.where(index >= length, period - 1 - index, index)
+
+
+def gaussian_window(tile_size: int) -> np.ndarray:
+    """1D gaussian importance window, sigma = tile_size / 8, clamped to at least GAUSSIAN_MIN_WEIGHT."""
+    position = np.arange(tile_size, dtype=np.float64) - (tile_size - 1) / 2.0
+    sigma = GAUSSIAN_SIGMA_SCALE * tile_size
+    window = np.exp(-(position**2) / (2.0 * sigma**2))
+    return np.maximum(window, GAUSSIAN_MIN_WEIGHT)
+
+
+def center_owner(padded_length: int, starts: np.ndarray, tile_size: int) -> np.ndarray:
+    """For each padded position, the index of the tile in which it lies most centrally.
+
+    Centrality is the distance to the nearer tile edge; ties go to the earlier tile. With a
+    step of at most tile_size - overlap every position keeps at least overlap // 2 pixels of
+    context on both sides in its owner tile.
+    """
+    position = np.arange(padded_length, dtype=np.int64)[None, :]
+    first = starts[:, None]
+    centrality = np.minimum(position - first, first + tile_size - 1 - position)  # < 0 outside the tile
+    return np.argmax(centrality, axis=0)
+
+
+def axis_weights(padded_length: int, starts: np.ndarray, tile_size: int, blend: str = "gaussian") -> np.ndarray:
+    """Blend weights (tiles, tile_size) along one axis, normalised to sum to one at every position.
+
+    "gaussian" and "mean" weight every tile by the same window and divide by the summed
+    window, clamped away from zero (as MONAI). "center" gives each position wholly to the
+    tile in which it lies most centrally. Since the 2D weight sum of a tile grid is the outer
+    product of the two axes' sums, normalising each axis normalises the 2D blend.
+    """
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {', '.join(BLENDS)}; got {blend!r}")
+    offsets = starts[:, None] + np.arange(tile_size)[None, :]  # (tiles, tile_size) padded positions
+    if blend == "center":
+        owner = center_owner(padded_length, starts, tile_size)
+        return (owner[offsets] == np.arange(len(starts))[:, None]).astype(np.float32)
+    window = gaussian_window(tile_size) if blend == "gaussian" else np.ones(tile_size)
+    total = np.zeros(padded_length)
+    np.add.at(total, offsets, np.broadcast_to(window, offsets.shape))
+    weights = window[None, :] / np.maximum(total[offsets], np.finfo(np.float32).tiny)
+    return weights.astype(np.float32)
