@@ -35,7 +35,9 @@ def select_device(model: nn.Module, device: str | torch.device | None = None) ->
         return model_device if model_device is not None else torch.device("cpu")
     device = torch.device(device)
     if model_device is not None and not _same_device(device, model_device):
-        raise ValueError(f"device {device} differs from the model's device {model_device}; move the model with model.to(device)")
+        raise ValueError(
+            f"device {device} differs from the model's device {model_device}; move the model with model.to(device)"
+        )
     return device
 
 
@@ -257,7 +259,8 @@ def iter_predict_bands(
             start = max(top - rows.before, 0)
             stop = min(top + done - rows.before, height)
             if start < stop:
-                probs = total[:, start + rows.before - top : stop + rows.before - top, cols.before : cols.before + width]
+                offset = rows.before - top  # band row of image row 0
+                probs = total[:, start + offset : stop + offset, cols.before : cols.before + width]
                 yield start, stop, probs.contiguous().cpu().numpy()
     finally:
         model.train(was_training)

@@ -27,9 +27,10 @@ pred/a/img1.tif scores against gt/a/img1.png. Masks may be binary (0/1, 0/255) o
 labels; binary masks are split into 4-connected components for the object scores.
 
 Per image and as the mean over images: foreground Dice and IoU (label > 0); object precision,
-recall and F1 (a match is IoU > {MATCH_THRESHOLD}); the 2018 Data Science Bowl score (mean over
-IoU thresholds {DSB_THRESHOLDS[0]}, {DSB_THRESHOLDS[1]}, ..., {DSB_THRESHOLDS[-1]} of TP / (TP + FP + FN)); adapted Rand error and
-variation of information (scikit-image). Also the pooled Dice of all pixels of all images.
+recall and F1 (a match is IoU > {MATCH_THRESHOLD}); the 2018 Data Science Bowl score, the mean
+of TP / (TP + FP + FN) over IoU thresholds {", ".join(map(str, DSB_THRESHOLDS))};
+adapted Rand error and variation of information (scikit-image). Also the pooled Dice of all
+pixels of all images.
 Both masks empty scores 1 (errors 0); exactly one empty scores 0 (Rand error 1).
 """
 
@@ -184,7 +185,9 @@ def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Pat
     document = {
         "pred": str(pred_root),
         "gt": str(gt_root),
-        "settings": {"match_threshold": MATCH_THRESHOLD, "dsb_thresholds": list(DSB_THRESHOLDS), "connectivity": CONNECTIVITY},
+        "settings": {
+            "match_threshold": MATCH_THRESHOLD, "dsb_thresholds": list(DSB_THRESHOLDS), "connectivity": CONNECTIVITY,
+        },
         "summary": summary,
         "problems": evaluation.problems(),
         "images": evaluation.scores,
@@ -202,7 +205,9 @@ def write_csv(path: Path, evaluation: Evaluation) -> None:
         ("unreadable", evaluation.unreadable),
         ("no ground truth", evaluation.predictions_without_gt),
     ):
-        rows += [{"image": item["image"], "status": status, "pred": item.get("pred"), "gt": item.get("gt")} for item in items]
+        rows += [
+            {"image": item["image"], "status": status, "pred": item.get("pred"), "gt": item.get("gt")} for item in items
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["image", "status", "pred", "gt", *SCORE_KEYS])
@@ -215,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("pred", type=Path, metavar="PRED", help="predicted masks: a folder (searched recursively) or one file")
-    parser.add_argument("gt", type=Path, metavar="GT", help="ground-truth masks: a folder (searched recursively) or one file")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the summary, per-image scores and unscored files as JSON")
+    parser.add_argument("pred", type=Path, metavar="PRED", help="predicted masks: a folder (recursive) or a file")
+    parser.add_argument("gt", type=Path, metavar="GT", help="ground-truth masks: a folder (recursive) or a file")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write summary, per-image scores and unscored files")
     parser.add_argument("--per-image", type=Path, metavar="CSV", help="write one CSV row per image")
     return parser
 
