@@ -175,6 +175,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             are class indices, 0 to classes - 1).
         classes: number of classes for targets="classes" (checked against every mask).
         tile_size: side of the square training tiles.
+        val_tile_size: side of the fixed validation tiles; None means tile_size.
         batch_size: training tiles per batch.
         tiles_per_epoch: random tiles drawn per epoch.
         val_fraction: share of images held out for validation, chosen by `seed`.
@@ -188,7 +189,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, root: str | None = None, images: str = "images", masks: str = "masks", in_channels: int = 1,
-                 targets: str = "foreground", classes: int | None = None, tile_size: int = 256, batch_size: int = 8,
+                 targets: str = "foreground", classes: int | None = None, tile_size: int = 256, val_tile_size: int | None = None, batch_size: int = 8,
                  tiles_per_epoch: int = 512, val_fraction: float = 0.15, split_file: str | None = None,
                  normalization: Normalization = Normalization(), augmentation: Augmentation = Augmentation(),
                  foreground_oversampling: float = 0.33, border_weights: bool = False, border_w0: float = 10.0,
@@ -205,6 +206,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.root, self.images, self.masks, self.in_channels = root, images, masks, in_channels
         self.targets, self.classes, self.tile_size, self.batch_size = targets, classes, tile_size, batch_size
+        self.val_tile_size = val_tile_size or tile_size
         self.tiles_per_epoch, self.val_fraction, self.split_file = tiles_per_epoch, val_fraction, split_file
         self.normalization, self.augmentation = normalization, augmentation
         self.foreground_oversampling, self.border_weights = foreground_oversampling, border_weights
@@ -242,11 +244,12 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"{len(problems)} of {len(pairs)} training pairs cannot be used:\n  " + "\n  ".join(problems))
         train = [pad_sample(samples[name], self.tile_size) for name in self.split["train"]]
         val = [samples[name] for name in self.split["val"]]
-        common = dict(normalization=self.normalization, tile_size=self.tile_size, targets=self.targets,
-                      border_weights=self.border_weights, border_w0=self.border_w0, border_sigma=self.border_sigma)
-        self.train_set = TileDataset(train, length=self.tiles_per_epoch, transform=build_transform(self.augmentation),
+        common = dict(normalization=self.normalization, targets=self.targets, border_weights=self.border_weights,
+                      border_w0=self.border_w0, border_sigma=self.border_sigma)
+        self.train_set = TileDataset(train, tile_size=self.tile_size, length=self.tiles_per_epoch,
+                                     transform=build_transform(self.augmentation),
                                      foreground_oversampling=self.foreground_oversampling, **common)
-        self.val_set = TileDataset(val, **common)
+        self.val_set = TileDataset(val, tile_size=self.val_tile_size, **common)
         self.write_split()
 
     def make_split(self, names: list[str]) -> dict[str, list[str]]:
