@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from unetseg.callbacks import read_metrics
-from unetseg.data import SegmentationDataModule, find_pairs
+from unetseg.data import SegmentationDataModule, find_pairs, pair_name
 from unetseg.inference import predict_tiled
 from unetseg.io import read_image, read_labels, to_channels
 from unetseg.metrics import segmentation_scores, summarize
@@ -80,7 +80,7 @@ class TrainThroughput(pl.Callback):
 
 def load_pairs(root: Path, names: list[str], in_channels: int = 3) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, raw image (C, H, W), labels) for the named stems."""
-    paths = {image.stem: (image, mask) for image, mask in find_pairs(root)}
+    paths = {pair_name(image, root / "images"): (image, mask) for image, mask in find_pairs(root)}
     return [(name, to_channels(read_image(paths[name][0]), in_channels), read_labels(paths[name][1]))
             for name in names]
 

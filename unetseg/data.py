@@ -68,7 +68,13 @@ def stem_index(folder: Path) -> dict[str, Path]:
     return index
 
 
-def load_sample(image_path: Path, mask_path: Path, in_channels: int, normalization: Normalization) -> Sample:
+def pair_name(image_path: Path, image_dir: Path) -> str:
+    """A pair's name: its path under the images folder, without suffix (`sub/cell_01`)."""
+    return image_path.relative_to(image_dir).with_suffix("").as_posix()
+
+
+def load_sample(image_path: Path, mask_path: Path, in_channels: int, normalization: Normalization,
+                name: str | None = None) -> Sample:
     """Read and check one pair, and take its whole-image normalisation range."""
     image = read_image(image_path)
     if image.ndim == 3 and not image.shape[-1] in (1, 3, 4):
@@ -78,7 +84,7 @@ def load_sample(image_path: Path, mask_path: Path, in_channels: int, normalizati
     if labels.shape != image.shape[1:]:
         raise ImageReadError(f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but its image "
                              f"{image_path.name} is {image.shape[1]}x{image.shape[2]}")
-    return Sample(image_path.stem, image, labels, normalization.range(image), foreground_coordinates(labels))
+    return Sample(name or image_path.stem, image, labels, normalization.range(image), foreground_coordinates(labels))
 
 
 def foreground_coordinates(labels: np.ndarray, limit: int = 4096) -> np.ndarray:
@@ -179,7 +185,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         batch_size: training tiles per batch.
         tiles_per_epoch: random tiles drawn per epoch.
         val_fraction: share of images held out for validation, chosen by `seed`.
-        split_file: a JSON {"train": [...], "val": [...]} of file stems to use instead.
+        split_file: a JSON {"train": [...], "val": [...]} of pair names (path under images/
+            without suffix), e.g. the split.json of an earlier run, to use instead.
         normalization: percentiles of the whole-image normalisation.
         augmentation: probabilities of each augmentation (see `Augmentation`).
         foreground_oversampling: probability that a tile is centred on a foreground pixel.
@@ -203,7 +210,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}")
-        self.save_hyperparameters()
+        # No save_hyperparameters(): checkpoints stay plain data (weights_only loading); the
+        # run folder's config.yaml and the module's input_spec record what matters.
         self.root, self.images, self.masks, self.in_channels = root, images, masks, in_channels
         self.targets, self.classes, self.tile_size, self.batch_size = targets, classes, tile_size, batch_size
         self.val_tile_size = val_tile_size or tile_size
@@ -232,12 +240,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         pairs = find_pairs(root, self.images, self.masks)
         if len(pairs) < 2:
             raise ValueError(f"{root}: found {len(pairs)} image/mask pair; need at least 2 (training and validation)")
-        self.split = self.make_split([image.stem for image, _ in pairs])
+        names = [pair_name(image_path, root / self.images) for image_path, _ in pairs]
+        self.split = self.make_split(names)
         samples, problems = {}, []
-        for image_path, mask_path in pairs:
+        for name, (image_path, mask_path) in zip(names, pairs):
             try:
-                samples[image_path.stem] = load_sample(image_path, mask_path, self.in_channels, self.normalization)
-                self.check_mask_values(samples[image_path.stem].labels, mask_path)
+                samples[name] = load_sample(image_path, mask_path, self.in_channels, self.normalization, name)
+                self.check_mask_values(samples[name].labels, mask_path)
             except ImageReadError as error:
                 problems.append(str(error))
         if problems:

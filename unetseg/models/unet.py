@@ -142,7 +142,7 @@ class UNet(nn.Module):
         check_choice("norm", norm, NORMS)
         check_choice("upsample", upsample, UPSAMPLES)
         for name, value in (("in_channels", in_channels), ("classes", classes), ("depth", depth), ("width", width)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -163,7 +163,8 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        x = pad_to_multiple(x, 2**self.depth)
+        # At least 2x2 at the bottleneck: instance norm needs more than one value per channel.
+        x = pad_to_multiple(x, 2**self.depth, minimum=2 ** (self.depth + 1))
         features = [self.stem(x)]  # (N, width, H, W)
         for down in self.down:
             features.append(down(features[-1]))  # (N, width * 2**level, H / 2**level, W / 2**level)
@@ -173,10 +174,11 @@ class UNet(nn.Module):
         return self.head(x)[..., :height, :width]  # (N, classes, H, W)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad the bottom and right of (N, C, H, W) to multiples of `multiple`, by reflection where it fits."""
-    pad_h = -x.shape[-2] % multiple
-    pad_w = -x.shape[-1] % multiple
+def pad_to_multiple(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
+    """Pad the bottom and right of (N, C, H, W) to multiples of `multiple` (and at least `minimum`),
+    by reflection where it fits."""
+    pad_h = max(-x.shape[-2] % multiple, minimum - x.shape[-2])
+    pad_w = max(-x.shape[-1] % multiple, minimum - x.shape[-1])
     if not pad_h and not pad_w:
         return x
     mode = "reflect" if pad_h < x.shape[-2] and pad_w < x.shape[-1] else "replicate"

@@ -1,0 +1,150 @@
+"""unetseg-train end to end on tiny synthetic data: run folder, checkpoints that rebuild themselves, resume."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from skimage import io as skio
+
+from conftest import CONFIGS
+from unetseg.cli import train
+from unetseg.models import SMPUnet, UNet
+from unetseg.module import SegmentationModule
+from unetseg.synthetic import make_nuclei_dataset
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def tiny_args(root, run_dir, *extra):
+    return ["--config", str(CONFIGS / "tiny.yaml"), "--data.root", str(root), "--trainer.default_root_dir",
+            str(run_dir), "--data.tiles_per_epoch", "16", *QUIET, *extra]
+
+
+@pytest.fixture
+def capture_cli(monkeypatch):
+    """Run train.main and return the LightningCLI it built (main itself returns nothing)."""
+    built = []
+
+    class CapturingCLI(train.TrainCLI):
+        def __init__(self, *args, **kwargs):
+            built.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train, "TrainCLI", CapturingCLI)
+
+    def run(args):
+        train.main(args)
+        return built[-1]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One epoch of configs/tiny.yaml on 6 synthetic 96x96 images; returns (data root, run folder)."""
+    base = tmp_path_factory.mktemp("tiny_run")
+    root = make_nuclei_dataset(base / "d", count=6, shape=(96, 96))
+    run_dir = base / "run"
+    train.main(tiny_args(root, run_dir, "--trainer.max_epochs", "1"))
+    return root, run_dir
+
+
+def test_fit_writes_the_run_folder(tiny_run):
+    root, run_dir = tiny_run
+    for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics.csv", "curves.png", "split.json",
+                 "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    split = json.loads((run_dir / "split.json").read_text())
+    assert sorted(split["train"] + split["val"]) == [f"nuclei_{i:03d}" for i in range(6)]
+    assert len(split["val"]) == 1
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    dice = [float(row["val/dice"]) for row in rows if row.get("val/dice")]
+    assert dice and all(0.0 <= value <= 1.0 for value in dice)
+    assert any(row.get("train/loss_epoch") for row in rows)
+    curves = skio.imread(run_dir / "curves.png")
+    assert curves.shape[:2] == (400, 1000)  # figsize (10, 4) at 100 dpi
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data"]["root"] == str(root)
+    assert config["model"]["net"]["init_args"]["width"] == 4
+
+
+def test_checkpoint_rebuilds_the_network_and_input_spec(tiny_run):
+    _, run_dir = tiny_run
+    model = SegmentationModule.load_from_checkpoint(run_dir / "checkpoints/best.ckpt")
+    assert isinstance(model.net, UNet)
+    assert model.net.config == dict(in_channels=1, classes=1, depth=2, width=4, skip="concat", block="plain",
+                                    norm="batch", upsample="transpose", dropout=0.0)
+    spec = model.hparams["input_spec"]
+    assert spec["in_channels"] == 1
+    assert spec["normalization"] == {"low": 1.0, "high": 99.8, "clip": True}
+    assert spec["targets"] == "foreground" and spec["classes"] == 1
+    checkpoint = torch.load(run_dir / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, checkpoint["state_dict"][name])
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 37, 53)).shape == (1, 1, 37, 53)
+
+
+@pytest.mark.parametrize("name", ["best.ckpt", "last.ckpt"])
+def test_checkpoints_are_pure_data(tiny_run, name):
+    _, run_dir = tiny_run
+    checkpoint = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["net"]["class_path"] == "unetseg.models.unet.UNet"
+    assert checkpoint["hyper_parameters"]["net"]["init_args"]["depth"] == 2
+    assert checkpoint["global_step"] == 2  # 16 tiles per epoch / batch 8
+    assert checkpoint["datamodule_hyper_parameters"]["tile_size"] == 64
+
+
+def test_resume_from_last_continues(shared_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    train.main(tiny_args(shared_dataset, run_dir, "--trainer.max_epochs", "1"))
+    before = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    train.main(tiny_args(shared_dataset, run_dir, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    after = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert after["global_step"] == before["global_step"] + 2 == 4
+    assert after["epoch"] == before["epoch"] + 1
+    assert not torch.equal(after["state_dict"]["net.head.weight"], before["state_dict"]["net.head.weight"])
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_fast_dev_run_of_the_unet_on_the_embedded_dataset(capture_cli, synthetic_cache, tmp_path):
+    cli = capture_cli(["--config", str(CONFIGS / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
+                       "--trainer.fast_dev_run", "true", *QUIET])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert isinstance(cli.model.net, UNet)
+    assert cli.model.hparams["input_spec"]["in_channels"] == 1
+    # root: null generated the embedded dataset once, into the (patched) cache.
+    (dataset,) = synthetic_cache.iterdir()
+    assert (dataset / ".complete").is_file()
+    assert len(list((dataset / "images").iterdir())) == 24
+
+
+def test_fast_dev_run_of_the_smp_baseline(capture_cli, shared_dataset, tmp_path):
+    cli = capture_cli(["--config", str(CONFIGS / "smp_unet.yaml"), "--data.root", str(shared_dataset),
+                       "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.fast_dev_run", "true",
+                       "--data.in_channels", "1", "--model.net.init_args.in_channels", "1",
+                       "--model.net.init_args.encoder_name", "resnet18", "--data.tile_size", "64",
+                       "--data.batch_size", "2", "--data.num_workers", "0", *QUIET])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert isinstance(cli.model.net, SMPUnet)
+    assert cli.model.net.config["encoder_name"] == "resnet18"
+    assert cli.model.hparams["net"]["class_path"] == "unetseg.models.baseline.SMPUnet"
+
+
+def test_network_classes_must_match_the_targets(shared_dataset, tmp_path):
+    with pytest.raises(ValueError) as error:
+        train.main(tiny_args(shared_dataset, tmp_path / "run", "--data.targets", "boundary",
+                             "--trainer.fast_dev_run", "true"))
+    message = str(error.value)
+    assert "outputs 1 channel" in message and "targets='boundary'" in message and "need 3" in message
+
+
+def test_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "fit" in capsys.readouterr().out
