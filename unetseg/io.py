@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,19 +158,29 @@ def image_percentiles(image: np.ndarray, low: float, high: float) -> tuple[float
 
 
 def write_tiff(path: str | Path, array: np.ndarray, **kwargs) -> Path:
-    """Write a TIFF atomically: to a temporary name in the same folder, then rename.
+    """Write a TIFF atomically (see `atomic_output`); keyword arguments go to `tifffile.imwrite`
+    (resolution, metadata, compression...)."""
+    with atomic_output(path) as temporary:
+        tifffile.imwrite(temporary, array, **kwargs)
+    return Path(path)
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A temporary file in `path`'s folder, renamed to `path` when the block succeeds, deleted if it fails.
 
     An interrupted write never leaves a half-written file under the final name.
-    Extra keyword arguments go to `tifffile.imwrite` (resolution, metadata, compression...).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.tif", dir=path.parent)
     os.close(handle)
     try:
-        tifffile.imwrite(temporary, array, **kwargs)
+        yield Path(temporary)
+        umask = os.umask(0)  # reading the umask means setting it
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual mode
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return path

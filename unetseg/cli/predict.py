@@ -1,0 +1,109 @@
+"""unetseg-predict: segment an image file or a folder of images with a trained checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from unetseg.predict import OUTPUTS, CheckpointError, PredictSettings, load_predictor, plan_outputs, predict_files
+from unetseg.tiling import BLENDS
+from unetseg.weights import MODELS, model_path
+
+PROG = "unetseg-predict"
+DEVICES = ("auto", "cpu", "cuda")
+
+DESCRIPTION = """\
+Segment INPUT, an image file or a folder searched recursively, into OUTPUT: one TIFF per
+input named <stem>.tif, of the same height and width, in OUTPUT's copy of INPUT's sub-folders.
+Reads PNG, JPEG, BMP and TIFF (8/16-bit, float; grey, RGB, RGBA) and ZYX TIFF stacks, which
+are predicted plane by plane. Images are converted and normalised exactly as the checkpoint's
+training data were (channels, percentiles of the whole image or plane). The pixel size of
+TIFF inputs (resolution, ImageJ unit and spacing, OME physical size) is copied to the outputs.
+
+outputs (--output):
+  mask    uint8: 0/255 foreground for one-class and boundary models, the class index for
+          multi-class models
+  prob    float32 probabilities (classes, H, W); (H, W) for one-class models
+  labels  uint16/uint32 instance labels (nuclei) for foreground and boundary models; needs the
+          whole probability map in memory (masks and probabilities of huge uncompressed TIFFs
+          are predicted and written band by band)
+"""
+
+EPILOG = """\
+Existing outputs are skipped unless --overwrite, so an interrupted run resumes; outputs are
+written under a temporary name and renamed, so none is ever half written.
+exit status: 0 when every file was predicted or skipped; 1 when some file failed (each is
+named on stderr with the reason; the others are still predicted); 2 for usage errors (a
+missing INPUT, no image files, a checkpoint that can't be used or is refused).
+"""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of unetseg-predict."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("input", type=Path, metavar="INPUT", help="an image file, or a folder (searched recursively)")
+    parser.add_argument("output_path", type=Path, metavar="OUTPUT", help="output folder (a .tif file for a file INPUT)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint from unetseg-train (.ckpt)")
+    model.add_argument("--model", metavar="NAME", help=f"a model shipped with unetseg: {', '.join(MODELS)}")
+    parser.add_argument("--tile-size", type=positive_int, default=256, metavar="PIXELS",
+                        help="side of the square tiles (default 256)")
+    parser.add_argument("--overlap", type=int, default=64, metavar="PIXELS",
+                        help="pixels shared by neighbouring tiles (default 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
+                        help="tiles per forward pass (default 8)")
+    parser.add_argument("--blend", choices=BLENDS, default="gaussian", help="how overlapping tiles are merged")
+    parser.add_argument("--tta", action="store_true", help="average the 8 flips and rotations of each tile")
+    parser.add_argument("--output", choices=OUTPUTS, default="mask", help="what to write (default mask)")
+    parser.add_argument("--threshold", type=float, default=0.5, metavar="P",
+                        help="foreground probability threshold (default 0.5)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
+    parser.add_argument("--glob", metavar="PATTERN", help='only inputs whose path matches, e.g. "*.tif"')
+    parser.add_argument("--overwrite", action="store_true", help="predict again files whose output exists")
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for --device; ValueError when CUDA is asked for and absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run unetseg-predict; returns the exit status (0 all done, 1 some file failed, 2 usage error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = PredictSettings(output=args.output, threshold=args.threshold, tile_size=args.tile_size,
+                                   overlap=args.overlap, batch_size=args.batch_size, blend=args.blend, tta=args.tta)
+        pairs = plan_outputs(args.input, args.output_path, args.glob)
+        device = resolve_device(args.device)
+        checkpoint = args.checkpoint if args.checkpoint is not None else model_path(args.model)
+        model, spec = load_predictor(checkpoint, device)
+        settings.check(spec)
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: {len(pairs)} file(s), {checkpoint} on {device}")
+    summary = predict_files(model, spec, pairs, settings, overwrite=args.overwrite)
+    print(f"{PROG}: {summary}")
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
