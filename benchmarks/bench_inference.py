@@ -31,6 +31,7 @@ from torch import nn
 
 from unetseg.inference import predict_tiled
 from unetseg.io import Normalization
+from unetseg.predict import plane_range
 from unetseg.tiling import padding, tile_starts
 
 THREADS = 2
@@ -74,18 +75,19 @@ def synthetic_image(size: int) -> np.ndarray:
 
 
 def run_speed(rounds: int) -> None:
-    """Alternate predict_tiled, MONAI and the raw forward; print medians and ratios."""
+    """Alternate predict_tiled, MONAI and the raw forward of the same batches; print medians and ratios."""
     from monai.inferers import sliding_window_inference
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tile {TILE_SIZE}, overlap {OVERLAP}, "
-          f"batch {BATCH_SIZE}, gaussian blend, {rounds} rounds, median seconds")
-    header = f"{'model':<10}{'image':>11}{'tiles':>7}{'unetseg s':>11}{'MONAI s':>9}{'forward s':>11}" \
-             f"{'unetseg Mpx/s':>15}{'MONAI Mpx/s':>13}{'MONAI/unetseg':>15}{'stitching':>11}"
-    print(header)
-    for name, model, size in (("unet", unet_model(), 740), ("tiny", tiny_model(), 2084)):
+          f"batch {BATCH_SIZE}, gaussian blend, {rounds} rounds, median seconds, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'model':<6}{'image':>11}{'tiles':>7}{'unetseg s':>11}{'MONAI s':>9}{'forward s':>11}"
+          f"{'unetseg Mpx/s':>15}{'MONAI Mpx/s':>13}{'MONAI/unetseg':>15}"
+          f"{'stitching':>11}{'in-run':>8}{'MONAI in-run':>14}")
+    for name, model, size in (("unet", unet_model(), 548), ("tiny", tiny_model(), 2084)):
         image = synthetic_image(size)
         tiles = tile_count(size, size)
         raw_tiles = torch.randn(tiles, 1, TILE_SIZE, TILE_SIZE)
+        clock = ForwardClock(model)
 
         def ours():
             return predict_tiled(model, image, tile_size=TILE_SIZE, overlap=OVERLAP, batch_size=BATCH_SIZE)
@@ -98,26 +100,58 @@ def run_speed(rounds: int) -> None:
                     sigma_scale=0.125, padding_mode="reflect",
                 )[0].numpy()
 
-        def forward():
+        def forward():  # the model alone on the batches predict_tiled ran
             with torch.inference_mode():
-                for first in range(0, tiles, BATCH_SIZE):
-                    model(raw_tiles[first : first + BATCH_SIZE])
+                first = 0
+                for batch in batches:
+                    model(raw_tiles[first : first + batch])
+                    first += batch
 
-        difference = np.abs(ours() - monai()).max()  # also a warm-up
+        clock.reset()
+        ours_probs = ours()
+        batches = list(clock.batches)
+        if sum(batches) != tiles:
+            raise SystemExit(f"predict_tiled ran {sum(batches)} tiles, the geometry says {tiles}")
+        difference = np.abs(ours_probs - monai()).max()  # also a warm-up
         forward()
-        times = {"ours": [], "monai": [], "forward": []}
+        times = {key: [] for key in ("ours", "monai", "forward")}
+        inside = {key: [] for key in ("ours", "monai")}  # time spent in the model during the same call
         for _ in range(rounds):
             for key, function in (("ours", ours), ("monai", monai), ("forward", forward)):
+                clock.reset()
                 start = time.perf_counter()
                 function()
                 times[key].append(time.perf_counter() - start)
+                if key in inside:
+                    inside[key].append((times[key][-1] - clock.seconds) / clock.seconds)
         ours_s, monai_s, forward_s = (statistics.median(times[key]) for key in ("ours", "monai", "forward"))
         megapixels = size * size / 1e6
-        print(f"{name:<10}{f'{size}x{size}':>11}{tiles:>7}{ours_s:>11.3f}{monai_s:>9.3f}{forward_s:>11.3f}"
+        print(f"{name:<6}{f'{size}x{size}':>11}{tiles:>7}{ours_s:>11.3f}{monai_s:>9.3f}{forward_s:>11.3f}"
               f"{megapixels / ours_s:>15.3f}{megapixels / monai_s:>13.3f}{monai_s / ours_s:>15.2f}"
-              f"{(ours_s - forward_s) / forward_s:>10.1%}")
-        print(f"{'':<10}max |unetseg - MONAI| = {difference:.2e} (borders: mirrored context vs none)")
-    print("stitching = (unetseg - forward) / forward; forward = the model alone on the same tiles, same batches")
+              f"{(ours_s - forward_s) / forward_s:>11.1%}{statistics.median(inside['ours']):>8.1%}"
+              f"{statistics.median(inside['monai']):>14.1%}")
+        print(f"{'':<6}max |unetseg - MONAI| = {difference:.2e} (image borders: mirrored context vs none)")
+    print("stitching = (unetseg - forward) / forward, forward = the model alone on the same batches of tiles;")
+    print("in-run = (call - time inside the model) / time inside the model, timed within the same call")
+
+
+class ForwardClock:
+    """Forward hooks that add up the seconds a model spends in forward and the batch sizes it sees."""
+
+    def __init__(self, model: nn.Module):
+        model.register_forward_pre_hook(self._start)
+        model.register_forward_hook(self._stop)
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.batches, self._started = 0.0, [], 0.0
+
+    def _start(self, module, inputs) -> None:
+        self.batches.append(inputs[0].shape[0])
+        self._started = time.perf_counter()
+
+    def _stop(self, module, inputs, output) -> None:
+        self.seconds += time.perf_counter() - self._started
 
 
 class TiffRows:
@@ -154,15 +188,9 @@ class TiffRowWriter:
             os.pwrite(file.fileno(), np.ascontiguousarray(probs, dtype=np.float32).tobytes(), start)
 
 
-def band_percentiles(path: Path, low: float, high: float) -> tuple[float, float]:
-    """Normalization's percentiles of a uint16 TIFF from a histogram summed band by band."""
-    source = TiffRows(path)
-    counts = np.zeros(65536, dtype=np.int64)
-    for start in range(0, source.shape[1], 1000):
-        counts += np.bincount(source[:, start : start + 1000].reshape(-1), minlength=65536)
-    cumulative = np.cumsum(counts, dtype=np.float64)
-    total = cumulative[-1]
-    return tuple(float(np.searchsorted(cumulative, q / 100.0 * (total - 1) + 1)) for q in (low, high))
+def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(mode: str, source_path: Path, output_path: Path, value_range: tuple[float, float]) -> None:
@@ -170,9 +198,10 @@ def child(mode: str, source_path: Path, output_path: Path, value_range: tuple[fl
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
     normalization = Normalization()
-    if mode == "range":
-        measured = normalization.range(tifffile.memmap(source_path, mode="r"))
-        result = {"range": measured}
+    if mode == "range":  # how unetseg.predict takes it: a histogram summed band by band
+        result = {"range": plane_range(tifffile.memmap(source_path, mode="r"), 1, normalization)}
+    elif mode == "range-whole":
+        result = {"range": normalization.range(tifffile.memmap(source_path, mode="r"))}
     elif mode == "baseline":  # torch loaded and the model run once on a batch: the floor under everything
         with torch.inference_mode():
             tiny_model()(torch.zeros(BATCH_SIZE, 1, TILE_SIZE, TILE_SIZE))
@@ -180,9 +209,11 @@ def child(mode: str, source_path: Path, output_path: Path, value_range: tuple[fl
     else:
         source = tifffile.memmap(source_path, mode="r")[None] if mode == "memmap" else TiffRows(source_path)
         out = TiffRowWriter(output_path, source.shape)
-        predict_tiled(tiny_model(), source, tile_size=TILE_SIZE, overlap=OVERLAP, batch_size=BATCH_SIZE,
+        model = tiny_model()
+        before = current_rss_mb()
+        predict_tiled(model, source, tile_size=TILE_SIZE, overlap=OVERLAP, batch_size=BATCH_SIZE,
                       normalize=lambda band: normalization.apply(band, value_range), out=out)
-        result = {}
+        result = {"rss_before_mb": before}
     result["seconds"] = time.perf_counter() - start
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -206,22 +237,24 @@ def run_memory(workdir: Path, modes: list[str]) -> None:
             image[start : start + 1000] = rng.integers(100, 4000, size=(min(1000, HUGE - start), HUGE))
         image.flush()
         del image
-    value_range = band_percentiles(source_path, Normalization().low, Normalization().high)
+    value_range = plane_range(tifffile.memmap(source_path, mode="r"), 1, Normalization())
     print(f"input {source_path} ({source_path.stat().st_size / 2**20:.0f} MiB uint16), "
           f"tile {TILE_SIZE}, overlap {OVERLAP}, batch {BATCH_SIZE}, {THREADS} threads, tiny model, "
           f"{tile_count(HUGE, HUGE)} tiles")
-    print(f"{'process':<44}{'seconds':>9}{'peak RSS MiB':>14}")
+    print(f"{'process':<44}{'seconds':>9}{'peak RSS MiB':>14}{'RSS before predict':>20}")
     labels = {
         "baseline": "baseline: torch + one forward, no image",
-        "range": "Normalization().range(tifffile.memmap)",
+        "range": "unetseg.predict.plane_range(memmap)",
+        "range-whole": "Normalization().range(memmap)",
         "memmap": "predict_tiled, input tifffile.memmap",
         "reads": "predict_tiled, input by file reads",
     }
     for mode in modes:
         report = run_child(mode, str(source_path), str(output_path), *map(str, value_range))
-        print(f"{labels[mode]:<44}{report['seconds']:>9.1f}{report['peak_rss_mb']:>14.0f}")
-        if mode == "range" and tuple(report["range"]) != value_range:
-            print(f"  range differs from the banded histogram: {report['range']} vs {value_range}")
+        before = f"{report['rss_before_mb']:.0f}" if "rss_before_mb" in report else ""
+        print(f"{labels[mode]:<44}{report['seconds']:>9.1f}{report['peak_rss_mb']:>14.0f}{before:>20}")
+        if mode.startswith("range") and tuple(report["range"]) != value_range:
+            print(f"  range differs from plane_range: {report['range']} vs {value_range}")
         if mode in ("memmap", "reads"):
             check_output(source_path, output_path, value_range)
 
@@ -241,16 +274,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("speed", "memory", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads for --part speed")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/unetseg_bench"))
-    parser.add_argument("--memory-modes", nargs="+", default=["baseline", "range", "memmap", "reads"],
-                        choices=["baseline", "range", "memmap", "reads"])
+    modes = ["baseline", "range", "range-whole", "memmap", "reads"]
+    parser.add_argument("--memory-modes", nargs="+", default=modes, choices=modes)
     parser.add_argument("--child", nargs=5, metavar=("MODE", "SOURCE", "OUTPUT", "LOW", "HIGH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         mode, source, output, low, high = args.child
         child(mode, Path(source), Path(output), (float(low), float(high)))
         return
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     if args.part in ("speed", "all"):
         run_speed(args.rounds)
     if args.part in ("memory", "all"):

@@ -119,10 +119,32 @@ def _band_tensor(band: Any, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array).to(device)
 
 
+def _take(tensor: torch.Tensor, dim: int, index: np.ndarray, start: int, stop: int) -> torch.Tensor:
+    """`tensor.index_select(dim, index)` where index[start:stop] counts up by one: only the padded ends are gathered."""
+    if start >= stop:
+        return tensor.index_select(dim, torch.from_numpy(index).to(tensor.device))
+    pieces = [tensor.narrow(dim, int(index[start]), stop - start)]
+    if start > 0:
+        pieces.insert(0, tensor.index_select(dim, torch.from_numpy(index[:start]).to(tensor.device)))
+    if stop < len(index):
+        pieces.append(tensor.index_select(dim, torch.from_numpy(index[stop:]).to(tensor.device)))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
 class _BandPredictor:
     """Runs the model on the tiles of one band and stitches them into weighted probabilities."""
 
-    def __init__(self, model, rows, cols, tile_size, batch_size, tta, device, dtype):
+    def __init__(
+        self,
+        model: nn.Module,
+        rows: _AxisPlan,
+        cols: _AxisPlan,
+        tile_size: int,
+        batch_size: int,
+        tta: bool,
+        device: torch.device,
+        dtype: torch.dtype | None,
+    ):
         self.model = model
         self.rows = rows
         self.cols = cols
@@ -133,7 +155,6 @@ class _BandPredictor:
         self.dtype = dtype
         self.row_weights = torch.from_numpy(rows.weights).to(device)
         self.col_weights = torch.from_numpy(cols.weights).to(device)
-        self.col_index = torch.from_numpy(cols.source_index).to(device)
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         """Probabilities (N, K, T, T), float32, of a batch of tiles (N, C, T, T)."""
@@ -147,7 +168,7 @@ class _BandPredictor:
                 f"{tuple(inputs.shape)}; it returned {tuple(logits.shape)}"
             )
         logits = logits.float()  # accumulate in float32 whatever autocast computed in
-        probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+        probs = logits.sigmoid_() if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
         return _merge_dihedral(probs) if self.tta else probs
 
     @torch.inference_mode()
@@ -160,8 +181,10 @@ class _BandPredictor:
         low, high = int(source.min()), int(source.max()) + 1
         band = image[:, low:high]
         band = _band_tensor(normalize(band) if normalize is not None else band, self.device)
-        band = band.index_select(1, torch.from_numpy(source - low).to(self.device))
-        band = band.index_select(2, self.col_index)  # (C, bottom - top, padded W): mirrored borders
+        # Mirrored borders; interior rows and columns are used as read, without a gather.
+        inner = max(top, rows.before) - top, min(bottom, rows.before + rows.length) - top  # image rows in the band
+        band = _take(band, 1, source - low, *inner)
+        band = _take(band, 2, cols.source_index, cols.before, cols.before + cols.length)  # (C, bottom - top, padded W)
 
         tiles = [(i, j) for i in tile_rows for j in range(len(cols.starts))]
         total = carry
@@ -174,9 +197,9 @@ class _BandPredictor:
                 total = self._grow(total, probs.shape[1], bottom - top)
             row_w = self.row_weights[[i for i, _ in batch]]  # (N, T)
             col_w = self.col_weights[[j for _, j in batch]]
-            probs *= (row_w[:, :, None] * col_w[:, None, :])[:, None]
-            for tile_probs, y, x in zip(probs, ys, xs):
-                total[:, y : y + size, x : x + size] += tile_probs
+            windows = row_w[:, :, None] * col_w[:, None, :]  # (N, T, T), separable blend weights
+            for tile_probs, window, y, x in zip(probs, windows, ys, xs):
+                total[:, y : y + size, x : x + size].addcmul_(tile_probs, window)
         return total
 
     def _grow(self, total: torch.Tensor | None, classes: int, height: int) -> torch.Tensor:
@@ -261,7 +284,7 @@ def iter_predict_bands(
             if start < stop:
                 offset = rows.before - top  # band row of image row 0
                 probs = total[:, start + offset : stop + offset, cols.before : cols.before + width]
-                yield start, stop, probs.contiguous().cpu().numpy()
+                yield start, stop, probs.cpu().numpy()  # a view on CPU: `total` is never written again
     finally:
         model.train(was_training)
 
