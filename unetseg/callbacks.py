@@ -48,8 +48,9 @@ class SaveCurves(pl.Callback):
     """After fit, draw curves.png from the CSV logger's metrics.csv into the run folder."""
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if not trainer.is_global_zero or log_dir is None:
             return
-        metrics_csv = Path(trainer.log_dir) / "metrics.csv"
+        metrics_csv = Path(log_dir) / "metrics.csv"
         if metrics_csv.is_file():
-            plot_curves(metrics_csv, Path(trainer.log_dir) / "curves.png")
+            plot_curves(metrics_csv, Path(log_dir) / "curves.png")

@@ -127,8 +127,9 @@ class TileDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if self.grid is None:
-            # Drawn from torch's generator, which DataLoader seeds per worker and per epoch.
-            rng = np.random.default_rng(int(torch.randint(2**62, ())))
+            # Drawn from torch's generator, which DataLoader seeds per worker and per epoch; the
+            # rank is mixed in because Lightning seeds every DDP process alike.
+            rng = np.random.default_rng([int(torch.randint(2**62, ())), process_rank()])
             sample, y, x = self.random_tile(rng)
         else:
             sample_index, y, x = self.grid[index]
@@ -158,6 +159,12 @@ class TileDataset(Dataset):
         else:
             y, x = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
         return sample, y, x
+
+
+def process_rank() -> int:
+    """This process's rank under torch.distributed, 0 otherwise."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
 
 
 def tile_grid(sample: Sample, tile_size: int) -> list[tuple[int, int]]:
@@ -280,10 +287,13 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def write_split(self) -> None:
         trainer = self.trainer
-        if trainer is None or trainer.log_dir is None or not trainer.is_global_zero:
+        if trainer is None:
             return
-        Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(trainer.log_dir) / "split.json").write_text(json.dumps(self.split, indent=1))
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, once
+        if log_dir is None or not trainer.is_global_zero:
+            return
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(log_dir) / "split.json").write_text(json.dumps(self.split, indent=1))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, drop_last=True,

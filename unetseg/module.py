@@ -102,13 +102,13 @@ class SegmentationModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         logits = self.net(batch["image"])
         loss = self.loss(logits, batch["target"], batch.get("weight"))
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits), sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
         logits = self.net(batch["image"])
         target = batch["target"]
-        self.log("val/loss", self.loss(logits, target, batch.get("weight")), batch_size=len(logits))
+        self.log("val/loss", self.loss(logits, target, batch.get("weight")), batch_size=len(logits), sync_dist=True)
         predicted = (logits[:, 0] > 0).long() if self.classes == 1 else logits.argmax(dim=1)
         self.val_metrics.update(predicted > 0, target > 0)
         if self.val_class_dice is not None:
