@@ -7,10 +7,25 @@ import pytest
 import tifffile
 
 import unetseg.synthetic
+from unetseg.cli.train import main as train_main
 from unetseg.synthetic import make_nuclei_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny U-Net (depth 2, width 4) trained for one 16-tile epoch by unetseg-train, once per session."""
+    base = tmp_path_factory.getbasetemp()
+    path = base / "predict_tiny_run" / "checkpoints" / "best.ckpt"
+    if not path.is_file():
+        data = make_nuclei_dataset(base / "predict_tiny_data", count=4, shape=(96, 96))
+        train_main(["--config", str(CONFIGS / "tiny.yaml"), "--trainer.default_root_dir", str(path.parents[1]),
+                    "--trainer.max_epochs", "1", "--data.tiles_per_epoch", "16", "--data.root", str(data),
+                    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                    "--trainer.enable_model_summary", "false"])
+    return path
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """SegmentationModule: classes, loss, metrics, optimisers, the network description and checkpoints."""
 
-import pickle
 
 import lightning.pytorch as pl
 import pytest

@@ -10,7 +10,6 @@ import torch
 from skimage import io as skio
 
 import unetseg.weights
-from unetseg.cli.train import main as train_main
 from unetseg.data import load_sample
 from unetseg.inference import predict_tiled
 from unetseg.io import ImageReadError, Normalization, to_channels
@@ -29,23 +28,11 @@ from unetseg.predict import (
     predict_image,
     read_calibration,
 )
-from unetseg.synthetic import make_nuclei_dataset, nuclei_image
+from unetseg.synthetic import nuclei_image
 from unetseg.weights import available_models, model_path
 
 REPO = Path(__file__).resolve().parents[1]
 TILING = dict(tile_size=64, overlap=16, batch_size=4)
-
-
-def train_tiny_checkpoint(base: Path) -> Path:
-    """A tiny U-Net (depth 2, width 4) trained for one 16-tile epoch by unetseg-train; made once under `base`."""
-    checkpoint = base / "predict_tiny_run" / "checkpoints" / "best.ckpt"
-    if not checkpoint.is_file():
-        data = make_nuclei_dataset(base / "predict_tiny_data", count=4, shape=(96, 96))
-        train_main(["--config", str(REPO / "configs" / "tiny.yaml"), "--trainer.default_root_dir",
-                    str(checkpoint.parents[1]), "--trainer.max_epochs", "1", "--data.tiles_per_epoch", "16",
-                    "--data.root", str(data), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                    "--trainer.enable_model_summary", "false"])
-    return checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -55,11 +42,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    return train_tiny_checkpoint(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,7 @@ from skimage import io as skio
 
 import unetseg.weights
 from unetseg.cli.predict import build_parser, main
-from unetseg.cli.train import main as train_main
-from unetseg.synthetic import make_nuclei_dataset, nuclei_image
+from unetseg.synthetic import nuclei_image
 
 REPO = Path(__file__).resolve().parents[1]
 TILING = ["--tile-size", "64", "--overlap", "16", "--batch-size", "4", "--device", "cpu"]
@@ -25,19 +24,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    """A tiny U-Net trained for one 16-tile epoch by unetseg-train; shared with test_predict through the base temp."""
-    path = tmp_path_factory.getbasetemp() / "predict_tiny_run" / "checkpoints" / "best.ckpt"
-    if not path.is_file():
-        data = make_nuclei_dataset(tmp_path_factory.getbasetemp() / "predict_tiny_data", count=4, shape=(96, 96))
-        train_main(["--config", str(REPO / "configs" / "tiny.yaml"), "--trainer.default_root_dir",
-                    str(path.parents[1]), "--trainer.max_epochs", "1", "--data.tiles_per_epoch", "16",
-                    "--data.root", str(data), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                    "--trainer.enable_model_summary", "false"])
-    return path
 
 
 def nuclei(shape, seed=0) -> np.ndarray:

@@ -673,6 +673,17 @@ def _reason(error: Exception, path: Path) -> str:
     return " ".join(message.split())  # one line per file, whatever the reader wrote
 
 
+def shard(pairs: Sequence[tuple[Path, Path]], index: int, count: int) -> list[tuple[Path, Path]]:
+    """This process's share of the files: every count-th pair from `index` (0 <= index < count).
+
+    Shares of one sorted plan are disjoint and together cover it, so processes on one or many
+    machines predict a folder together and each output is written exactly once.
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= index < count")
+    return list(pairs[index::count])
+
+
 def predict_files(model: nn.Module, input_spec: dict, pairs: Sequence[tuple[Path, Path]],
                   settings: PredictSettings = PredictSettings(), overwrite: bool = False,
                   progress: bool = True) -> PredictSummary:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from unetseg.predict import OUTPUTS, CheckpointError, PredictSettings, load_predictor, plan_outputs, predict_files
+from unetseg.predict import (OUTPUTS, CheckpointError, PredictSettings, load_predictor, plan_outputs, predict_files,
+                             shard)
 from unetseg.tiling import BLENDS
 from unetseg.weights import MODELS, model_path
 
@@ -73,16 +75,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
     parser.add_argument("--glob", metavar="PATTERN", help='only inputs whose path matches, e.g. "*.tif"')
     parser.add_argument("--overwrite", action="store_true", help="predict again files whose output exists")
+    parser.add_argument("--shard", metavar="K/N", help="predict only share K of N (0-based) of the files, e.g. one "
+                        "process of many; default: RANK/WORLD_SIZE under torchrun, SLURM_PROCID/SLURM_NTASKS "
+                        "under srun, else all files")
     return parser
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device for --device; ValueError when CUDA is asked for and absent."""
+    """The torch device for --device; ValueError when CUDA is asked for and absent.
+
+    Under torchrun or srun, CUDA means this process's own GPU (LOCAL_RANK / SLURM_LOCALID).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
+    if name == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
+
+
+def resolve_shard(text: str | None) -> tuple[int, int]:
+    """(index, count) from --shard K/N, else from the torchrun or SLURM environment, else (0, 1)."""
+    if text is None:
+        for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+            if rank in os.environ and world in os.environ:
+                return int(os.environ[rank]), int(os.environ[world])
+        return 0, 1
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not int(index) < int(count):
+        raise ValueError(f"--shard {text}: expected K/N with 0 <= K < N, e.g. 0/4")
+    return int(index), int(count)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = PredictSettings(output=args.output, threshold=args.threshold, tile_size=args.tile_size,
                                    overlap=args.overlap, batch_size=args.batch_size, blend=args.blend, tta=args.tta)
-        pairs = plan_outputs(args.input, args.output_path, args.glob)
+        index, count = resolve_shard(args.shard)
+        pairs = shard(plan_outputs(args.input, args.output_path, args.glob), index, count)
         device = resolve_device(args.device)
         checkpoint = args.checkpoint if args.checkpoint is not None else model_path(args.model)
         model, spec = load_predictor(checkpoint, device)
@@ -99,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    print(f"{PROG}: {len(pairs)} file(s), {checkpoint} on {device}")
+    share = f" (share {index}/{count})" if count > 1 else ""
+    print(f"{PROG}: {len(pairs)} file(s){share}, {checkpoint} on {device}")
     summary = predict_files(model, spec, pairs, settings, overwrite=args.overwrite)
     print(f"{PROG}: {summary}")
     return 1 if summary.failed else 0
