@@ -8,8 +8,8 @@ import importlib
 
 import pytest
 import yaml
-
 from conftest import CONFIGS
+
 from unetseg.cli.train import TrainCLI
 from unetseg.data import SegmentationDataModule
 from unetseg.module import SegmentationModule

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import write_pair
 from lightning.pytorch.loggers import CSVLogger
 from skimage import io as skio
 
-from conftest import write_pair
 from unetseg.data import SegmentationDataModule, TileDataset, find_pairs, load_sample, make_target, tile_grid
 from unetseg.io import ImageReadError, Normalization
 from unetseg.transforms import Augmentation, build_transform

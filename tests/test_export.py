@@ -10,8 +10,16 @@ import pytest
 import torch
 
 from unetseg.cli import export as cli
-from unetseg.export import (FORMATS, OnnxPredictor, export_checkpoint, load_exported, load_onnx, load_torchscript,
-                            min_size, size_multiple)
+from unetseg.export import (
+    FORMATS,
+    OnnxPredictor,
+    export_checkpoint,
+    load_exported,
+    load_onnx,
+    load_torchscript,
+    min_size,
+    size_multiple,
+)
 from unetseg.inference import predict_tiled, select_device
 from unetseg.io import Normalization
 from unetseg.models import SMPUnet, UNet

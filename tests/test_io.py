@@ -5,8 +5,15 @@ import pytest
 import tifffile
 from skimage import io as skio
 
-from unetseg.io import (ImageReadError, Normalization, image_percentiles, read_image, read_labels, to_channels,
-                        write_tiff)
+from unetseg.io import (
+    ImageReadError,
+    Normalization,
+    image_percentiles,
+    read_image,
+    read_labels,
+    to_channels,
+    write_tiff,
+)
 
 
 def save_png(path, array):

@@ -9,8 +9,8 @@ from torch import nn
 
 from unetseg.callbacks import plot_curves, read_metrics
 from unetseg.data import SegmentationDataModule
-from unetseg.models import SMPUnet, UNet
-from unetseg.module import SegmentationModule, build_net, describe_net
+from unetseg.models import SMPUnet, UNet, build_net, describe_net
+from unetseg.module import SegmentationModule
 
 
 def tiny_unet(**kwargs):

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import CONFIGS
 from skimage import io as skio
 
-from conftest import CONFIGS
 from unetseg.cli import train
 from unetseg.models import SMPUnet, UNet
 from unetseg.module import SegmentationModule
@@ -96,7 +96,8 @@ def test_checkpoints_are_pure_data(tiny_run, name):
     assert checkpoint["hyper_parameters"]["net"]["class_path"] == "unetseg.models.unet.UNet"
     assert checkpoint["hyper_parameters"]["net"]["init_args"]["depth"] == 2
     assert checkpoint["global_step"] == 2  # 16 tiles per epoch / batch 8
-    assert checkpoint["datamodule_hyper_parameters"]["tile_size"] == 64
+    assert "datamodule_hyper_parameters" not in checkpoint  # no dataclasses: the input spec says what matters
+    assert checkpoint["hyper_parameters"]["input_spec"]["in_channels"] == 1
 
 
 def test_resume_from_last_continues(shared_dataset, tmp_path):

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetseg.models import SMPUnet, UNet
+from unetseg.models import SMPUnet, UNet, describe_net
 from unetseg.models.unet import pad_to_multiple
-from unetseg.module import SegmentationModule, describe_net
+from unetseg.module import SegmentationModule
 
 __all__ = [
     "FORMATS", "OnnxPredictor", "check_sizes", "export_checkpoint", "export_net", "load_checkpoint_net",

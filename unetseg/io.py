@@ -146,7 +146,10 @@ def image_percentiles(image: np.ndarray, low: float, high: float) -> tuple[float
     """Percentiles of all pixels; exact by histogram for 8/16-bit integers, subsampled for huge floats."""
     flat = np.asarray(image).reshape(-1)
     if flat.dtype in (np.uint8, np.uint16):
-        counts = np.bincount(flat, minlength=1)
+        # In chunks: bincount converts to int64, 8 bytes a pixel for the whole image at once otherwise.
+        counts = np.zeros(2 ** (8 * flat.itemsize), dtype=np.int64)
+        for start in range(0, flat.size, 1 << 22):
+            counts += np.bincount(flat[start:start + (1 << 22)], minlength=counts.size)
         cumulative = np.cumsum(counts, dtype=np.float64)
         total = cumulative[-1]
         # Same rule as np.percentile(method="lower"): the smallest value whose rank reaches q.

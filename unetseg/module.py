@@ -3,7 +3,6 @@ checkpoint rebuild its network and repeat its input normalisation."""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,23 +12,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, MulticlassF1Score
 
 from unetseg.losses import SegmentationLoss
+from unetseg.models import build_net, describe_net
 
 SCHEDULERS = ("cosine", "plateau", "none")
-
-
-def describe_net(net: nn.Module) -> dict:
-    """{"class_path", "init_args"} of a network that records its `config`, else just the class."""
-    cls = type(net)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(getattr(net, "config", {}) or {})}
-
-
-def build_net(description: dict) -> nn.Module:
-    """Instantiate a network from `describe_net` output; only `nn.Module` subclasses are allowed."""
-    module_name, _, class_name = description["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"{description['class_path']} is not a torch.nn.Module class")
-    return cls(**description.get("init_args", {}))
 
 
 class SegmentationModule(pl.LightningModule):

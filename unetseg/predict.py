@@ -42,7 +42,7 @@ from unetseg.io import (
     to_channels,
     write_tiff,
 )
-from unetseg.module import SegmentationModule, build_net
+from unetseg.models import build_net
 from unetseg.postprocess import to_labels, to_mask
 from unetseg.tiling import check_tiling
 
@@ -166,10 +166,13 @@ def _load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
         raise CheckpointError(f"{path}: has no input_spec (channels and normalisation); it was saved without a "
                               "SegmentationDataModule, so prediction cannot repeat its input normalisation")
     try:
-        module = SegmentationModule.load_from_checkpoint(path, map_location="cpu", net=build_net(hparams["net"]))
+        # The network alone, without Lightning: prediction needs only its weights.
+        net = build_net(hparams["net"])
+        net.load_state_dict({key[len("net."):]: value for key, value in checkpoint["state_dict"].items()
+                             if key.startswith("net.")})
     except Exception as error:  # wrong keys or shapes, bad init arguments
         raise CheckpointError(f"{path}: cannot rebuild the network ({type(error).__name__}: {error})") from None
-    return module.net, dict(spec)
+    return net, dict(spec)
 
 
 def check_input_spec(spec: Any, path: str | Path = "checkpoint") -> None:

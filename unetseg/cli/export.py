@@ -7,8 +7,17 @@ import sys
 import time
 from pathlib import Path
 
-from unetseg.export import (FORMATS, OPSET, check_format, check_sizes, export_net, load_checkpoint_net,
-                            max_abs_difference, min_size, size_multiple)
+from unetseg.export import (
+    FORMATS,
+    OPSET,
+    check_format,
+    check_sizes,
+    export_net,
+    load_checkpoint_net,
+    max_abs_difference,
+    min_size,
+    size_multiple,
+)
 
 PROG = "unetseg-export"
 TOLERANCE = 1e-3  # float32 logits of an exact export differ by ~1e-5; more means the graph is wrong

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import torch
 
-from unetseg.predict import (OUTPUTS, CheckpointError, PredictSettings, load_predictor, plan_outputs, predict_files,
-                             shard)
+from unetseg.predict import (
+    OUTPUTS,
+    CheckpointError,
+    PredictSettings,
+    load_predictor,
+    plan_outputs,
+    predict_files,
+    shard,
+)
 from unetseg.tiling import BLENDS
 from unetseg.weights import MODELS, model_path
 
