@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator
@@ -187,3 +188,20 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the resident pages of the memory map behind `array` (a view of a `numpy.memmap`).
+
+    Band-by-band readers and writers call it after each band, so a huge memory-mapped image
+    does not accumulate in the process's resident memory; the pages stay in the kernel's file
+    cache (write-back first: the map is flushed). A no-op for ordinary arrays.
+    """
+    while array is not None and not isinstance(array, np.memmap):
+        array = getattr(array, "base", None)
+    mapping = getattr(array, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if array.mode != "r":
+        mapping.flush()
+    mapping.madvise(mmap.MADV_DONTNEED)

@@ -17,6 +17,17 @@ from unetseg.models import build_net, describe_net
 SCHEDULERS = ("cosine", "plateau", "none")
 
 
+def load_net_weights(net: nn.Module, source: str | Path) -> None:
+    """Copy the network weights of a checkpoint (a path or a shipped model name) into `net`."""
+    path = Path(source)
+    if not path.is_file():
+        from unetseg.weights import model_path
+
+        path = model_path(str(source))
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    net.load_state_dict({key[len("net."):]: value for key, value in state.items() if key.startswith("net.")})
+
+
 class SegmentationModule(pl.LightningModule):
     """Trains any network that maps (N, C, H, W) images to (N, classes, H, W) logits.
 
@@ -31,19 +42,24 @@ class SegmentationModule(pl.LightningModule):
         patience: validations without improvement before "plateau" lowers the rate.
         input_spec: how images were read and normalised; filled from the data module at fit
             time and saved in checkpoints. Leave it empty.
+        pretrained: a checkpoint, or the name of a shipped model ("nuclei"), whose network
+            weights start this training (fine-tuning); the network must have the same shape.
 
     Batches are dicts with "image" (N, C, H, W), "target" (N, H, W) and optionally "weight"
     (N, H, W), the per-pixel cross-entropy weights (the U-Net border weight map).
     """
 
     def __init__(self, net: nn.Module, dice_weight: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 scheduler: str = "cosine", patience: int = 5, input_spec: dict | None = None):
+                 scheduler: str = "cosine", patience: int = 5, input_spec: dict | None = None,
+                 pretrained: str | None = None):
         super().__init__()
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r} is not valid; choose one of {', '.join(map(repr, SCHEDULERS))}")
         self.save_hyperparameters(ignore=["net"])
         self.hparams["net"] = describe_net(net)
         self.net = net
+        if pretrained:
+            load_net_weights(net, pretrained)
         self.classes = int(getattr(net, "classes", 0)) or self.infer_classes(net)
         self.loss = SegmentationLoss(self.classes, dice_weight)
         # Dice and IoU of the foreground (any class > 0): what matters for nuclei and binary tasks.
@@ -66,6 +82,7 @@ class SegmentationModule(pl.LightningModule):
         if "net" not in kwargs:
             checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
             kwargs["net"] = build_net(checkpoint["hyper_parameters"]["net"])
+        kwargs.setdefault("pretrained", None)  # the checkpoint's own weights follow
         kwargs.setdefault("weights_only", True)
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
 

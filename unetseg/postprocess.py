@@ -16,7 +16,8 @@ def to_mask(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return probs.argmax(axis=0).astype(np.uint8)
 
 
-def to_labels(probs: np.ndarray, threshold: float = 0.5, min_size: int = 15, min_distance: int = 4) -> np.ndarray:
+def to_labels(probs: np.ndarray, threshold: float = 0.5, min_size: int = 15, min_distance: int = 4,
+              seed_threshold: float | None = None) -> np.ndarray:
     """(classes, H, W) probabilities -> instance labels (H, W), uint16 or uint32 when needed.
 
     One class (foreground): threshold, then a watershed of the distance transform from its
@@ -24,10 +25,12 @@ def to_labels(probs: np.ndarray, threshold: float = 0.5, min_size: int = 15, min
     Three classes (background, interior, edge, as `targets: boundary` trains): interiors are
     the seeds, and a watershed on the interior probability grows them into the foreground.
     Objects smaller than `min_size` pixels are removed and labels renumbered 1..n.
+    `seed_threshold` (default: `threshold`) is the interior probability that makes a seed.
     """
     if probs.shape[0] == 3:
         foreground = probs[1] + probs[2] > threshold
-        seeds = connected_components((probs[1] > threshold) & foreground, connectivity=1)
+        seed_threshold = threshold if seed_threshold is None else seed_threshold
+        seeds = connected_components((probs[1] > seed_threshold) & foreground, connectivity=1)
         seeds = remove_small(seeds, max(1, min_size // 3))
         labels = watershed(-probs[1], markers=seeds, mask=foreground)
     elif probs.shape[0] == 1:

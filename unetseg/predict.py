@@ -37,6 +37,7 @@ from unetseg.io import (
     ImageReadError,
     Normalization,
     atomic_output,
+    release_pages,
     is_image_file,
     read_image,
     to_channels,
@@ -432,11 +433,20 @@ class ChannelBands:
         channels, rows = key
         if channels != slice(None) or not isinstance(rows, slice):
             raise IndexError("ChannelBands supports only view[:, start:stop]")
-        return to_channels(_native(self.plane[rows]), self.in_channels, self.path)
+        band = to_channels(_native(self.plane[rows]), self.in_channels, self.path)
+        release_pages(self.plane)
+        return band
 
 
 # io.image_percentiles subsamples float images above this many values, to this many (kept equal to it).
 PERCENTILE_SAMPLE_ABOVE, PERCENTILE_SAMPLES = 16_000_000, 4_000_000
+
+
+def read_band(plane: Any, start: int, rows: int, in_channels: int, path: str | Path) -> np.ndarray:
+    """Rows start to start + rows of a plane as (in_channels, rows, W), memory-mapped pages released."""
+    band = to_channels(_native(plane[start:start + rows]), in_channels, path)
+    release_pages(plane)
+    return band
 
 
 def plane_range(plane: Any, in_channels: int, normalization: Normalization, path: str | Path = "image",
@@ -449,8 +459,7 @@ def plane_range(plane: Any, in_channels: int, normalization: Normalization, path
     """
     height, width = int(plane.shape[0]), int(plane.shape[1])
     rows = max(1, chunk_pixels // (width * in_channels))
-    bands = ((start, to_channels(_native(plane[start:start + rows]), in_channels, path))
-             for start in range(0, height, rows))
+    bands = ((start, read_band(plane, start, rows, in_channels, path)) for start in range(0, height, rows))
     first_band = next(bands)
     bands = itertools.chain([first_band], bands)  # one band held at a time
     dtype = first_band[1].dtype
@@ -517,6 +526,7 @@ def _predict_planes(model: nn.Module, spec: dict, image: InputImage, settings: P
                 out[z, start:stop] = band_to_mask(probs, spec["targets"], settings.threshold)
             else:
                 out[z, ..., start:stop, :] = probs[0] if classes == 1 else probs
+            release_pages(out)
             if on_rows is not None:
                 on_rows(stop - start)
         if probs_plane is not None:
