@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_predict_memory.py [--size 12000] [--output mask]
 
 A tiny U-Net checkpoint (configs/tiny.yaml, one short epoch) predicts the image through the
-command line in a fresh process; its peak resident memory (ru_maxrss of the child) is compared
+command line in a fresh process; its peak resident memory (GNU time's %M) is compared
 with the 1.5 GB goal, and with a bare `import torch` process as the floor any PyTorch program
 pays. This script imports neither torch nor unetseg itself, and writes the image band by band,
 so the child's peak is its own.
@@ -12,7 +12,6 @@ so the child's peak is its own.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time
@@ -25,15 +24,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def child_peak_mb(command: list[str]) -> tuple[float, float, str]:
-    """Run a command; (peak RSS of it in MB, seconds, its output tail)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run a command under GNU time; (its peak RSS in MB, seconds, the last line it printed).
+
+    GNU time reports the child's own maximum resident set size (ru_maxrss of that child alone;
+    RUSAGE_CHILDREN in this process would take the maximum over every child so far).
+    """
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={"OMP_NUM_THREADS": "2", "PATH": ""})
+    done = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", *command], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
     seconds = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(peak, before) / 1024, seconds, (done.stdout + done.stderr).strip().splitlines()[-1]
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    peak_kb = int(next(line for line in lines if line.startswith("PEAK_KB")).split()[1])
+    last = [line for line in lines if not line.startswith("PEAK_KB")]
+    return peak_kb / 1024, seconds, last[-1] if last else ""
 
 
 def main() -> None:
