@@ -35,15 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 TILING = dict(tile_size=64, overlap=16, batch_size=4)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared CPU run faster on one thread than contending for several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def predictor(checkpoint):
     return load_predictor(checkpoint)

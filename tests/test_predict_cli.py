@@ -17,15 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 TILING = ["--tile-size", "64", "--overlap", "16", "--batch-size", "4", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared CPU run faster on one thread than contending for several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def nuclei(shape, seed=0) -> np.ndarray:
     image, _ = nuclei_image(np.random.default_rng(seed), shape)
     return image

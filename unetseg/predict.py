@@ -37,9 +37,9 @@ from unetseg.io import (
     ImageReadError,
     Normalization,
     atomic_output,
-    release_pages,
     is_image_file,
     read_image,
+    release_pages,
     to_channels,
     write_tiff,
 )

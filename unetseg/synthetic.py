@@ -15,6 +15,8 @@ import tifffile
 from scipy import ndimage
 from skimage import io as skio
 
+from unetseg.postprocess import remove_small
+
 DEFAULT_CACHE = Path(os.environ.get("UNETSEG_CACHE", Path.home() / ".cache" / "unetseg"))
 
 
@@ -38,7 +40,7 @@ def nuclei_image(rng: np.random.Generator, shape: tuple[int, int] = (256, 256)) 
         v = (-dy * np.sin(angle) + dx * np.cos(angle)) / rx
         inside = (u**2 + v**2 <= 1.0) & (labels == 0)  # earlier nuclei stay on top: they touch, not overlap
         labels[inside] = label
-    labels = relabel_small(labels, min_size=int(0.2 * np.pi * mean_radius**2))
+    labels = remove_small(labels, min_size=int(0.2 * np.pi * mean_radius**2)).astype(np.uint16)
 
     brightness = np.zeros(shape, dtype=np.float32)
     for label in range(1, labels.max() + 1):
@@ -53,16 +55,6 @@ def nuclei_image(rng: np.random.Generator, shape: tuple[int, int] = (256, 256)) 
     image = image + rng.normal(0, rng.uniform(0.005, 0.03), shape)  # read noise
     image = np.clip(image / max(np.percentile(image, 99.9), 1e-6), 0, 1)
     return image.astype(np.float32), labels
-
-
-def relabel_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop instances smaller than `min_size` pixels (clipped slivers) and renumber 1..n."""
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_size
-    keep[0] = False
-    lookup = np.zeros(len(sizes), dtype=np.uint16)
-    lookup[keep] = np.arange(1, keep.sum() + 1)
-    return lookup[labels]
 
 
 def make_nuclei_dataset(root: str | Path, count: int = 24, shape: tuple[int, int] = (256, 256), seed: int = 0) -> Path:
