@@ -143,6 +143,10 @@ class Normalization:
         return asdict(self)
 
 
+# Float images with more values than this are subsampled, evenly, to this many.
+PERCENTILE_SAMPLE_ABOVE, PERCENTILE_SAMPLES = 16_000_000, 4_000_000
+
+
 def image_percentiles(image: np.ndarray, low: float, high: float) -> tuple[float, float]:
     """Percentiles of all pixels; exact by histogram for 8/16-bit integers, subsampled for huge floats."""
     flat = np.asarray(image).reshape(-1)
@@ -151,14 +155,19 @@ def image_percentiles(image: np.ndarray, low: float, high: float) -> tuple[float
         counts = np.zeros(2 ** (8 * flat.itemsize), dtype=np.int64)
         for start in range(0, flat.size, 1 << 22):
             counts += np.bincount(flat[start:start + (1 << 22)], minlength=counts.size)
-        cumulative = np.cumsum(counts, dtype=np.float64)
-        total = cumulative[-1]
-        # Same rule as np.percentile(method="lower"): the smallest value whose rank reaches q.
-        values = [int(np.searchsorted(cumulative, np.floor(q / 100.0 * (total - 1)) + 1)) for q in (low, high)]
-        return float(values[0]), float(values[1])
-    if flat.size > 16_000_000:
-        flat = flat[:: flat.size // 4_000_000]
+        return histogram_percentiles(counts, low, high)
+    if flat.size > PERCENTILE_SAMPLE_ABOVE:
+        flat = flat[:: flat.size // PERCENTILE_SAMPLES]
     return tuple(float(v) for v in np.percentile(flat, [low, high]))
+
+
+def histogram_percentiles(counts: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """Percentiles from a histogram of integer values (counts[v] = pixels of value v), exactly as
+    np.percentile(method="lower"): the smallest value whose rank reaches q."""
+    cumulative = np.cumsum(counts, dtype=np.float64)
+    total = cumulative[-1]
+    values = [int(np.searchsorted(cumulative, np.floor(q / 100.0 * (total - 1)) + 1)) for q in (low, high)]
+    return float(values[0]), float(values[1])
 
 
 def write_tiff(path: str | Path, array: np.ndarray, **kwargs) -> Path:

@@ -33,10 +33,13 @@ from tqdm import tqdm
 from unetseg.inference import iter_predict_bands
 from unetseg.io import (
     IMAGE_SUFFIXES,
+    PERCENTILE_SAMPLE_ABOVE,
+    PERCENTILE_SAMPLES,
     TIFF_SUFFIXES,
     ImageReadError,
     Normalization,
     atomic_output,
+    histogram_percentiles,
     is_image_file,
     read_image,
     release_pages,
@@ -438,10 +441,6 @@ class ChannelBands:
         return band
 
 
-# io.image_percentiles subsamples float images above this many values, to this many (kept equal to it).
-PERCENTILE_SAMPLE_ABOVE, PERCENTILE_SAMPLES = 16_000_000, 4_000_000
-
-
 def read_band(plane: Any, start: int, rows: int, in_channels: int, path: str | Path) -> np.ndarray:
     """Rows start to start + rows of a plane as (in_channels, rows, W), memory-mapped pages released."""
     band = to_channels(_native(plane[start:start + rows]), in_channels, path)
@@ -468,12 +467,7 @@ def plane_range(plane: Any, in_channels: int, normalization: Normalization, path
         counts = np.zeros(np.iinfo(dtype).max + 1, dtype=np.int64)
         for _, band in bands:
             counts += np.bincount(band.reshape(-1), minlength=len(counts))
-        cumulative = np.cumsum(counts, dtype=np.float64)
-        total = cumulative[-1]
-        # io.image_percentiles' rule (np.percentile method="lower"): the smallest value whose rank reaches q.
-        low, high = (int(np.searchsorted(cumulative, np.floor(q / 100.0 * (total - 1)) + 1))
-                     for q in (normalization.low, normalization.high))
-        return float(low), float(high)
+        return histogram_percentiles(counts, normalization.low, normalization.high)
     size = in_channels * height * width
     step = size // PERCENTILE_SAMPLES if size > PERCENTILE_SAMPLE_ABOVE else 1
     samples = []
