@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from unetseg.callbacks import read_metrics
 from unetseg.data import SegmentationDataModule, find_pairs, pair_name
 from unetseg.inference import predict_tiled
-from unetseg.io import read_image, read_labels, to_channels
+from unetseg.io import Normalization, read_image, read_labels, to_channels
 from unetseg.metrics import segmentation_scores, summarize
 from unetseg.models import SMPUnet, UNet
 from unetseg.module import SegmentationModule
@@ -88,8 +88,6 @@ def load_pairs(root: Path, names: list[str], in_channels: int = 3) -> list[tuple
 def evaluate(module: SegmentationModule, pairs, tile_size: int = 256, overlap: int = 32) -> tuple[dict, float, list]:
     """Predict whole validation images tile by tile, split instances, score; returns summary, Mpx/s, labels."""
     spec = module.hparams["input_spec"]
-    from unetseg.io import Normalization
-
     normalization = Normalization(**spec["normalization"])
     scores, predictions, pixels, seconds = [], [], 0, 0.0
     for name, image, labels in pairs:
@@ -190,12 +188,7 @@ def plot_gradient_norms(results: dict, out: Path) -> Path:
             step = value["history"][index]["step"]
             axis.set(yscale="log", ylabel="gradient L2 norm", title=f"{norm}: {when} (step {step})")
             axis.tick_params(axis="x", rotation=60)
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out, dpi=90)
-    plt.close(figure)
-    return out
+    return save_figure(figure, axes.ravel(), out)
 
 
 def plot_learning_curves(logs: dict[str, Path], out: Path) -> Path:
@@ -211,7 +204,12 @@ def plot_learning_curves(logs: dict[str, Path], out: Path) -> Path:
             dice_axis.plot(*zip(*series["val/dice"]), marker="o", label=name)
     loss_axis.set(xlabel="step", ylabel="training loss (5-step mean)", yscale="log", title="training loss")
     dice_axis.set(xlabel="step", ylabel="foreground Dice", title="validation Dice (tiles)")
-    for axis in (loss_axis, dice_axis):
+    return save_figure(figure, (loss_axis, dice_axis), out)
+
+
+def save_figure(figure, axes, out: Path) -> Path:
+    """Grid and legend on each axis, then a tight PNG at `out`."""
+    for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()

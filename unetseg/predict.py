@@ -436,9 +436,8 @@ class ChannelBands:
         channels, rows = key
         if channels != slice(None) or not isinstance(rows, slice):
             raise IndexError("ChannelBands supports only view[:, start:stop]")
-        band = to_channels(_native(self.plane[rows]), self.in_channels, self.path)
-        release_pages(self.plane)
-        return band
+        start, stop, _ = rows.indices(self.shape[1])
+        return read_band(self.plane, start, stop - start, self.in_channels, self.path)
 
 
 def read_band(plane: Any, start: int, rows: int, in_channels: int, path: str | Path) -> np.ndarray:
