@@ -12,7 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, MulticlassF1Score
 
 from unetseg.losses import SegmentationLoss
-from unetseg.models import build_net, describe_net
+from unetseg.models import build_net, describe_net, net_state_dict
 
 SCHEDULERS = ("cosine", "plateau", "none")
 
@@ -25,7 +25,7 @@ def load_net_weights(net: nn.Module, source: str | Path) -> None:
 
         path = model_path(str(source))
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    net.load_state_dict({key[len("net."):]: value for key, value in state.items() if key.startswith("net.")})
+    net.load_state_dict(net_state_dict(state))
 
 
 class SegmentationModule(pl.LightningModule):

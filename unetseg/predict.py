@@ -46,7 +46,7 @@ from unetseg.io import (
     to_channels,
     write_tiff,
 )
-from unetseg.models import build_net
+from unetseg.models import build_net, net_state_dict
 from unetseg.postprocess import to_labels, to_mask
 from unetseg.tiling import check_tiling
 
@@ -172,8 +172,7 @@ def _load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     try:
         # The network alone, without Lightning: prediction needs only its weights.
         net = build_net(hparams["net"])
-        net.load_state_dict({key[len("net."):]: value for key, value in checkpoint["state_dict"].items()
-                             if key.startswith("net.")})
+        net.load_state_dict(net_state_dict(checkpoint["state_dict"]))
     except Exception as error:  # wrong keys or shapes, bad init arguments
         raise CheckpointError(f"{path}: cannot rebuild the network ({type(error).__name__}: {error})") from None
     return net, dict(spec)

@@ -9,7 +9,7 @@ from torch import nn
 
 from unetseg.models.unet import UNet
 
-__all__ = ["SMPUnet", "UNet", "build_net", "describe_net"]
+__all__ = ["SMPUnet", "UNet", "build_net", "describe_net", "net_state_dict"]
 
 
 def __getattr__(name: str):
@@ -34,3 +34,8 @@ def build_net(description: dict) -> nn.Module:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"{description['class_path']} is not a torch.nn.Module class")
     return cls(**description.get("init_args", {}))
+
+
+def net_state_dict(module_state: dict) -> dict:
+    """The network's weights from a SegmentationModule state dict (its keys under "net.")."""
+    return {key[len("net."):]: value for key, value in module_state.items() if key.startswith("net.")}
