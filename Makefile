@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= test,onnx
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo lint test test-slow bench clean
 
 venv: $(VENV)/.installed
 
@@ -19,9 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python -m unetseg demo
 
-test: venv
+lint: venv
+	$(BIN)/ruff check unetseg tests experiments scripts benchmarks docker
+	$(BIN)/ruff format --check unetseg tests experiments scripts benchmarks docker
+
+test: venv lint
 	$(BIN)/python -m pytest -q
 
 test-slow: venv

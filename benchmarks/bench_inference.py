@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from unetseg.inference import predict_tiled
+from unetseg.inference.tiling import padding, tile_starts
 from unetseg.io import Normalization
 from unetseg.models.unet import UNet
 from unetseg.predict import plane_range
-from unetseg.tiling import padding, tile_starts
 
 THREADS = 2  # the machine this was written on has 2 cores
 TILE_SIZE = 256
@@ -73,11 +73,15 @@ def run_speed(rounds: int) -> None:
     """Alternate predict_tiled, MONAI and the raw forward of the same batches; print best times and ratios."""
     from monai.inferers import sliding_window_inference
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tile {TILE_SIZE}, overlap {OVERLAP}, "
-          f"batch {BATCH_SIZE}, gaussian blend, best of {rounds} rounds, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'model':<6}{'image':>11}{'tiles':>7}{'unetseg s':>11}{'MONAI s':>9}{'forward s':>11}"
-          f"{'unetseg Mpx/s':>15}{'MONAI Mpx/s':>13}{'MONAI/unetseg':>15}"
-          f"{'stitching':>11}{'in-run':>8}{'MONAI in-run':>14}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, tile {TILE_SIZE}, overlap {OVERLAP}, "
+        f"batch {BATCH_SIZE}, gaussian blend, best of {rounds} rounds, load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'model':<6}{'image':>11}{'tiles':>7}{'unetseg s':>11}{'MONAI s':>9}{'forward s':>11}"
+        f"{'unetseg Mpx/s':>15}{'MONAI Mpx/s':>13}{'MONAI/unetseg':>15}"
+        f"{'stitching':>11}{'in-run':>8}{'MONAI in-run':>14}"
+    )
     for name, model, size in (("unet", unet_model(), 548), ("tiny", tiny_model(), 2084)):
         image = synthetic_image(size)
         tiles = tile_count(size, size)
@@ -90,9 +94,14 @@ def run_speed(rounds: int) -> None:
         def monai():
             with torch.inference_mode():
                 return sliding_window_inference(
-                    torch.from_numpy(image)[None], (TILE_SIZE, TILE_SIZE), BATCH_SIZE,
-                    lambda x: torch.sigmoid(model(x)), overlap=OVERLAP / TILE_SIZE, mode="gaussian",
-                    sigma_scale=0.125, padding_mode="reflect",
+                    torch.from_numpy(image)[None],
+                    (TILE_SIZE, TILE_SIZE),
+                    BATCH_SIZE,
+                    lambda x: torch.sigmoid(model(x)),
+                    overlap=OVERLAP / TILE_SIZE,
+                    mode="gaussian",
+                    sigma_scale=0.125,
+                    padding_mode="reflect",
                 )[0].numpy()
 
         def forward():  # the model alone on the batches predict_tiled ran
@@ -122,10 +131,12 @@ def run_speed(rounds: int) -> None:
         # Best of the rounds: on a shared machine other processes only ever add time.
         ours_s, monai_s, forward_s = (min(times[key]) for key in ("ours", "monai", "forward"))
         megapixels = size * size / 1e6
-        print(f"{name:<6}{f'{size}x{size}':>11}{tiles:>7}{ours_s:>11.3f}{monai_s:>9.3f}{forward_s:>11.3f}"
-              f"{megapixels / ours_s:>15.3f}{megapixels / monai_s:>13.3f}{monai_s / ours_s:>15.2f}"
-              f"{(ours_s - forward_s) / forward_s:>11.1%}{statistics.median(inside['ours']):>8.1%}"
-              f"{statistics.median(inside['monai']):>14.1%}")
+        print(
+            f"{name:<6}{f'{size}x{size}':>11}{tiles:>7}{ours_s:>11.3f}{monai_s:>9.3f}{forward_s:>11.3f}"
+            f"{megapixels / ours_s:>15.3f}{megapixels / monai_s:>13.3f}{monai_s / ours_s:>15.2f}"
+            f"{(ours_s - forward_s) / forward_s:>11.1%}{statistics.median(inside['ours']):>8.1%}"
+            f"{statistics.median(inside['monai']):>14.1%}"
+        )
         print(f"{'':<6}max |unetseg - MONAI| = {difference:.2e} (image borders: mirrored context vs none)")
     print("stitching = (unetseg - forward) / forward, forward = the model alone on the same batches of tiles;")
     print("in-run = (call - time inside the model) / time inside the model, within the same call (median)")
@@ -214,8 +225,15 @@ def child(mode: str, source_path: Path, output_path: Path, value_range: tuple[fl
         out = TiffRowWriter(output_path, source.shape)
         model = tiny_model()
         before = memory_status_mb("VmRSS")
-        predict_tiled(model, source, tile_size=TILE_SIZE, overlap=OVERLAP, batch_size=BATCH_SIZE,
-                      normalize=lambda band: normalization.apply(band, value_range), out=out)
+        predict_tiled(
+            model,
+            source,
+            tile_size=TILE_SIZE,
+            overlap=OVERLAP,
+            batch_size=BATCH_SIZE,
+            normalize=lambda band: normalization.apply(band, value_range),
+            out=out,
+        )
         result = {"rss_before_mb": before}
     result["seconds"] = time.perf_counter() - start
     result["peak_rss_mb"] = memory_status_mb("VmHWM")
@@ -241,9 +259,11 @@ def run_memory(workdir: Path, modes: list[str]) -> None:
         image.flush()
         del image
     value_range = plane_range(tifffile.memmap(source_path, mode="r"), 1, Normalization())
-    print(f"input {source_path} ({source_path.stat().st_size / 2**20:.0f} MiB uint16), "
-          f"tile {TILE_SIZE}, overlap {OVERLAP}, batch {BATCH_SIZE}, {THREADS} threads, tiny model, "
-          f"{tile_count(HUGE, HUGE)} tiles")
+    print(
+        f"input {source_path} ({source_path.stat().st_size / 2**20:.0f} MiB uint16), "
+        f"tile {TILE_SIZE}, overlap {OVERLAP}, batch {BATCH_SIZE}, {THREADS} threads, tiny model, "
+        f"{tile_count(HUGE, HUGE)} tiles"
+    )
     print(f"{'process':<44}{'seconds':>9}{'peak RSS MiB':>14}{'RSS before predict':>20}")
     labels = {
         "baseline": "baseline: torch + one forward, no image",
@@ -266,8 +286,13 @@ def check_output(source_path: Path, output_path: Path, value_range: tuple[float,
     """The written TIFF's top rows equal a prediction of the top of the image (same tiles there)."""
     written = tifffile.memmap(output_path, mode="r")
     top = tifffile.memmap(source_path, mode="r")[None, :700]
-    expected = predict_tiled(tiny_model(), Normalization().apply(top, value_range), tile_size=TILE_SIZE,
-                             overlap=OVERLAP, batch_size=BATCH_SIZE)
+    expected = predict_tiled(
+        tiny_model(),
+        Normalization().apply(top, value_range),
+        tile_size=TILE_SIZE,
+        overlap=OVERLAP,
+        batch_size=BATCH_SIZE,
+    )
     rows = 2 * (TILE_SIZE - OVERLAP) - OVERLAP // 2  # rows covered by the first two tile rows only
     if written.shape != (HUGE, HUGE) or not np.allclose(written[:rows], expected[0, :rows], rtol=0, atol=1e-6):
         raise SystemExit(f"{output_path}: written probabilities differ from a direct prediction")
@@ -280,8 +305,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads for --part speed")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/unetseg_bench"))
     modes = ["baseline", "range", "range-whole", "memmap", "reads"]
-    parser.add_argument("--memory-modes", nargs="+", default=["baseline", "range", "memmap"], choices=modes,
-                        help="subprocesses to run for --part memory (each prediction takes about a minute)")
+    parser.add_argument(
+        "--memory-modes",
+        nargs="+",
+        default=["baseline", "range", "memmap"],
+        choices=modes,
+        help="subprocesses to run for --part memory (each prediction takes about a minute)",
+    )
     parser.add_argument("--child", nargs=5, metavar=("MODE", "SOURCE", "OUTPUT", "LOW", "HIGH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -30,8 +30,12 @@ def child_peak_mb(command: list[str]) -> tuple[float, float, str]:
     RUSAGE_CHILDREN in this process would take the maximum over every child so far).
     """
     started = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", *command], capture_output=True, text=True,
-                          env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        ["/usr/bin/time", "-f", "PEAK_KB %M", *command],
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"},
+    )
     seconds = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
@@ -55,25 +59,52 @@ def main() -> None:
         rng = np.random.default_rng(0)
         for start in range(0, args.size, 1000):
             rows = min(1000, args.size - start)
-            image[start:start + rows] = rng.integers(0, 4096, size=(rows, args.size), dtype=np.uint16)
+            image[start : start + rows] = rng.integers(0, 4096, size=(rows, args.size), dtype=np.uint16)
         image.flush()
         del image
     checkpoint = work / "tiny" / "checkpoints" / "best.ckpt"
     if not checkpoint.exists():
-        subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(REPO / "configs/tiny.yaml"),
-                        "--trainer.default_root_dir", str(work / "tiny"), "--trainer.max_epochs", "1",
-                        "--data.tiles_per_epoch", "16", "--trainer.enable_progress_bar", "false"],
-                       check=True, capture_output=True, env={"UNETSEG_CACHE": str(work / "cache"), "PATH": ""})
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "scripts" / "train.py"),
+                "--config",
+                str(REPO / "configs/tiny.yaml"),
+                "--trainer.default_root_dir",
+                str(work / "tiny"),
+                "--trainer.max_epochs",
+                "1",
+                "--data.tiles_per_epoch",
+                "16",
+                "--trainer.enable_progress_bar",
+                "false",
+            ],
+            check=True,
+            capture_output=True,
+            env={"UNETSEG_CACHE": str(work / "cache"), "PATH": ""},
+        )
     floor, _, _ = child_peak_mb([sys.executable, "-c", "import torch; torch.zeros(1)"])
     peak, seconds, summary = child_peak_mb(
-        [sys.executable, str(REPO / "scripts" / "predict.py"), str(image_path), str(work / "out.tif"),
-         "--checkpoint", str(checkpoint), "--output", args.output, "--overwrite"])
+        [
+            sys.executable,
+            str(REPO / "scripts" / "predict.py"),
+            str(image_path),
+            str(work / "out.tif"),
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            args.output,
+            "--overwrite",
+        ]
+    )
     out = tifffile.TiffFile(work / "out.tif")
     shape = out.pages[0].shape
-    print(f"| image | output | peak RSS, whole process | `import torch` alone | goal | time |")
-    print(f"|---|---|---|---|---|---|")
-    print(f"| {args.size} x {args.size} uint16 | {args.output} {shape} | {peak:.0f} MB | {floor:.0f} MB | "
-          f"< 1536 MB ({peak / 1536:.2f} of it) | {seconds:.0f} s |")
+    print("| image | output | peak RSS, whole process | `import torch` alone | goal | time |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| {args.size} x {args.size} uint16 | {args.output} {shape} | {peak:.0f} MB | {floor:.0f} MB | "
+        f"< 1536 MB ({peak / 1536:.2f} of it) | {seconds:.0f} s |"
+    )
     print(summary)
 
 

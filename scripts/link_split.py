@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from unetseg.data import find_pairs, pair_name
+from unetseg.training.data import find_pairs, pair_name
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Segment images with a checkpoint: `python scripts/predict.py INPUT OUTPUT --checkpoint best.ckpt` (same as `unetseg-predict`)."""
+"""Segment images: `python scripts/predict.py INPUT OUTPUT --checkpoint best.ckpt` (same as `unetseg-predict`)."""
 
 from unetseg.cli.predict import main
 

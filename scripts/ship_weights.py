@@ -1,8 +1,11 @@
-"""Slim a training checkpoint into shippable weights: `python scripts/ship_weights.py BEST.ckpt unetseg/weights/nuclei.ckpt`."""
+"""Slim a training checkpoint into shippable weights:
+
+    python scripts/ship_weights.py BEST.ckpt unetseg/weights/nuclei.ckpt
+"""
 
 import sys
 
-from unetseg.weights import slim_checkpoint
+from unetseg.checkpoint import slim_checkpoint
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:

@@ -11,8 +11,8 @@ import yaml
 from conftest import CONFIGS
 
 from unetseg.cli.train import TrainCLI
-from unetseg.data import SegmentationDataModule
-from unetseg.module import SegmentationModule
+from unetseg.training.data import SegmentationDataModule
+from unetseg.training.module import SegmentationModule
 
 CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))
 
@@ -39,8 +39,12 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 def test_config_parses(path, tmp_path):
     expected = yaml.safe_load(path.read_text())
     base = [] if "model" in expected else ["--config", str(CONFIGS / "tiny.yaml")]
-    cli = ParseOnlyCLI(SegmentationModule, SegmentationDataModule, run=False,
-                       args=[*base, "--config", str(path), "--data.root", str(tmp_path / "data")])
+    cli = ParseOnlyCLI(
+        SegmentationModule,
+        SegmentationDataModule,
+        run=False,
+        args=[*base, "--config", str(path), "--data.root", str(tmp_path / "data")],
+    )
     config = cli.config.as_dict()
     for key, value in flatten({k: v for k, v in expected.items() if k in ("trainer", "data")}).items():
         if key in ("trainer.callbacks", "data.root"):
@@ -61,9 +65,19 @@ COMPLETE = [path for path in CONFIG_FILES if "model" in yaml.safe_load(path.read
 @pytest.mark.parametrize("path", COMPLETE, ids=[path.name for path in COMPLETE])
 def test_complete_config_instantiates(path, tmp_path):
     expected = yaml.safe_load(path.read_text())
-    cli = TrainCLI(SegmentationModule, SegmentationDataModule, run=False,
-                   args=["--config", str(path), "--data.root", str(tmp_path / "data"),
-                         "--trainer.default_root_dir", str(tmp_path / "run")])
+    cli = TrainCLI(
+        SegmentationModule,
+        SegmentationDataModule,
+        run=False,
+        args=[
+            "--config",
+            str(path),
+            "--data.root",
+            str(tmp_path / "data"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+        ],
+    )
 
     net = expected["model"]["net"]
     module_name, _, class_name = net["class_path"].rpartition(".")
@@ -93,17 +107,36 @@ def test_complete_config_instantiates(path, tmp_path):
 
 
 def test_normalisation_and_augmentation_options_reach_the_input_spec(tmp_path):
-    cli = TrainCLI(SegmentationModule, SegmentationDataModule, run=False,
-                   args=["--config", str(CONFIGS / "tiny.yaml"), "--data.root", str(tmp_path / "data"),
-                         "--trainer.default_root_dir", str(tmp_path / "run"), "--data.normalization.low", "2.5",
-                         "--data.normalization.clip", "false", "--data.augmentation.elastic", "0.3"])
+    cli = TrainCLI(
+        SegmentationModule,
+        SegmentationDataModule,
+        run=False,
+        args=[
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            "--data.root",
+            str(tmp_path / "data"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--data.normalization.low",
+            "2.5",
+            "--data.normalization.clip",
+            "false",
+            "--data.augmentation.elastic",
+            "0.3",
+        ],
+    )
     assert cli.datamodule.normalization.low == 2.5 and cli.datamodule.augmentation.elastic == 0.3
-    assert cli.datamodule.input_spec["normalization"] == {"low": 2.5, "high": 99.8, "clip": False}
+    assert cli.datamodule.input_spec.to_dict()["normalization"] == {"low": 2.5, "high": 99.8, "clip": False}
 
 
 def test_bad_option_value_is_refused_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        ParseOnlyCLI(SegmentationModule, SegmentationDataModule, run=False,
-                     args=["--config", str(CONFIGS / "tiny.yaml"), "--data.tile_size", "big"])
+        ParseOnlyCLI(
+            SegmentationModule,
+            SegmentationDataModule,
+            run=False,
+            args=["--config", str(CONFIGS / "tiny.yaml"), "--data.tile_size", "big"],
+        )
     assert exit_info.value.code != 0
     assert "tile_size" in capsys.readouterr().err

@@ -11,14 +11,16 @@ from conftest import write_pair
 from lightning.pytorch.loggers import CSVLogger
 from skimage import io as skio
 
-from unetseg.data import SegmentationDataModule, TileDataset, find_pairs, load_sample, make_target, tile_grid
 from unetseg.io import ImageReadError, Normalization
-from unetseg.transforms import Augmentation, build_transform
+from unetseg.training.augment import Augmentation, build_transform
+from unetseg.training.data import SegmentationDataModule, TileDataset, find_pairs, load_sample, make_target, tile_grid
 
-SPATIAL_ONLY = Augmentation(flip=1.0, rotate90=1.0, elastic=1.0, grid_distortion=1.0, brightness_contrast=0.0,
-                            gamma=0.0, noise=0.0, blur=0.0)
-NO_AUGMENTATION = Augmentation(flip=0, rotate90=0, elastic=0, grid_distortion=0, brightness_contrast=0, gamma=0,
-                               noise=0, blur=0)
+SPATIAL_ONLY = Augmentation(
+    flip=1.0, rotate90=1.0, elastic=1.0, grid_distortion=1.0, brightness_contrast=0.0, gamma=0.0, noise=0.0, blur=0.0
+)
+NO_AUGMENTATION = Augmentation(
+    flip=0, rotate90=0, elastic=0, grid_distortion=0, brightness_contrast=0, gamma=0, noise=0, blur=0
+)
 
 
 def blobs(shape=(64, 64), count=6, seed=0, radii=(4, 10)) -> np.ndarray:
@@ -49,8 +51,19 @@ def touch_images(root, names):
 
 
 def test_find_pairs_matches_stems_across_suffixes_and_subfolders(tmp_path):
-    touch_images(tmp_path, ["images/a.png", "masks/a.tif", "images/sub/b.tif", "masks/sub/b.png",
-                            "images/c.tiff", "masks/c.TIF", "images/notes.txt", "masks/.hidden.png"])
+    touch_images(
+        tmp_path,
+        [
+            "images/a.png",
+            "masks/a.tif",
+            "images/sub/b.tif",
+            "masks/sub/b.png",
+            "images/c.tiff",
+            "masks/c.TIF",
+            "images/notes.txt",
+            "masks/.hidden.png",
+        ],
+    )
     pairs = find_pairs(tmp_path)
     assert pairs == [
         (tmp_path / "images/a.png", tmp_path / "masks/a.tif"),
@@ -65,8 +78,7 @@ def test_find_pairs_custom_folder_names(tmp_path):
 
 
 def test_unpaired_files_are_all_named(tmp_path):
-    touch_images(tmp_path, ["images/a.png", "masks/a.png", "images/lonely.png", "masks/orphan.tif",
-                            "masks/sub/a.png"])
+    touch_images(tmp_path, ["images/a.png", "masks/a.png", "images/lonely.png", "masks/orphan.tif", "masks/sub/a.png"])
     with pytest.raises(ValueError) as error:
         find_pairs(tmp_path)
     message = str(error.value)
@@ -164,8 +176,15 @@ def pattern_dataset(tmp_path, targets="foreground", transform=None, length=24, s
     image = np.where(labels > 0, 200, 20).astype(np.uint8)
     write_pair(tmp_path, "p", image, labels)
     sample = load_sample(tmp_path / "images/p.tif", tmp_path / "masks/p.tif", 1, Normalization(low=0, high=100))
-    dataset = TileDataset([sample], Normalization(low=0, high=100), tile_size=tile_size, targets=targets,
-                          length=length, transform=transform, foreground_oversampling=0.0)
+    dataset = TileDataset(
+        [sample],
+        Normalization(low=0, high=100),
+        tile_size=tile_size,
+        targets=targets,
+        length=length,
+        transform=transform,
+        foreground_oversampling=0.0,
+    )
     return dataset, labels
 
 
@@ -230,10 +249,10 @@ def test_validation_grid_covers_every_pixel_and_is_deterministic(tmp_path):
     whole = Normalization()(sample.image)
     for index, (_, y, x) in enumerate(dataset.grid):
         item = dataset[index]
-        np.testing.assert_array_equal(item["target"].numpy(), labels[y:y + 32, x:x + 32])
-        np.testing.assert_allclose(item["image"].numpy(), whole[:, y:y + 32, x:x + 32], atol=1e-6)
+        np.testing.assert_array_equal(item["target"].numpy(), labels[y : y + 32, x : x + 32])
+        np.testing.assert_allclose(item["image"].numpy(), whole[:, y : y + 32, x : x + 32], atol=1e-6)
         torch.testing.assert_close(item["image"], dataset[index]["image"])
-        covered[y:y + 32, x:x + 32] = True
+        covered[y : y + 32, x : x + 32] = True
     assert covered.all()
 
 
@@ -260,8 +279,12 @@ def test_setup_builds_train_and_val_tiles(shared_dataset):
     assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
     assert set(batch["target"].unique().tolist()) <= {0, 1}
     assert len(data.val_set) == 9  # a 96x96 image in 32-px tiles
-    assert data.input_spec == {"in_channels": 1, "normalization": {"low": 1.0, "high": 99.8, "clip": True},
-                               "targets": "foreground", "classes": 1}
+    assert data.input_spec.to_dict() == {
+        "in_channels": 1,
+        "normalization": {"low": 1.0, "high": 99.8, "clip": True},
+        "targets": "foreground",
+        "classes": 1,
+    }
 
 
 def test_val_tile_size_sets_validation_tiles(shared_dataset):
@@ -312,8 +335,13 @@ def test_split_is_deterministic_by_seed(shared_dataset):
 
 
 def test_split_json_is_written_to_the_trainer_log_dir(shared_dataset, tmp_path):
-    trainer = pl.Trainer(logger=CSVLogger(tmp_path / "run", name="", version=""), default_root_dir=tmp_path / "run",
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        logger=CSVLogger(tmp_path / "run", name="", version=""),
+        default_root_dir=tmp_path / "run",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     data = module(shared_dataset)
     data.trainer = trainer
     data.setup("fit")
@@ -331,8 +359,9 @@ def test_split_file_is_honoured(shared_dataset, tmp_path):
     assert [sample.name for sample in data.val_set.samples] == ["nuclei_005"]
 
 
-@pytest.mark.parametrize("split", [{"train": ["nuclei_000", "nope"], "val": ["nuclei_001"]},
-                                   {"train": ["nuclei_000"], "val": []}])
+@pytest.mark.parametrize(
+    "split", [{"train": ["nuclei_000", "nope"], "val": ["nuclei_001"]}, {"train": ["nuclei_000"], "val": []}]
+)
 def test_bad_split_file_is_refused(shared_dataset, tmp_path, split):
     split_file = tmp_path / "split.json"
     split_file.write_text(json.dumps(split))

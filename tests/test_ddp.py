@@ -18,8 +18,8 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from unetseg.models import UNet
-from unetseg.module import SegmentationModule
 from unetseg.synthetic import make_nuclei_dataset
+from unetseg.training.module import SegmentationModule
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 150  # a normal run takes 15-35 s on 2 busy cores; a rank-0-only collective would wait 30 minutes
@@ -46,26 +46,54 @@ def ddp_run(tmp_path_factory):
     data = make_nuclei_dataset(base / "data", count=6, shape=(96, 96))
     run_dir = base / "run"
     command = [
-        sys.executable, "scripts/train.py", "--config", "configs/tiny.yaml", "--config", "configs/ddp.yaml",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.num_nodes", "1",
-        "--trainer.sync_batchnorm", "false",  # torch's SyncBatchNorm refuses CPU tensors
-        "--trainer.max_epochs", "1", "--data.tiles_per_epoch", "32", "--data.num_workers", "0",
-        "--trainer.default_root_dir", str(run_dir), "--data.root", str(data),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        sys.executable,
+        "scripts/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--config",
+        "configs/ddp.yaml",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.num_nodes",
+        "1",
+        "--trainer.sync_batchnorm",
+        "false",  # torch's SyncBatchNorm refuses CPU tensors
+        "--trainer.max_epochs",
+        "1",
+        "--data.tiles_per_epoch",
+        "32",
+        "--data.num_workers",
+        "0",
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--data.root",
+        str(data),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
         f"--trainer.callbacks+={__name__}.TileProbe",
     ]
-    env = dict(os.environ, UNETSEG_CACHE=str(base / "cache"), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        UNETSEG_CACHE=str(base / "cache"),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+    )
     # A new session, so that a hung run is killed with the rank it started.
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"DDP training did not finish in {TIMEOUT_S} s (a collective called on one rank only?):\n"
-                    f"{output[-4000:]}")
+        pytest.fail(
+            f"DDP training did not finish in {TIMEOUT_S} s (a collective called on one rank only?):\n{output[-4000:]}"
+        )
     assert process.returncode == 0, output[-4000:]
     return run_dir, output
 
@@ -85,8 +113,9 @@ def test_two_processes_train_and_the_checkpoint_loads(ddp_run):
 
 def test_ddp_config_and_its_merge_over_a_model_config(ddp_run):
     ddp = yaml.safe_load((REPO / "configs/ddp.yaml").read_text())
-    assert ddp == {"trainer": {"accelerator": "gpu", "strategy": "ddp", "devices": "auto", "num_nodes": 1,
-                               "sync_batchnorm": True}}
+    assert ddp == {
+        "trainer": {"accelerator": "gpu", "strategy": "ddp", "devices": "auto", "num_nodes": 1, "sync_batchnorm": True}
+    }
     config = yaml.safe_load((ddp_run[0] / "config.yaml").read_text())
     assert config["trainer"]["strategy"] == "ddp" and str(config["trainer"]["devices"]) == "2"
     assert config["model"]["net"]["init_args"]["width"] == 4  # from tiny.yaml

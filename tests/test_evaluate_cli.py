@@ -38,7 +38,7 @@ def two_squares() -> np.ndarray:
 def square(shift: int = 0) -> np.ndarray:
     """uint16 label image, 30x30, with one 10x10 object (label 3), shifted right by `shift` columns."""
     labels = np.zeros((30, 30), np.uint16)
-    labels[5:15, 5 + shift:15 + shift] = 3
+    labels[5:15, 5 + shift : 15 + shift] = 3
     return labels
 
 
@@ -94,7 +94,11 @@ def test_tree_with_problems(tree, tmp_path, capsys):
     with csv_path.open(newline="") as handle:
         rows = {row["image"]: row for row in csv.DictReader(handle)}
     assert {name: row["status"] for name, row in rows.items()} == {
-        "a": "ok", "sub/b": "ok", "c": "missing prediction", "d": "shape mismatch", "extra": "no ground truth",
+        "a": "ok",
+        "sub/b": "ok",
+        "c": "missing prediction",
+        "d": "shape mismatch",
+        "extra": "no ground truth",
     }
     assert float(rows["sub/b"]["iou"]) == pytest.approx(80 / 120)
     assert int(rows["a"]["n_gt"]) == 2 and rows["c"]["dice"] == ""
@@ -134,8 +138,10 @@ def test_unreadable_file_is_named(tmp_path, capsys):
     [
         (lambda root: None, "no such file or folder"),
         (lambda root: (root / "gt").mkdir(), "no image files"),
-        (lambda root: [write_png(root / "gt" / "a.png", two_squares()), write_tif(root / "gt" / "a.tif", square())],
-         "have the same name"),
+        (
+            lambda root: [write_png(root / "gt" / "a.png", two_squares()), write_tif(root / "gt" / "a.tif", square())],
+            "have the same name",
+        ),
     ],
 )
 def test_usage_errors_exit_two(tmp_path, capsys, make, message):
@@ -157,10 +163,13 @@ def test_many_images_show_only_the_summary(tmp_path, capsys, monkeypatch):
     assert "\na " not in out and "mean of 2 images" in out
 
 
-def test_script_runs_main(tmp_path):
+@pytest.mark.parametrize("command", [["-m", "unetseg.cli.evaluate"], ["-m", "unetseg", "evaluate"]])
+def test_module_runs_main(tmp_path, command):
     write_png(tmp_path / "gt" / "a.png", two_squares())
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "evaluate.py"), str(tmp_path / "pred"), str(tmp_path / "gt")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [sys.executable, *command, str(tmp_path / "pred"), str(tmp_path / "gt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 2 and "PRED" in result.stderr and "no such file or folder" in result.stderr

@@ -1,4 +1,4 @@
-"""unetseg-export: ONNX and TorchScript files that match PyTorch at several sizes and predict through the tiling."""
+"""unetseg-export: ONNX files that match PyTorch at several sizes and predict through the tiling."""
 
 import json
 
@@ -14,21 +14,21 @@ from unetseg.export import (
     FORMATS,
     OnnxPredictor,
     export_checkpoint,
-    load_exported,
     load_onnx,
-    load_torchscript,
     min_size,
     size_multiple,
 )
 from unetseg.inference import predict_tiled, select_device
 from unetseg.io import Normalization
 from unetseg.models import SMPUnet, UNet
-from unetseg.module import SegmentationModule
+from unetseg.training.module import SegmentationModule
 
 NETS = {  # name: (network, its size_multiple and min_size)
     "unet-concat": (lambda: UNet(in_channels=1, classes=1, depth=2, width=4, skip="concat"), (4, 8)),
-    "unet-add-residual": (lambda: UNet(in_channels=3, classes=3, depth=3, width=4, skip="add", block="residual",
-                                       upsample="bilinear"), (8, 16)),
+    "unet-add-residual": (
+        lambda: UNet(in_channels=3, classes=3, depth=3, width=4, skip="add", block="residual", upsample="bilinear"),
+        (8, 16),
+    ),
     "smp-resnet18": (lambda: SMPUnet(in_channels=1, classes=2, encoder_name="resnet18", encoder_depth=3), (8, 8)),
 }
 SIZES = [(64, 96), (50, 70)]  # a multiple of every net's size_multiple and one of none, both >= min_size
@@ -42,11 +42,21 @@ def write_checkpoint(path, net, seed=0):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
     targets = {1: "foreground", 3: "boundary"}.get(net.classes, "classes")
-    spec = {"in_channels": net.in_channels, "normalization": Normalization().to_dict(), "targets": targets,
-            "classes": net.classes}
+    spec = {
+        "in_channels": net.in_channels,
+        "normalization": Normalization().to_dict(),
+        "targets": targets,
+        "classes": net.classes,
+    }
     module = SegmentationModule(net, input_spec=spec)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": lightning.__version__}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        path,
+    )
     return spec
 
 
@@ -74,8 +84,8 @@ EVERY_EXPORT = [pytest.param(name, format, id=f"{name}-{format}") for format in 
 @pytest.mark.parametrize("name, format", EVERY_EXPORT)
 def test_exported_model_matches_pytorch_at_several_sizes(export, name, format):
     path, spec, net = export(name, format)
-    model, loaded_spec = load_exported(path)
-    assert loaded_spec == spec
+    model, loaded_spec = load_onnx(path)
+    assert loaded_spec.to_dict() == spec
     worst = 0.0
     with torch.inference_mode():
         for height, width in [*SIZES, (5, 3)]:  # below min_size the loaders pad as PyTorch does
@@ -89,15 +99,13 @@ def test_exported_model_matches_pytorch_at_several_sizes(export, name, format):
 
 def read_raw(path):
     """(run, metadata) of an exported file through its runtime alone: no padding or checks by unetseg."""
-    if path.suffix == ".onnx":
-        proto = onnx.load(str(path))
-        assert max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")) >= 17
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return (lambda image: torch.from_numpy(session.run(None, {"image": image.numpy()})[0]),
-                {entry.key: entry.value for entry in proto.metadata_props})
-    extra_files = {"input_spec.json": "", "size_multiple.json": "", "min_size.json": "", "net.json": ""}
-    module = torch.jit.load(str(path), _extra_files=extra_files)
-    return module, {name.removesuffix(".json"): value.decode() for name, value in extra_files.items()}
+    proto = onnx.load(str(path))
+    assert max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")) >= 17
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return (
+        lambda image: torch.from_numpy(session.run(None, {"image": image.numpy()})[0]),
+        {entry.key: entry.value for entry in proto.metadata_props},
+    )
 
 
 @pytest.mark.parametrize("name, format", EVERY_EXPORT)
@@ -114,10 +122,10 @@ def test_exported_file_alone_takes_dynamic_sizes_and_carries_metadata(export, na
             assert (run(image) - net(image)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("name, format", [*((name, "onnx") for name in NETS), ("unet-concat", "torchscript")])
-def test_predict_tiled_through_exported_model_equals_pytorch(export, name, format):
-    path, _, net = export(name, format)
-    model, _ = load_exported(path)
+@pytest.mark.parametrize("name", list(NETS))
+def test_predict_tiled_through_exported_model_equals_pytorch(export, name):
+    path, _, net = export(name, "onnx")
+    model, _ = load_onnx(path)
     image = np.random.default_rng(0).random((net.in_channels, 100, 90), dtype=np.float32)
     expected = predict_tiled(net, image, tile_size=64, overlap=16)
     probs = predict_tiled(model, image, tile_size=64, overlap=16)
@@ -144,7 +152,7 @@ def unet_checkpoint(tmp_path_factory):
 
 def test_onnx_predictor_is_a_parameterless_module_for_the_engine(unet_checkpoint, tmp_path):
     predictor, spec = load_onnx(export_checkpoint(unet_checkpoint, tmp_path / "model.onnx"))
-    assert isinstance(predictor, OnnxPredictor) and spec["in_channels"] == 1
+    assert isinstance(predictor, OnnxPredictor) and spec.in_channels == 1
     assert list(predictor.parameters()) == [] and select_device(predictor) == torch.device("cpu")
     assert predictor.train().training and not predictor.eval().training
     with pytest.raises(ValueError, match=r"takes images \(N, 1, H, W\); got \(1, 3, 64, 64\)"):
@@ -158,24 +166,19 @@ def test_loaders_reject_files_not_written_by_unetseg_export(tmp_path):
     torch.onnx.export(conv, (torch.zeros(1, 1, 8, 8),), str(tmp_path / "plain.onnx"), dynamo=False)
     with pytest.raises(ValueError, match="plain.onnx: no input_spec, size_multiple, min_size, net in its metadata"):
         load_onnx(tmp_path / "plain.onnx")
-    torch.jit.save(torch.jit.trace(conv, torch.zeros(1, 1, 8, 8)), str(tmp_path / "plain.pt"))
-    with pytest.raises(ValueError, match="plain.pt: no input_spec"):
-        load_torchscript(tmp_path / "plain.pt")
     (tmp_path / "junk.onnx").write_text("not a model")
     with pytest.raises(ValueError, match="junk.onnx: not a readable ONNX model"):
         load_onnx(tmp_path / "junk.onnx")
     with pytest.raises(FileNotFoundError, match="missing.onnx: no such file"):
         load_onnx(tmp_path / "missing.onnx")
-    with pytest.raises(ValueError, match=r"end in \.onnx or \.torchscript"):
-        load_exported(tmp_path / "model.ckpt")
 
 
 def test_cli_exports_into_new_folders_and_reports_the_check(unet_checkpoint, tmp_path, capsys):
-    out = tmp_path / "new" / "folder" / "model.torchscript"
+    out = tmp_path / "new" / "folder" / "model.onnx"
     assert cli.main([str(unet_checkpoint), str(out)]) == 0
     assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no .partial left
     report = capsys.readouterr().out
-    assert f"wrote {out} (torchscript)" in report
+    assert f"wrote {out} (onnx)" in report
     assert "multiples of 4 run unpadded, sizes >= 8 match PyTorch" in report
     difference = float(report.split("logit difference: ")[1].split()[0])
     assert difference < 1e-4
@@ -185,11 +188,10 @@ def test_cli_exports_into_new_folders_and_reports_the_check(unet_checkpoint, tmp
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["{ckpt}", "{tmp}/model.onnx", "--format", "torchscript"],
-         "{tmp}/model.onnx: a torchscript file must end in .torchscript"),
+        (["{ckpt}", "{tmp}/model.pt", "--format", "onnx"], "{tmp}/model.pt: a onnx file must end in .onnx"),
         (["{ckpt}", "{tmp}/model.bin"], "{tmp}/model.bin: cannot tell the format from the suffix '.bin'"),
-        (["{tmp}/missing.ckpt", "{tmp}/model.onnx"], "checkpoint {tmp}/missing.ckpt: no such file"),
-        (["{tmp}/junk.ckpt", "{tmp}/model.onnx"], "checkpoint {tmp}/junk.ckpt: not a unetseg training checkpoint"),
+        (["{tmp}/missing.ckpt", "{tmp}/model.onnx"], "{tmp}/missing.ckpt: no such checkpoint file"),
+        (["{tmp}/junk.ckpt", "{tmp}/model.onnx"], "{tmp}/junk.ckpt: not a readable PyTorch checkpoint"),
         (["{ckpt}", "{tmp}/junk.ckpt/model.onnx"], "cannot create the output folder {tmp}/junk.ckpt"),
         (["{ckpt}", "{tmp}/model.onnx", "--opset", "13"], "opset must be an integer >= 17, got 13"),
     ],

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from unetseg.inference import autocast_dtype, iter_predict_bands, predict_tiled, select_device
+from unetseg.inference.tiling import BLENDS, PAD_MODES
 from unetseg.io import Normalization
-from unetseg.tiling import BLENDS, PAD_MODES
 
 RADIUS = 3  # receptive field radius of conv_stack(): three 3x3 convolutions
 

@@ -7,14 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unetseg.losses import SegmentationLoss, border_weight_map
+from unetseg.training.losses import SegmentationLoss
+from unetseg.training.targets import border_weight_map
 
 
 def two_squares_with_gap(gap: int = 2) -> np.ndarray:
     """Two 10x10 squares side by side, `gap` background columns apart, in a 60x80 image."""
     labels = np.zeros((60, 80), np.int32)
     labels[20:30, 10:20] = 1
-    labels[20:30, 20 + gap:30 + gap] = 2
+    labels[20:30, 20 + gap : 30 + gap] = 2
     return labels
 
 

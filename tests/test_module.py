@@ -1,16 +1,15 @@
 """SegmentationModule: classes, loss, metrics, optimisers, the network description and checkpoints."""
 
-
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from unetseg.callbacks import plot_curves, read_metrics
-from unetseg.data import SegmentationDataModule
 from unetseg.models import SMPUnet, UNet, build_net, describe_net
-from unetseg.module import SegmentationModule
+from unetseg.training.callbacks import plot_curves, read_metrics
+from unetseg.training.data import SegmentationDataModule
+from unetseg.training.module import SegmentationModule
 
 
 def tiny_unet(**kwargs):
@@ -19,8 +18,10 @@ def tiny_unet(**kwargs):
 
 def batch(classes=1, size=16, count=2):
     generator = torch.Generator().manual_seed(0)
-    return {"image": torch.rand(count, 1, size, size, generator=generator),
-            "target": torch.randint(0, max(classes, 2), (count, size, size), generator=generator)}
+    return {
+        "image": torch.rand(count, 1, size, size, generator=generator),
+        "target": torch.randint(0, max(classes, 2), (count, size, size), generator=generator),
+    }
 
 
 def test_classes_come_from_the_network():
@@ -64,14 +65,6 @@ def test_training_step_gives_a_finite_loss_with_gradients(classes):
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert module.net.head.weight.grad.abs().sum() > 0
-
-
-def test_probabilities():
-    logits = torch.randn(2, 3, 4, 4)
-    torch.testing.assert_close(SegmentationModule(tiny_unet(classes=3)).probabilities(logits).sum(1),
-                               torch.ones(2, 4, 4))
-    torch.testing.assert_close(SegmentationModule(tiny_unet()).probabilities(logits[:, :1]),
-                               torch.sigmoid(logits[:, :1]))
 
 
 def test_validation_dice_of_a_perfect_predictor_is_one():
@@ -120,8 +113,7 @@ def test_multiclass_validation_scores_foreground_and_classes():
     assert module.val_class_dice.compute() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("scheduler, kind", [("plateau", torch.optim.lr_scheduler.ReduceLROnPlateau),
-                                             ("none", None)])
+@pytest.mark.parametrize("scheduler, kind", [("plateau", torch.optim.lr_scheduler.ReduceLROnPlateau), ("none", None)])
 def test_optimisers(scheduler, kind):
     module = SegmentationModule(tiny_unet(), lr=0.05, weight_decay=0.01, scheduler=scheduler)
     configured = module.configure_optimizers()
@@ -145,10 +137,17 @@ def test_read_metrics_and_plot_curves(tmp_path):
 
 
 def test_checkpoint_from_a_python_fit_loads(shared_dataset, tmp_path):
-    data = SegmentationDataModule(root=str(shared_dataset), tile_size=32, batch_size=2, tiles_per_epoch=2,
-                                  num_workers=0)
-    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, logger=CSVLogger(tmp_path, name="", version=""),
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+    data = SegmentationDataModule(
+        root=str(shared_dataset), tile_size=32, batch_size=2, tiles_per_epoch=2, num_workers=0
+    )
+    trainer = pl.Trainer(
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path, name="", version=""),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+    )
     trainer.fit(SegmentationModule(tiny_unet()), data)
     model = SegmentationModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
     assert model.hparams["input_spec"]["normalization"] == {"low": 1.0, "high": 99.8, "clip": True}

@@ -10,25 +10,22 @@ import torch
 from skimage import io as skio
 
 import unetseg.weights
-from unetseg.data import load_sample
-from unetseg.inference import predict_tiled
+from unetseg.checkpoint import CheckpointError, load_predictor
+from unetseg.inference import TilingConfig, predict_tiled
+from unetseg.inference.postprocess import to_mask
 from unetseg.io import ImageReadError, Normalization, to_channels
+from unetseg.io.normalize import ChannelBands, plane_range
+from unetseg.io.tiff import Calibration, open_image, read_calibration
 from unetseg.models import UNet
 from unetseg.predict import (
-    Calibration,
-    ChannelBands,
-    CheckpointError,
     PredictSettings,
-    band_to_mask,
-    load_predictor,
-    open_image,
     plan_outputs,
-    plane_range,
     predict_file,
     predict_image,
-    read_calibration,
 )
+from unetseg.spec import InputSpec
 from unetseg.synthetic import nuclei_image
+from unetseg.training.data import load_sample
 from unetseg.weights import available_models, model_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +41,7 @@ def predictor(checkpoint):
 def boundary_predictor():
     """An untrained RGB, 3-class (background/interior/edge) tiny U-Net and its input spec."""
     torch.manual_seed(0)
-    spec = {"in_channels": 3, "normalization": {"low": 2.0, "high": 99.0, "clip": False}, "targets": "boundary",
-            "classes": 3}
+    spec = InputSpec(3, Normalization(low=2.0, high=99.0, clip=False), "boundary", 3)
     return UNet(in_channels=3, classes=3, depth=2, width=4).eval(), spec
 
 
@@ -93,8 +89,10 @@ def test_normalisation_and_probabilities_equal_training(tmp_path, kind, in_chann
 
     torch.manual_seed(1)
     model = UNet(in_channels=in_channels, classes=1, depth=2, width=4).eval()
-    spec = {"in_channels": in_channels, "normalization": normalization.to_dict(), "targets": "foreground", "classes": 1}
-    probs = predict_image(model, spec, read_as_stored(image_path), PredictSettings(output="prob", **TILING))
+    spec = InputSpec(in_channels, normalization, "foreground", 1)
+    probs = predict_image(
+        model, spec, read_as_stored(image_path), PredictSettings(output="prob", tiling=TilingConfig(**TILING))
+    )
     expected = predict_tiled(model, normalization.apply(sample.image, sample.value_range), **TILING)
     np.testing.assert_array_equal(probs, expected[0])
 
@@ -103,11 +101,19 @@ def read_as_stored(path: Path) -> np.ndarray:
     return tifffile.imread(path) if path.suffix == ".tif" else skio.imread(path)
 
 
-@pytest.mark.parametrize("dtype, in_channels, shape", [
-    (np.uint8, 1, (50, 61)), (np.uint16, 1, (50, 61)), (np.uint16, 1, (50, 61, 3)), (np.uint8, 3, (50, 61)),
-    (np.float32, 1, (50, 61)), (np.float32, 3, (50, 61, 4)), (np.int16, 1, (50, 61)),
-    (np.float32, 1, (4100, 4000)),  # above io.image_percentiles' 16M values: the same strided subsample
-])
+@pytest.mark.parametrize(
+    "dtype, in_channels, shape",
+    [
+        (np.uint8, 1, (50, 61)),
+        (np.uint16, 1, (50, 61)),
+        (np.uint16, 1, (50, 61, 3)),
+        (np.uint8, 3, (50, 61)),
+        (np.float32, 1, (50, 61)),
+        (np.float32, 3, (50, 61, 4)),
+        (np.int16, 1, (50, 61)),
+        (np.float32, 1, (4100, 4000)),  # above io.normalize's 16M values: the same strided subsample
+    ],
+)
 def test_plane_range_band_by_band_equals_the_whole_image_range(dtype, in_channels, shape):
     rng = np.random.default_rng(0)
     if np.dtype(dtype).kind == "f":
@@ -135,7 +141,7 @@ def test_stack_is_predicted_plane_by_plane_with_its_own_ranges(tmp_path, predict
     image = open_image(source)
     assert image.stack and image.planes.shape == (3, 48, 60)
     for output in ("mask", "prob"):
-        settings = PredictSettings(output=output, threshold=0.3, **TILING)
+        settings = PredictSettings(output=output, threshold=0.3, tiling=TilingConfig(**TILING))
         predict_file(model, spec, source, tmp_path / f"{output}.tif", settings)
         written = tifffile.imread(tmp_path / f"{output}.tif")
         expected = np.stack([predict_image(model, spec, plane, settings) for plane in stack])
@@ -153,10 +159,10 @@ def test_memory_mapped_input_and_output_equal_the_in_memory_path(tmp_path, predi
     tifffile.imwrite(plain, image)
     tifffile.imwrite(compressed, image, compression="zlib")
     mapped, read = open_image(plain), open_image(compressed)
-    assert mapped.memmapped and isinstance(mapped.planes, np.memmap)
-    assert not read.memmapped
+    assert isinstance(mapped.planes, np.memmap)
+    assert not isinstance(read.planes, np.memmap)
     for output in ("mask", "prob", "labels"):
-        settings = PredictSettings(output=output, **TILING)
+        settings = PredictSettings(output=output, tiling=TilingConfig(**TILING))
         expected = predict_image(model, spec, image, settings)
         for source in (plain, compressed):
             target = tmp_path / "out" / f"{source.stem}_{output}.tif"
@@ -172,20 +178,31 @@ def test_big_endian_memmap_reads_as_native(tmp_path, predictor):
     image = nuclei(seed=5)
     source = tmp_path / "big_endian.tif"
     tifffile.imwrite(source, image, byteorder=">")
-    assert open_image(source).memmapped
-    settings = PredictSettings(output="prob", **TILING)
+    assert isinstance(open_image(source).planes, np.memmap)
+    settings = PredictSettings(output="prob", tiling=TilingConfig(**TILING))
     predict_file(model, spec, source, tmp_path / "out.tif", settings)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), predict_image(model, spec, image, settings))
 
 
-@pytest.mark.parametrize("write, shape, stack", [
-    (lambda p, a: tifffile.imwrite(p, a[..., :3].copy()), (1, 40, 50, 3), False),  # RGB, YXS
-    (lambda p, a: tifffile.imwrite(p, np.moveaxis(a[..., :3], -1, 0).copy(), photometric="rgb",
-                                   planarconfig="separate"), (1, 40, 50, 3), False),  # planar RGB, SYX
-    (lambda p, a: tifffile.imwrite(p, a[..., 0][None].repeat(5, 0), imagej=True, metadata={"axes": "ZYX"}),
-     (5, 40, 50), True),
-    (lambda p, a: tifffile.imwrite(p, a[..., :3][None].repeat(2, 0), photometric="rgb"), (2, 40, 50, 3), True),
-])
+@pytest.mark.parametrize(
+    "write, shape, stack",
+    [
+        (lambda p, a: tifffile.imwrite(p, a[..., :3].copy()), (1, 40, 50, 3), False),  # RGB, YXS
+        (
+            lambda p, a: tifffile.imwrite(
+                p, np.moveaxis(a[..., :3], -1, 0).copy(), photometric="rgb", planarconfig="separate"
+            ),
+            (1, 40, 50, 3),
+            False,
+        ),  # planar RGB, SYX
+        (
+            lambda p, a: tifffile.imwrite(p, a[..., 0][None].repeat(5, 0), imagej=True, metadata={"axes": "ZYX"}),
+            (5, 40, 50),
+            True,
+        ),
+        (lambda p, a: tifffile.imwrite(p, a[..., :3][None].repeat(2, 0), photometric="rgb"), (2, 40, 50, 3), True),
+    ],
+)
 def test_open_image_arranges_planes_channels_last(tmp_path, write, shape, stack):
     rgba = np.random.default_rng(0).integers(0, 255, (40, 50, 4), dtype=np.uint8)
     write(tmp_path / "x.tif", rgba)
@@ -193,17 +210,22 @@ def test_open_image_arranges_planes_channels_last(tmp_path, write, shape, stack)
     assert image.planes.shape == shape and image.stack is stack
 
 
-@pytest.mark.parametrize("write", [
-    lambda p: tifffile.imwrite(p, np.zeros((2, 40, 50), np.uint16), imagej=True, metadata={"axes": "CYX"}),
-    lambda p: tifffile.imwrite(p, np.zeros((40, 50, 2), np.uint16)),
-    lambda p: tifffile.imwrite(p, np.zeros((40, 50, 2), np.uint16), photometric="minisblack", planarconfig="contig"),
-])
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda p: tifffile.imwrite(p, np.zeros((2, 40, 50), np.uint16), imagej=True, metadata={"axes": "CYX"}),
+        lambda p: tifffile.imwrite(p, np.zeros((40, 50, 2), np.uint16)),
+        lambda p: tifffile.imwrite(
+            p, np.zeros((40, 50, 2), np.uint16), photometric="minisblack", planarconfig="contig"
+        ),
+    ],
+)
 def test_two_channel_tiff_is_refused_naming_the_file(tmp_path, predictor, write):
     model, spec = predictor
     source = tmp_path / "two.tif"
     write(source)
     with pytest.raises(ImageReadError, match=f"{source}: .*2 channels|{source}: cannot use"):
-        predict_file(model, spec, source, tmp_path / "out" / "two.tif", PredictSettings(**TILING))
+        predict_file(model, spec, source, tmp_path / "out" / "two.tif", PredictSettings(tiling=TilingConfig(**TILING)))
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
@@ -221,8 +243,12 @@ def test_truncated_tiff_is_refused_naming_the_file(tmp_path):
 def tags(path: Path) -> tuple:
     with tifffile.TiffFile(path) as tif:
         page = tif.pages.first
-        return (page.tags["XResolution"].value, page.tags["YResolution"].value, page.tags["ResolutionUnit"].value,
-                tif.imagej_metadata or {})
+        return (
+            page.tags["XResolution"].value,
+            page.tags["YResolution"].value,
+            page.tags["ResolutionUnit"].value,
+            tif.imagej_metadata or {},
+        )
 
 
 @pytest.mark.parametrize("output", ["mask", "prob", "labels"])
@@ -238,16 +264,32 @@ def test_pixel_size_is_copied_to_the_output(tmp_path, predictor, output, kind):
         tifffile.imwrite(source, image, resolution=((3000, 1), (3000, 1)), resolutionunit="CENTIMETER")
         expected = ((3000, 1), (3000, 1), 3, {})
     elif kind == "imagej_stack":
-        tifffile.imwrite(source, np.stack([image, image]), imagej=True, resolution=((2, 1), (2, 1)),
-                         metadata={"unit": "micron", "spacing": 0.5, "axes": "ZYX"})
+        tifffile.imwrite(
+            source,
+            np.stack([image, image]),
+            imagej=True,
+            resolution=((2, 1), (2, 1)),
+            metadata={"unit": "micron", "spacing": 0.5, "axes": "ZYX"},
+        )
         expected = ((2, 1), (2, 1), 1, {"unit": "micron", "spacing": 0.5})
     else:
-        tifffile.imwrite(source, np.stack([image, image]), ome=True, photometric="minisblack",
-                         metadata={"axes": "ZYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 1.5,
-                                   "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"})
+        tifffile.imwrite(
+            source,
+            np.stack([image, image]),
+            ome=True,
+            photometric="minisblack",
+            metadata={
+                "axes": "ZYX",
+                "PhysicalSizeX": 0.25,
+                "PhysicalSizeY": 0.5,
+                "PhysicalSizeZ": 1.5,
+                "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeYUnit": "µm",
+            },
+        )
         expected = ((4, 1), (2, 1), 1, {"unit": "micron", "spacing": 1.5})
     target = tmp_path / "out.tif"
-    predict_file(model, spec, source, target, PredictSettings(output=output, **TILING))
+    predict_file(model, spec, source, target, PredictSettings(output=output, tiling=TilingConfig(**TILING)))
     x, y, unit, imagej = tags(target)
     assert (x, y, unit) == expected[:3]
     assert {key: imagej.get(key) for key in expected[3]} == expected[3]
@@ -270,8 +312,8 @@ def test_uint32_output_keeps_the_pixel_size_as_ome(tmp_path):
 
 def test_boundary_mask_is_interior_plus_edge_not_the_argmax():
     probs = np.array([[[0.4, 0.9]], [[0.3, 0.05]], [[0.3, 0.05]]], dtype=np.float32)  # (3, 1, 2)
-    np.testing.assert_array_equal(band_to_mask(probs, "boundary", 0.5), [[255, 0]])
-    np.testing.assert_array_equal(band_to_mask(probs, "classes", 0.5), [[0, 0]])
+    np.testing.assert_array_equal(to_mask(probs, 0.5, "boundary"), [[255, 0]])
+    np.testing.assert_array_equal(to_mask(probs, 0.5, "classes"), [[0, 0]])
 
 
 def test_boundary_model_outputs(tmp_path, boundary_predictor):
@@ -280,7 +322,13 @@ def test_boundary_model_outputs(tmp_path, boundary_predictor):
     skio.imsave(source, np.random.default_rng(0).integers(0, 255, (70, 90, 4), dtype=np.uint8), check_contrast=False)
     shapes = {"mask": ((70, 90), np.uint8), "prob": ((3, 70, 90), np.float32), "labels": ((70, 90), np.uint16)}
     for output, (shape, dtype) in shapes.items():
-        predict_file(model, spec, source, tmp_path / f"{output}.tif", PredictSettings(output=output, **TILING))
+        predict_file(
+            model,
+            spec,
+            source,
+            tmp_path / f"{output}.tif",
+            PredictSettings(output=output, tiling=TilingConfig(**TILING)),
+        )
         written = tifffile.imread(tmp_path / f"{output}.tif")
         assert written.shape == shape and written.dtype == dtype
     probs = tifffile.imread(tmp_path / "prob.tif")
@@ -294,8 +342,8 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="threshold"):
         PredictSettings(threshold=1.5)
     with pytest.raises(ValueError, match="overlap"):
-        PredictSettings(tile_size=64, overlap=64)
-    spec = {"in_channels": 1, "normalization": {}, "targets": "classes", "classes": 4}
+        TilingConfig(tile_size=64, overlap=64)
+    spec = InputSpec(1, Normalization(), "classes", 4)
     with pytest.raises(ValueError, match="'labels' needs a model trained with targets 'foreground' or 'boundary'"):
         PredictSettings(output="labels").check(spec)
 
@@ -312,9 +360,14 @@ def test_plan_outputs_mirrors_folders_and_skips_hidden_and_output(tmp_path):
     (root / "out" / "a.tif").write_bytes(b"x")  # an earlier run's output inside INPUT
     pairs = plan_outputs(root, root / "out")
     assert [(s.relative_to(root).as_posix(), t.relative_to(root).as_posix()) for s, t in pairs] == [
-        ("a.png", "out/a.tif"), ("sub/b.tif", "out/sub/b.tif"), ("sub/deep/c.jpg", "out/sub/deep/c.tif")]
+        ("a.png", "out/a.tif"),
+        ("sub/b.tif", "out/sub/b.tif"),
+        ("sub/deep/c.jpg", "out/sub/deep/c.tif"),
+    ]
     assert [s.relative_to(root).as_posix() for s, _ in plan_outputs(root, tmp_path / "o", glob="*.tif")] == [
-        "out/a.tif", "sub/b.tif"]  # OUTPUT elsewhere: root/out is just a folder of inputs
+        "out/a.tif",
+        "sub/b.tif",
+    ]  # OUTPUT elsewhere: root/out is just a folder of inputs
     assert [s.name for s, _ in plan_outputs(root, tmp_path / "o", glob="sub/*.tif")] == ["b.tif"]
     assert plan_outputs(root / "a.png", tmp_path / "one.tiff") == [(root / "a.png", tmp_path / "one.tiff")]
     assert plan_outputs(root / "a.png", tmp_path / "o") == [(root / "a.png", tmp_path / "o" / "a.tif")]
@@ -369,12 +422,15 @@ def test_checkpoint_naming_a_foreign_class_is_refused(tmp_path, checkpoint):
         load_predictor(tmp_path / "foreign.ckpt")
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("text.ckpt", b"hello", "not a readable PyTorch checkpoint"),
-    ("empty.ckpt", b"", "not a readable PyTorch checkpoint"),
-    ("model.onnx", b"onnx", "cannot load the ONNX model"),
-    ("model.h5", b"x", "unknown model file type '.h5'"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("text.ckpt", b"hello", "not a readable PyTorch checkpoint"),
+        ("empty.ckpt", b"", "not a readable PyTorch checkpoint"),
+        ("model.onnx", b"onnx", "cannot load the ONNX model"),
+        ("model.h5", b"x", "unknown model file type '.h5'"),
+    ],
+)
 def test_unusable_checkpoints_are_named(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(CheckpointError, match=f"{name}: {message}"):
@@ -399,16 +455,21 @@ def test_onnx_export_predicts_like_its_checkpoint(tmp_path, predictor):
     exported, exported_spec = load_predictor(tmp_path / "tiny.onnx")
     assert exported_spec == spec
     image = nuclei(seed=9)
-    settings = PredictSettings(output="prob", **TILING)
-    np.testing.assert_allclose(predict_image(exported, exported_spec, image, settings),
-                               predict_image(model, spec, image, settings), atol=1e-5)
+    settings = PredictSettings(output="prob", tiling=TilingConfig(**TILING))
+    np.testing.assert_allclose(
+        predict_image(exported, exported_spec, image, settings), predict_image(model, spec, image, settings), atol=1e-5
+    )
 
 
 def test_load_predictor_returns_the_net_and_its_input_spec(predictor):
     model, spec = predictor
     assert isinstance(model, UNet) and not model.training
-    assert spec == {"in_channels": 1, "normalization": {"low": 1.0, "high": 99.8, "clip": True},
-                    "targets": "foreground", "classes": 1}
+    assert spec.to_dict() == {
+        "in_channels": 1,
+        "normalization": {"low": 1.0, "high": 99.8, "clip": True},
+        "targets": "foreground",
+        "classes": 1,
+    }
 
 
 def test_shipped_model_names(tmp_path, monkeypatch):
@@ -427,8 +488,13 @@ def test_output_files_get_ordinary_permissions(tmp_path, predictor):
     umask = os.umask(0o022)
     try:
         for output in ("mask", "labels"):
-            predict_file(model, spec, tmp_path / "a.png", tmp_path / f"{output}.tif",
-                         PredictSettings(output=output, **TILING))
+            predict_file(
+                model,
+                spec,
+                tmp_path / "a.png",
+                tmp_path / f"{output}.tif",
+                PredictSettings(output=output, tiling=TilingConfig(**TILING)),
+            )
             assert (tmp_path / f"{output}.tif").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)

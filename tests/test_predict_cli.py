@@ -11,6 +11,7 @@ from skimage import io as skio
 
 import unetseg.weights
 from unetseg.cli.predict import build_parser, main
+from unetseg.models import UNet
 from unetseg.synthetic import nuclei_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,20 +39,29 @@ def tree(tmp_path) -> Path:
     root = tmp_path / "in"
     (root / "sub").mkdir(parents=True)
     skio.imsave(root / "grey.png", (nuclei((40, 52)) * 255).astype(np.uint8), check_contrast=False)
-    tifffile.imwrite(root / "calibrated.tif", (nuclei((44, 50), 1) * 4095).astype(np.uint16), imagej=True,
-                     resolution=((5, 1), (5, 1)), metadata={"unit": "micron"})
+    tifffile.imwrite(
+        root / "calibrated.tif",
+        (nuclei((44, 50), 1) * 4095).astype(np.uint16),
+        imagej=True,
+        resolution=((5, 1), (5, 1)),
+        metadata={"unit": "micron"},
+    )
     rgb = np.stack([nuclei((36, 48), seed) for seed in (2, 3, 4)], axis=-1)
     skio.imsave(root / "rgb.png", (rgb * 255).astype(np.uint8), check_contrast=False)
     skio.imsave(root / "sub" / "deeper.png", (nuclei((40, 40), 5) * 255).astype(np.uint8), check_contrast=False)
     stack = np.stack([nuclei((30, 34), seed) for seed in (6, 7)])
-    tifffile.imwrite(root / "sub" / "stack.tif", (stack * 1000).astype(np.uint16), imagej=True,
-                     resolution=((2, 1), (2, 1)), metadata={"axes": "ZYX", "unit": "micron", "spacing": 0.75})
+    tifffile.imwrite(
+        root / "sub" / "stack.tif",
+        (stack * 1000).astype(np.uint16),
+        imagej=True,
+        resolution=((2, 1), (2, 1)),
+        metadata={"axes": "ZYX", "unit": "micron", "spacing": 0.75},
+    )
     (root / "empty.png").write_bytes(b"")
     tifffile.imwrite(root / "truncated.tif", (nuclei((64, 64), 8) * 4095).astype(np.uint16))
     (root / "truncated.tif").write_bytes((root / "truncated.tif").read_bytes()[:3000])
     (root / "text.png").write_text("not an image\n")
-    tifffile.imwrite(root / "two_channels.tif", np.zeros((2, 30, 30), np.uint16), imagej=True,
-                     metadata={"axes": "CYX"})
+    tifffile.imwrite(root / "two_channels.tif", np.zeros((2, 30, 30), np.uint16), imagej=True, metadata={"axes": "CYX"})
     (root / "notes.txt").write_text("not an image suffix: not an input\n")
     return root
 
@@ -104,8 +114,10 @@ def test_output_kinds(tree, tmp_path, checkpoint, capsys, kind, dtype):
     for name in BROKEN:
         (tree / name).unlink()
     out = tmp_path / kind
-    assert main([str(tree), str(out), "--checkpoint", str(checkpoint), "--output", kind, "--threshold", "0.4",
-                 *TILING]) == 0
+    assert (
+        main([str(tree), str(out), "--checkpoint", str(checkpoint), "--output", kind, "--threshold", "0.4", *TILING])
+        == 0
+    )
     assert capsys.readouterr().err == ""
     for name, (height, width) in GOOD.items():
         written = tifffile.imread(out / name.replace(".png", ".tif"))
@@ -116,8 +128,9 @@ def test_output_kinds(tree, tmp_path, checkpoint, capsys, kind, dtype):
 
 
 def test_glob_and_single_file(tree, tmp_path, checkpoint, capsys):
-    assert main([str(tree), str(tmp_path / "tifs"), "--checkpoint", str(checkpoint), "--glob", "sub/*.tif",
-                 *TILING]) == 0
+    assert (
+        main([str(tree), str(tmp_path / "tifs"), "--checkpoint", str(checkpoint), "--glob", "sub/*.tif", *TILING]) == 0
+    )
     assert set(outputs(tmp_path / "tifs")) == {"sub/stack.tif"}
     assert main([str(tree / "rgb.png"), str(tmp_path / "one.tif"), "--checkpoint", str(checkpoint), *TILING]) == 0
     assert tifffile.imread(tmp_path / "one.tif").shape == (36, 48)
@@ -134,8 +147,10 @@ def test_usage_errors_exit_2(tree, tmp_path, checkpoint, capsys):
     assert "none.ckpt: no such checkpoint file" in capsys.readouterr().err
     assert main([str(tree), str(tree), "--checkpoint", str(checkpoint)]) == 2
     assert "is the INPUT folder" in capsys.readouterr().err
-    for arguments, message in (([], "one of the arguments --checkpoint --model is required"),
-                               (["--checkpoint", str(checkpoint), "--model", "nuclei"], "not allowed with")):
+    for arguments, message in (
+        ([], "one of the arguments --checkpoint --model is required"),
+        (["--checkpoint", str(checkpoint), "--model", "nuclei"], "not allowed with"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main([str(tree), str(tmp_path / "out"), *arguments])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -182,15 +197,33 @@ def test_crafted_checkpoint_is_refused_and_never_runs(tree, tmp_path, checkpoint
 
 def test_labels_need_a_foreground_or_boundary_model(tree, tmp_path, checkpoint, capsys):
     contents = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    contents["hyper_parameters"]["input_spec"] |= {"targets": "classes", "classes": 1}
+    net = UNet(in_channels=1, classes=2, depth=2, width=4)  # a two-class model: class indices, no instances
+    contents["hyper_parameters"]["input_spec"] |= {"targets": "classes", "classes": 2}
+    contents["hyper_parameters"]["net"]["init_args"]["classes"] = 2
+    contents["state_dict"] = {f"net.{key}": value for key, value in net.state_dict().items()}
     torch.save(contents, tmp_path / "classes.ckpt")
-    assert main([str(tree), str(tmp_path / "out"), "--checkpoint", str(tmp_path / "classes.ckpt"),
-                 "--output", "labels"]) == 2
+    assert (
+        main([str(tree), str(tmp_path / "out"), "--checkpoint", str(tmp_path / "classes.ckpt"), "--output", "labels"])
+        == 2
+    )
     assert "output 'labels' needs a model trained with targets 'foreground' or 'boundary'" in capsys.readouterr().err
 
 
 def test_help_names_every_option():
     text = build_parser().format_help()
-    for option in ("--checkpoint", "--model", "--tile-size", "--overlap", "--batch-size", "--blend", "--tta",
-                   "--output", "--threshold", "--device", "--glob", "--overwrite", "exit status"):
+    for option in (
+        "--checkpoint",
+        "--model",
+        "--tile-size",
+        "--overlap",
+        "--batch-size",
+        "--blend",
+        "--tta",
+        "--output",
+        "--threshold",
+        "--device",
+        "--glob",
+        "--overwrite",
+        "exit status",
+    ):
         assert option in text

@@ -56,9 +56,15 @@ def test_two_processes_give_the_masks_of_one(tmp_path, checkpoint):
     options = ["--checkpoint", str(checkpoint), "--output", "prob", "--tile-size", "32", "--overlap", "8"]
     single = subprocess.run([*command, str(tmp_path / "one"), *options], env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    ranks = [subprocess.Popen([*command, str(tmp_path / "two"), *options],
-                              env={**env, "RANK": str(rank), "WORLD_SIZE": "2"}, stdout=subprocess.PIPE, text=True)
-             for rank in range(2)]
+    ranks = [
+        subprocess.Popen(
+            [*command, str(tmp_path / "two"), *options],
+            env={**env, "RANK": str(rank), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
     logs = [process.communicate(timeout=300)[0] for process in ranks]
     assert [process.returncode for process in ranks] == [0, 0]
     assert "3 file(s) (share 0/2)" in logs[0] and "2 file(s) (share 1/2)" in logs[1]
@@ -66,5 +72,6 @@ def test_two_processes_give_the_masks_of_one(tmp_path, checkpoint):
     two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.tif"))
     assert one == two and len(one) == 5
     for relative in one:
-        np.testing.assert_array_equal(tifffile.imread(tmp_path / "one" / relative),
-                                      tifffile.imread(tmp_path / "two" / relative))
+        np.testing.assert_array_equal(
+            tifffile.imread(tmp_path / "one" / relative), tifffile.imread(tmp_path / "two" / relative)
+        )

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from unetseg.tiling import (
+from unetseg.inference.tiling import (
     BLENDS,
     GAUSSIAN_MIN_WEIGHT,
     PAD_MODES,

@@ -11,15 +11,25 @@ from skimage import io as skio
 
 from unetseg.cli import train
 from unetseg.models import SMPUnet, UNet
-from unetseg.module import SegmentationModule
 from unetseg.synthetic import make_nuclei_dataset
+from unetseg.training.module import SegmentationModule
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
 def tiny_args(root, run_dir, *extra):
-    return ["--config", str(CONFIGS / "tiny.yaml"), "--data.root", str(root), "--trainer.default_root_dir",
-            str(run_dir), "--data.tiles_per_epoch", "16", *QUIET, *extra]
+    return [
+        "--config",
+        str(CONFIGS / "tiny.yaml"),
+        "--data.root",
+        str(root),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--data.tiles_per_epoch",
+        "16",
+        *QUIET,
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -53,8 +63,14 @@ def tiny_run(tmp_path_factory):
 
 def test_fit_writes_the_run_folder(tiny_run):
     root, run_dir = tiny_run
-    for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics.csv", "curves.png", "split.json",
-                 "config.yaml"):
+    for name in (
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+        "metrics.csv",
+        "curves.png",
+        "split.json",
+        "config.yaml",
+    ):
         assert (run_dir / name).is_file(), name
     split = json.loads((run_dir / "split.json").read_text())
     assert sorted(split["train"] + split["val"]) == [f"nuclei_{i:03d}" for i in range(6)]
@@ -75,8 +91,17 @@ def test_checkpoint_rebuilds_the_network_and_input_spec(tiny_run):
     _, run_dir = tiny_run
     model = SegmentationModule.load_from_checkpoint(run_dir / "checkpoints/best.ckpt")
     assert isinstance(model.net, UNet)
-    assert model.net.config == dict(in_channels=1, classes=1, depth=2, width=4, skip="concat", block="plain",
-                                    norm="batch", upsample="transpose", dropout=0.0)
+    assert model.net.config == dict(
+        in_channels=1,
+        classes=1,
+        depth=2,
+        width=4,
+        skip="concat",
+        block="plain",
+        norm="batch",
+        upsample="transpose",
+        dropout=0.0,
+    )
     spec = model.hparams["input_spec"]
     assert spec["in_channels"] == 1
     assert spec["normalization"] == {"low": 1.0, "high": 99.8, "clip": True}
@@ -113,8 +138,17 @@ def test_resume_from_last_continues(shared_dataset, tmp_path):
 
 
 def test_fast_dev_run_of_the_unet_on_the_embedded_dataset(capture_cli, synthetic_cache, tmp_path):
-    cli = capture_cli(["--config", str(CONFIGS / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
-                       "--trainer.fast_dev_run", "true", *QUIET])
+    cli = capture_cli(
+        [
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.fast_dev_run",
+            "true",
+            *QUIET,
+        ]
+    )
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     assert isinstance(cli.model.net, UNet)
     assert cli.model.hparams["input_spec"]["in_channels"] == 1
@@ -125,11 +159,31 @@ def test_fast_dev_run_of_the_unet_on_the_embedded_dataset(capture_cli, synthetic
 
 
 def test_fast_dev_run_of_the_smp_baseline(capture_cli, shared_dataset, tmp_path):
-    cli = capture_cli(["--config", str(CONFIGS / "smp_unet.yaml"), "--data.root", str(shared_dataset),
-                       "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.fast_dev_run", "true",
-                       "--data.in_channels", "1", "--model.net.init_args.in_channels", "1",
-                       "--model.net.init_args.encoder_name", "resnet18", "--data.tile_size", "64",
-                       "--data.batch_size", "2", "--data.num_workers", "0", *QUIET])
+    cli = capture_cli(
+        [
+            "--config",
+            str(CONFIGS / "smp_unet.yaml"),
+            "--data.root",
+            str(shared_dataset),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.fast_dev_run",
+            "true",
+            "--data.in_channels",
+            "1",
+            "--model.net.init_args.in_channels",
+            "1",
+            "--model.net.init_args.encoder_name",
+            "resnet18",
+            "--data.tile_size",
+            "64",
+            "--data.batch_size",
+            "2",
+            "--data.num_workers",
+            "0",
+            *QUIET,
+        ]
+    )
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     assert isinstance(cli.model.net, SMPUnet)
     assert cli.model.net.config["encoder_name"] == "resnet18"
@@ -138,8 +192,9 @@ def test_fast_dev_run_of_the_smp_baseline(capture_cli, shared_dataset, tmp_path)
 
 def test_network_classes_must_match_the_targets(shared_dataset, tmp_path):
     with pytest.raises(ValueError) as error:
-        train.main(tiny_args(shared_dataset, tmp_path / "run", "--data.targets", "boundary",
-                             "--trainer.fast_dev_run", "true"))
+        train.main(
+            tiny_args(shared_dataset, tmp_path / "run", "--data.targets", "boundary", "--trainer.fast_dev_run", "true")
+        )
     message = str(error.value)
     assert "outputs 1 channel" in message and "targets='boundary'" in message and "need 3" in message
 

@@ -4,7 +4,7 @@ import albumentations as A
 import numpy as np
 import pytest
 
-from unetseg.transforms import Augmentation, build_transform
+from unetseg.training.augment import Augmentation, build_transform
 
 OFF = dict(flip=0, rotate90=0, elastic=0, grid_distortion=0, brightness_contrast=0, gamma=0, noise=0, blur=0)
 
@@ -35,8 +35,15 @@ def test_each_probability_enables_its_transform(name, types):
 
 def test_defaults_enable_flips_rotations_and_intensity_but_not_warps():
     names = {type(step).__name__ for step in build_transform(Augmentation()).transforms}
-    assert {"HorizontalFlip", "VerticalFlip", "RandomRotate90", "RandomBrightnessContrast", "RandomGamma",
-            "GaussNoise", "GaussianBlur"} == names
+    assert {
+        "HorizontalFlip",
+        "VerticalFlip",
+        "RandomRotate90",
+        "RandomBrightnessContrast",
+        "RandomGamma",
+        "GaussNoise",
+        "GaussianBlur",
+    } == names
 
 
 @pytest.mark.parametrize("name, value", [("flip", 1.5), ("noise", -0.1), ("elastic", 2)])

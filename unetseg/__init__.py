@@ -9,8 +9,13 @@ __version__ = "0.1.0"
 
 # The public names load on first use, so `unetseg-predict` does not pay for Lightning,
 # albumentations and SMP imports it never needs (hundreds of MB of resident memory).
-_HOMES = {"SMPUnet": "unetseg.models", "UNet": "unetseg.models", "SegmentationDataModule": "unetseg.data",
-          "SegmentationModule": "unetseg.module", "predict_tiled": "unetseg.inference"}
+_HOMES = {
+    "SMPUnet": "unetseg.models",
+    "UNet": "unetseg.models",
+    "SegmentationDataModule": "unetseg.training.data",
+    "SegmentationModule": "unetseg.training.module",
+    "predict_tiled": "unetseg.inference",
+}
 
 
 def __getattr__(name: str):

@@ -31,8 +31,16 @@ CONNECTIVITY = 1  # 4-neighbours: splits binary masks at one-pixel diagonal gaps
 
 # Per-image values that the summary averages over images, and counts that it adds up.
 MEAN_KEYS = (
-    "dice", "iou", "precision", "recall", "f1", "dsb_score",
-    "adapted_rand_error", "vi", "vi_split", "vi_merge",
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "f1",
+    "dsb_score",
+    "adapted_rand_error",
+    "vi",
+    "vi_split",
+    "vi_merge",
 )
 SUM_KEYS = ("tp", "fp", "fn", "n_pred", "n_gt", "pred_pixels", "gt_pixels", "overlap_pixels")
 SCORE_KEYS = MEAN_KEYS + SUM_KEYS  # the keys of a segmentation_scores dict
@@ -156,8 +164,17 @@ def _instance_scores_from_iou(iou: sparse.csr_array, thresholds: Sequence[float]
     """tp/fp/fn at MATCH_THRESHOLD, precision, recall, F1 and the DSB score from a (n_gt, n_pred) IoU matrix."""
     n_gt, n_pred = iou.shape
     if n_gt == 0 and n_pred == 0:
-        return {"tp": 0, "fp": 0, "fn": 0, "n_pred": 0, "n_gt": 0,
-                "precision": 1.0, "recall": 1.0, "f1": 1.0, "dsb_score": 1.0}
+        return {
+            "tp": 0,
+            "fp": 0,
+            "fn": 0,
+            "n_pred": 0,
+            "n_gt": 0,
+            "precision": 1.0,
+            "recall": 1.0,
+            "f1": 1.0,
+            "dsb_score": 1.0,
+        }
     values = iou.data
     # IoU > t >= 0.5 pairs objects one-to-one, so the number of such pairs is the number of TPs.
     tp = int(np.count_nonzero(values > MATCH_THRESHOLD))
@@ -165,7 +182,11 @@ def _instance_scores_from_iou(iou: sparse.csr_array, thresholds: Sequence[float]
     per_threshold = [np.count_nonzero(values > threshold) for threshold in thresholds]
     dsb_score = float(np.mean([hits / (n_pred + n_gt - hits) for hits in per_threshold]))
     return {
-        "tp": tp, "fp": fp, "fn": fn, "n_pred": n_pred, "n_gt": n_gt,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "n_pred": n_pred,
+        "n_gt": n_gt,
         "precision": tp / n_pred if n_pred else 0.0,
         "recall": tp / n_gt if n_gt else 0.0,
         "f1": 2.0 * tp / (2 * tp + fp + fn),
@@ -177,9 +198,7 @@ def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
     """Thresholds as a tuple, refused when empty or outside [0.5, 1)."""
     thresholds = tuple(float(threshold) for threshold in thresholds)
     if not thresholds or any(not 0.5 <= threshold < 1.0 for threshold in thresholds):
-        raise ValueError(
-            f"IoU thresholds must be in [0.5, 1), where matches are one-to-one; got {thresholds}"
-        )
+        raise ValueError(f"IoU thresholds must be in [0.5, 1), where matches are one-to-one; got {thresholds}")
     return thresholds
 
 

@@ -15,7 +15,7 @@ import tifffile
 from scipy import ndimage
 from skimage import io as skio
 
-from unetseg.postprocess import remove_small
+from unetseg.inference.postprocess import remove_small
 
 DEFAULT_CACHE = Path(os.environ.get("UNETSEG_CACHE", Path.home() / ".cache" / "unetseg"))
 

@@ -10,15 +10,28 @@ from unetseg.cli import train as train_cli
 from unetseg.synthetic import make_nuclei_dataset
 
 
-def main(out: str = "runs/demo") -> int:
+def main(argv: list[str] | None = None, out: str = "runs/demo") -> int:
     started = time.time()
     out = Path(out)
-    train_cli.main(["--config", "configs/demo.yaml", "--trainer.default_root_dir", str(out)])
+    train_cli.main(["--config", "demo", "--trainer.default_root_dir", str(out)])
     checkpoint = out / "checkpoints" / "best.ckpt"
     # Unseen images from the same generator (another seed), larger than a training tile.
     unseen = make_nuclei_dataset(out / "unseen", count=3, shape=(300, 420), seed=123)
-    status = predict_cli.main([str(unseen / "images"), str(out / "predictions"), "--checkpoint", str(checkpoint),
-                               "--output", "labels", "--tile-size", "128", "--overlap", "32", "--overwrite"])
+    status = predict_cli.main(
+        [
+            str(unseen / "images"),
+            str(out / "predictions"),
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            "labels",
+            "--tile-size",
+            "128",
+            "--overlap",
+            "32",
+            "--overwrite",
+        ]
+    )
     print(f"\nDemo finished in {time.time() - started:.0f} s.")
     print(f"  checkpoint:   {checkpoint}")
     print(f"  curves:       {out / 'curves.png'}  (metrics in {out / 'metrics.csv'})")

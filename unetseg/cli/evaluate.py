@@ -10,14 +10,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unetseg.io import IMAGE_SUFFIXES, ImageReadError, is_image_file, read_labels
+from unetseg.io import IMAGE_SUFFIXES, DuplicateNameError, ImageReadError, find_images, is_image_file, read_labels
+from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.metrics import CONNECTIVITY, DSB_THRESHOLDS, MATCH_THRESHOLD, SCORE_KEYS, segmentation_scores, summarize
 
 PROG = "unetseg-evaluate"
 MAX_TABLE_ROWS = 25  # more images than this: the table shows only the summary
 TABLE_COLUMNS = (
-    ("dice", "Dice"), ("iou", "IoU"), ("precision", "Prec"), ("recall", "Rec"), ("f1", "F1"),
-    ("dsb_score", "DSB"), ("adapted_rand_error", "ARand"), ("vi", "VI"),
+    ("dice", "Dice"),
+    ("iou", "IoU"),
+    ("precision", "Prec"),
+    ("recall", "Rec"),
+    ("f1", "F1"),
+    ("dsb_score", "DSB"),
+    ("adapted_rand_error", "ARand"),
+    ("vi", "VI"),
 )
 
 DESCRIPTION = f"""\
@@ -79,15 +86,10 @@ def find_masks(root: Path, role: str) -> dict[str, Path]:
         return {root.stem: root}
     if not root.is_dir():
         raise UsageError(f"{role} {root}: no such file or folder")
-    files: dict[str, Path] = {}
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts) or not is_image_file(path):
-            continue
-        name = relative.with_suffix("").as_posix()
-        if name in files:
-            raise UsageError(f"{role}: {files[name]} and {path} have the same name; keep one of them")
-        files[name] = path
+    try:
+        files = find_images(root)
+    except DuplicateNameError as error:
+        raise UsageError(f"{role}: {error.first} and {error.second} have the same name; keep one of them") from None
     if not files:
         raise UsageError(f"{role} {root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
     return files
@@ -131,8 +133,13 @@ def evaluate(pred_files: dict[str, Path], gt_files: dict[str, Path]) -> Evaluati
         pred, gt = labels
         if pred.shape != gt.shape:
             evaluation.shape_mismatches.append(
-                {"image": name, "pred": str(pred_path), "gt": str(gt_path),
-                 "pred_shape": list(pred.shape), "gt_shape": list(gt.shape)}
+                {
+                    "image": name,
+                    "pred": str(pred_path),
+                    "gt": str(gt_path),
+                    "pred_shape": list(pred.shape),
+                    "gt_shape": list(gt.shape),
+                }
             )
             print(
                 f"error: shape mismatch: prediction {pred_path} is {pred.shape}, GT {gt_path} is {gt.shape}",
@@ -186,7 +193,9 @@ def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Pat
         "pred": str(pred_root),
         "gt": str(gt_root),
         "settings": {
-            "match_threshold": MATCH_THRESHOLD, "dsb_thresholds": list(DSB_THRESHOLDS), "connectivity": CONNECTIVITY,
+            "match_threshold": MATCH_THRESHOLD,
+            "dsb_thresholds": list(DSB_THRESHOLDS),
+            "connectivity": CONNECTIVITY,
         },
         "summary": summary,
         "problems": evaluation.problems(),
@@ -224,12 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("gt", type=Path, metavar="GT", help="ground-truth masks: a folder (recursive) or a file")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write summary, per-image scores and unscored files")
     parser.add_argument("--per-image", type=Path, metavar="CSV", help="write one CSV row per image")
+    add_verbosity_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run unetseg-evaluate; returns the exit status (0 all scored, 1 some GT image not scored, 2 usage error)."""
     args = build_parser().parse_args(argv)
+    setup_logging(verbosity_level(args.verbose, args.quiet))
     started = time.perf_counter()
     try:
         pred_files, gt_files = pair_masks(args.pred, args.gt)
@@ -256,3 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""unetseg-export: a training checkpoint to an ONNX or TorchScript file, checked against PyTorch."""
+"""unetseg-export: a training checkpoint to an ONNX file, checked against PyTorch."""
 
 from __future__ import annotations
 
@@ -18,15 +18,14 @@ from unetseg.export import (
     min_size,
     size_multiple,
 )
+from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 
 PROG = "unetseg-export"
 TOLERANCE = 1e-3  # float32 logits of an exact export differ by ~1e-5; more means the graph is wrong
 
 DESCRIPTION = """\
 Export the network of a training checkpoint (CKPT, e.g. runs/unet/checkpoints/best.ckpt) to
-OUT: ONNX (*.onnx, for ONNX Runtime and unetseg-predict --checkpoint OUT) or TorchScript
-(*.torchscript, for torch.jit.load). The format is taken from OUT's suffix unless --format
-gives it.
+OUT: ONNX (*.onnx, for ONNX Runtime and unetseg-predict --checkpoint OUT).
 
 Batch, height and width are dynamic. The graph pads H and W (reflect) to a multiple of
 2**depth (UNet) or 2**encoder_depth (SMPUnet) and crops the logits back, as the PyTorch model
@@ -34,8 +33,7 @@ does: multiples (tile sizes such as 256) run unpadded, and any H and W of at lea
 2**(depth + 1) (UNet) or 2**encoder_depth (SMPUnet) give PyTorch's logits in any runtime;
 unetseg's loaders pad smaller images as PyTorch does. The file also stores, as JSON, that
 multiple (size_multiple), that minimum (min_size), the checkpoint's input_spec (channels,
-normalisation, targets) and the network description: ONNX metadata_props, TorchScript extra
-files.
+normalisation, targets) and the network description, in the ONNX metadata_props.
 
 The export is then checked on random inputs of two sizes, one not a multiple, and the largest
 logit difference from PyTorch is printed.
@@ -55,17 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, metavar="CKPT", help="a training checkpoint (.ckpt)")
-    parser.add_argument("out", type=Path, metavar="OUT",
-                        help=f"the file to write: {' or '.join('*' + suffix for suffix in FORMATS.values())}; "
-                             "missing folders are created")
-    parser.add_argument("--format", choices=tuple(FORMATS), help="onnx or torchscript; default: from OUT's suffix")
+    parser.add_argument(
+        "out",
+        type=Path,
+        metavar="OUT",
+        help=f"the file to write: {' or '.join('*' + suffix for suffix in FORMATS.values())}; "
+        "missing folders are created",
+    )
+    parser.add_argument("--format", choices=tuple(FORMATS), help="onnx (default: from OUT's suffix)")
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, at least 17 (default {OPSET})")
+    add_verbosity_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run unetseg-export; returns the exit status (0 exported, 1 check failed, 2 usage error)."""
     args = build_parser().parse_args(argv)
+    setup_logging(verbosity_level(args.verbose, args.quiet))
     started = time.perf_counter()
     try:
         format = check_format(args.format, args.out)  # before the slow load
@@ -76,12 +80,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sizes = check_sizes(net)
     difference = max_abs_difference(out, net, sizes)
-    print(f"wrote {out} ({format}) in {time.perf_counter() - started:.1f} s; batch, H and W are dynamic: multiples "
-          f"of {size_multiple(net)} run unpadded, sizes >= {min_size(net)} match PyTorch in any runtime")
-    print(f"max |exported - PyTorch| logit difference: {difference:.2g} on inputs of "
-          f"{' and '.join(f'{height}x{width}' for height, width in sizes)}")
+    print(
+        f"wrote {out} ({format}) in {time.perf_counter() - started:.1f} s; batch, H and W are dynamic: multiples "
+        f"of {size_multiple(net)} run unpadded, sizes >= {min_size(net)} match PyTorch in any runtime"
+    )
+    print(
+        f"max |exported - PyTorch| logit difference: {difference:.2g} on inputs of "
+        f"{' and '.join(f'{height}x{width}' for height, width in sizes)}"
+    )
     if difference > TOLERANCE:
-        print(f"{PROG}: error: the exported model differs from PyTorch by {difference:.2g} > {TOLERANCE:g}",
-              file=sys.stderr)
+        print(
+            f"{PROG}: error: the exported model differs from PyTorch by {difference:.2g} > {TOLERANCE:g}",
+            file=sys.stderr,
+        )
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-from unetseg.predict import (
-    OUTPUTS,
-    CheckpointError,
-    PredictSettings,
-    load_predictor,
-    plan_outputs,
-    predict_files,
-    shard,
-)
-from unetseg.tiling import BLENDS
+from unetseg.checkpoint import CheckpointError, load_predictor
+from unetseg.inference.tiling import BLENDS, TilingConfig
+from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
+from unetseg.predict import OUTPUTS, PredictSettings, plan_outputs, predict_files, shard
 from unetseg.weights import MODELS, model_path
+
+log = logging.getLogger("unetseg.cli.predict")
+DEFAULTS = TilingConfig()
 
 PROG = "unetseg-predict"
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,23 +65,49 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint from unetseg-train (.ckpt)")
     model.add_argument("--model", metavar="NAME", help=f"a model shipped with unetseg: {', '.join(MODELS)}")
-    parser.add_argument("--tile-size", type=positive_int, default=256, metavar="PIXELS",
-                        help="side of the square tiles (default 256)")
-    parser.add_argument("--overlap", type=int, default=64, metavar="PIXELS",
-                        help="pixels shared by neighbouring tiles (default 64)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
-                        help="tiles per forward pass (default 8)")
-    parser.add_argument("--blend", choices=BLENDS, default="gaussian", help="how overlapping tiles are merged")
+    parser.add_argument(
+        "--tile-size",
+        type=positive_int,
+        default=DEFAULTS.tile_size,
+        metavar="PIXELS",
+        help=f"side of the square tiles (default {DEFAULTS.tile_size})",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=DEFAULTS.overlap,
+        metavar="PIXELS",
+        help=f"pixels shared by neighbouring tiles (default {DEFAULTS.overlap})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=DEFAULTS.batch_size,
+        metavar="N",
+        help=f"tiles per forward pass (default {DEFAULTS.batch_size})",
+    )
+    parser.add_argument(
+        "--blend",
+        choices=BLENDS,
+        default=DEFAULTS.blend,
+        help=f"how overlapping tiles are merged (default {DEFAULTS.blend})",
+    )
     parser.add_argument("--tta", action="store_true", help="average the 8 flips and rotations of each tile")
     parser.add_argument("--output", choices=OUTPUTS, default="mask", help="what to write (default mask)")
-    parser.add_argument("--threshold", type=float, default=0.5, metavar="P",
-                        help="foreground probability threshold (default 0.5)")
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, metavar="P", help="foreground probability threshold (default 0.5)"
+    )
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
     parser.add_argument("--glob", metavar="PATTERN", help='only inputs whose path matches, e.g. "*.tif"')
     parser.add_argument("--overwrite", action="store_true", help="predict again files whose output exists")
-    parser.add_argument("--shard", metavar="K/N", help="predict only share K of N (0-based) of the files, e.g. one "
-                        "process of many; default: RANK/WORLD_SIZE under torchrun, SLURM_PROCID/SLURM_NTASKS "
-                        "under srun, else all files")
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="predict only share K of N (0-based) of the files, e.g. one "
+        "process of many; default: RANK/WORLD_SIZE under torchrun, SLURM_PROCID/SLURM_NTASKS "
+        "under srun, else all files",
+    )
+    add_verbosity_flags(parser)
     return parser
 
 
@@ -119,9 +142,12 @@ def resolve_shard(text: str | None) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     """Run unetseg-predict; returns the exit status (0 all done, 1 some file failed, 2 usage error)."""
     args = build_parser().parse_args(argv)
+    setup_logging(verbosity_level(args.verbose, args.quiet))
     try:
-        settings = PredictSettings(output=args.output, threshold=args.threshold, tile_size=args.tile_size,
-                                   overlap=args.overlap, batch_size=args.batch_size, blend=args.blend, tta=args.tta)
+        tiling = TilingConfig(
+            tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, blend=args.blend, tta=args.tta
+        )
+        settings = PredictSettings(output=args.output, threshold=args.threshold, tiling=tiling)
         index, count = resolve_shard(args.shard)
         pairs = shard(plan_outputs(args.input, args.output_path, args.glob), index, count)
         device = resolve_device(args.device)
@@ -129,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         model, spec = load_predictor(checkpoint, device)
         settings.check(spec)
     except (ValueError, FileNotFoundError, CheckpointError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        log.error("%s", error)
         return 2
     share = f" (share {index}/{count})" if count > 1 else ""
-    print(f"{PROG}: {len(pairs)} file(s){share}, {checkpoint} on {device}")
-    summary = predict_files(model, spec, pairs, settings, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"{PROG}: {len(pairs)} file(s){share}, {checkpoint} on {device}")
+    summary = predict_files(model, spec, pairs, settings, overwrite=args.overwrite, progress=not args.quiet)
     print(f"{PROG}: {summary}")
     return 1 if summary.failed else 0
 

@@ -2,13 +2,51 @@
 
 from __future__ import annotations
 
+import sys
+from importlib import resources
+from pathlib import Path
+
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from unetseg.callbacks import SaveCurves
-from unetseg.data import SegmentationDataModule
-from unetseg.module import SegmentationModule
+from unetseg.logs import quiet_dependencies
+from unetseg.training.callbacks import SaveCurves
+from unetseg.training.data import SegmentationDataModule
+from unetseg.training.module import SegmentationModule
+
+
+def packaged_configs() -> dict[str, Path]:
+    """The YAML configs shipped inside the package, by name ("tiny" -> .../unetseg/configs/tiny.yaml)."""
+    folder = Path(str(resources.files("unetseg") / "configs"))
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config(value: str) -> str:
+    """A --config value: an existing file as given, else a packaged config's name ("tiny", "tiny.yaml")."""
+    if Path(value).is_file():
+        return value
+    configs = packaged_configs()
+    name = Path(value).stem if Path(value).suffix in (".yaml", ".yml") and Path(value).parent == Path(".") else value
+    if name in configs:
+        return str(configs[name])
+    raise SystemExit(
+        f"unetseg-train: error: --config {value}: no such file, and not a packaged config ({', '.join(configs)})"
+    )
+
+
+def resolve_configs(argv: list[str]) -> list[str]:
+    """argv with every `--config X` / `--config=X` given as a path (packaged names resolved)."""
+    resolved, argv = [], list(argv)
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--config" and argv:
+            resolved += [arg, resolve_config(argv.pop(0))]
+        elif arg.startswith("--config="):
+            resolved.append("--config=" + resolve_config(arg.split("=", 1)[1]))
+        else:
+            resolved.append(arg)
+    return resolved
 
 
 def default_loggers(root: str) -> list:
@@ -31,18 +69,23 @@ class TrainCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def main(args=None) -> None:
-    """Train from a YAML config: `unetseg-train fit --config configs/unet.yaml [--data.root DIR ...]`.
+def main(args: list[str] | None = None) -> None:
+    """Train from a YAML config: `unetseg-train [fit] --config tiny|configs/unet.yaml [--data.root DIR ...]`.
 
-    `fit` is implied when the first argument is an option.
+    `fit` is implied when the first argument is an option; --config takes a file or the name of
+    a config shipped in the package (`unetseg/configs/`), so it works from any folder.
     """
-    import sys
-
-    argv = list(sys.argv[1:] if args is None else args)
+    argv = resolve_configs(sys.argv[1:] if args is None else args)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["fit", *argv]
-    TrainCLI(SegmentationModule, SegmentationDataModule, trainer_defaults={"callbacks": [SaveCurves()]},
-             save_config_kwargs={"overwrite": True}, args=argv)
+    quiet_dependencies()
+    TrainCLI(
+        SegmentationModule,
+        SegmentationDataModule,
+        trainer_defaults={"callbacks": [SaveCurves()]},
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
 
 
 if __name__ == "__main__":

@@ -38,4 +38,4 @@ def build_net(description: dict) -> nn.Module:
 
 def net_state_dict(module_state: dict) -> dict:
     """The network's weights from a SegmentationModule state dict (its keys under "net.")."""
-    return {key[len("net."):]: value for key, value in module_state.items() if key.startswith("net.")}
+    return {key[len("net.") :]: value for key, value in module_state.items() if key.startswith("net.")}

@@ -24,19 +24,38 @@ class SMPUnet(nn.Module):
     2**encoder_depth and the logits are cropped back to (N, classes, H, W).
     """
 
-    def __init__(self, in_channels: int = 1, classes: int = 1, encoder_name: str = "resnet34",
-                 encoder_weights: str | None = None, encoder_depth: int = 5):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        classes: int = 1,
+        encoder_name: str = "resnet34",
+        encoder_weights: str | None = None,
+        encoder_depth: int = 5,
+    ):
         super().__init__()
-        self.config = dict(in_channels=in_channels, classes=classes, encoder_name=encoder_name,
-                           encoder_weights=encoder_weights, encoder_depth=encoder_depth)  # rebuilds it from a checkpoint
+        self.config = dict(
+            in_channels=in_channels,
+            classes=classes,
+            encoder_name=encoder_name,
+            encoder_weights=encoder_weights,
+            encoder_depth=encoder_depth,
+        )  # rebuilds it from a checkpoint
         if not 3 <= encoder_depth <= 5:
             raise ValueError(f"encoder_depth must be 3, 4 or 5, got {encoder_depth!r}")
         if encoder_name not in smp.encoders.get_encoder_names():
-            raise ValueError(f"encoder_name={encoder_name!r} is not an SMP encoder; see smp.encoders.get_encoder_names()")
+            raise ValueError(
+                f"encoder_name={encoder_name!r} is not an SMP encoder; see smp.encoders.get_encoder_names()"
+            )
         self.in_channels, self.classes, self.multiple = in_channels, classes, 2**encoder_depth
         decoder_channels = (256, 128, 64, 32, 16)[-encoder_depth:]
-        self.net = smp.Unet(encoder_name=encoder_name, encoder_weights=encoder_weights, in_channels=in_channels,
-                            classes=classes, encoder_depth=encoder_depth, decoder_channels=decoder_channels)
+        self.net = smp.Unet(
+            encoder_name=encoder_name,
+            encoder_weights=encoder_weights,
+            in_channels=in_channels,
+            classes=classes,
+            encoder_depth=encoder_depth,
+            decoder_channels=decoder_channels,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["MODELS", "available_models", "model_path", "slim_checkpoint"]
+__all__ = ["MODELS", "available_models", "model_path"]
 
 # name -> checkpoint file in this folder. A file may be missing from a given install (large
 # weights are added at release time); `available_models` lists those actually present.
@@ -39,21 +39,3 @@ def model_path(name: str) -> Path:
             "or use a checkpoint file of your own"
         )
     return path
-
-
-def slim_checkpoint(source: str | Path, target: str | Path, half: bool = True) -> Path:
-    """Write the shippable part of a training checkpoint: weights and hyperparameters.
-
-    Optimiser state, callbacks and loops are dropped; floating-point weights are stored as
-    float16 when `half` (loaded back into float32 parameters). The result still loads with
-    `SegmentationModule.load_from_checkpoint` and `unetseg-predict --checkpoint`.
-    """
-    import torch
-
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-    state = {key: value.half() if half and value.is_floating_point() else value
-             for key, value in checkpoint["state_dict"].items()}
-    slim = {key: checkpoint[key] for key in ("pytorch-lightning_version", "hyper_parameters", "epoch", "global_step")}
-    slim["state_dict"] = state
-    torch.save(slim, target)
-    return Path(target)

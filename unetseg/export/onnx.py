@@ -1,23 +1,21 @@
-"""Export a trained network to ONNX or TorchScript, and load exported files back as predictors.
+"""Export a trained network to ONNX, and load exported files back as predictors.
 
 Exported graphs take float32 images (N, C, H, W), N, H and W dynamic, and return logits
 (N, classes, H, W) like the PyTorch network. Inside the graph H and W are padded (reflect) up
 to a multiple of the network's `size_multiple` and the logits cropped back: 2**depth for
 `UNet`, 2**encoder_depth for `SMPUnet`; multiples skip the padding. The graph matches PyTorch
 for every H and W of at least `min_size` (2**(depth + 1) for UNet, which pads smaller images
-further, and size_multiple for SMPUnet). `load_onnx` and `load_torchscript` pad smaller
+further, and size_multiple for SMPUnet). `load_onnx` pads smaller
 inputs first, exactly as the PyTorch network does, so through them every size matches.
 
 The exported file carries, as JSON, the checkpoint's `input_spec` (how images were read and
-normalised), `size_multiple`, `min_size` and the `net` description: in ONNX `metadata_props`,
-in TorchScript `_extra_files` ("input_spec.json", "size_multiple.json", ...).
+normalised), `size_multiple`, `min_size` and the `net` description, in ONNX `metadata_props`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import pickle
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,23 +24,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetseg.models import SMPUnet, UNet, describe_net
-from unetseg.models.unet import pad_to_multiple
-from unetseg.module import SegmentationModule
+from unetseg.checkpoint import load_net
+from unetseg.models import describe_net
+from unetseg.models.unet import UNet, pad_to_multiple
+from unetseg.spec import InputSpec
 
 __all__ = [
-    "FORMATS", "OnnxPredictor", "check_sizes", "export_checkpoint", "export_net", "load_checkpoint_net",
-    "load_exported", "load_onnx", "load_torchscript", "max_abs_difference", "min_size", "size_multiple",
+    "FORMATS",
+    "OnnxPredictor",
+    "check_sizes",
+    "export_checkpoint",
+    "export_net",
+    "load_checkpoint_net",
+    "load_onnx",
+    "max_abs_difference",
+    "min_size",
+    "size_multiple",
 ]
 
 # format -> the file suffix it is saved under; not .pt, which unetseg-predict reads as a Lightning checkpoint
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript"}
+FORMATS = {"onnx": ".onnx"}
 OPSET = 17  # the lowest opset with every operator these networks use; ONNX Runtime >= 1.14 runs it
 METADATA_KEYS = ("input_spec", "size_multiple", "min_size", "net")
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 DYNAMIC_AXES = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
-# torch deprecates TorchScript and the legacy ONNX exporter, the tools here that export dynamic H and W: silenced.
+# torch deprecates the legacy (TorchScript-based) ONNX exporter, the one here that exports dynamic H and W: silenced.
 _DEPRECATED = r".*(legacy TorchScript-based ONNX export|`torch\.jit\.\w+` is deprecated)"
 
 
@@ -50,8 +57,8 @@ def size_multiple(net: nn.Module) -> int:
     """The multiple of H and W that `net` runs on unpadded: 2**depth (UNet), 2**encoder_depth (SMPUnet), else 1."""
     if isinstance(net, UNet):
         return 2**net.depth
-    if isinstance(net, SMPUnet):
-        return net.multiple
+    if hasattr(net, "multiple"):  # SMPUnet, without importing SMP here
+        return int(net.multiple)
     return 1
 
 
@@ -82,25 +89,15 @@ class _DynamicPad(nn.Module):
         return self.net(padded)[..., :height, :width]  # (N, classes, H, W)
 
 
-class _PadLikeNet(nn.Module):
-    """An exported module given inputs padded exactly as the PyTorch network pads them, below min_size too."""
-
-    def __init__(self, module: nn.Module, multiple: int, minimum: int):
-        super().__init__()
-        self.module, self.multiple, self.minimum = module, multiple, minimum
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2:]
-        return self.module(pad_to_multiple(image, self.multiple, self.minimum))[..., :height, :width]
-
-
 def check_format(format: str | None, out: Path) -> str:
     """The export format: `format`, or the one `out`'s suffix names; ValueError if they disagree or neither is known."""
     by_suffix = {suffix: name for name, suffix in FORMATS.items()}
     if format is None:
         if out.suffix not in by_suffix:
-            raise ValueError(f"{out}: cannot tell the format from the suffix {out.suffix!r}; name the file "
-                             f"{' or '.join(f'*{suffix}' for suffix in by_suffix)} or give the format")
+            raise ValueError(
+                f"{out}: cannot tell the format from the suffix {out.suffix!r}; name the file "
+                f"{' or '.join(f'*{suffix}' for suffix in by_suffix)} or give the format"
+            )
         return by_suffix[out.suffix]
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not valid; choose one of {', '.join(map(repr, FORMATS))}")
@@ -132,26 +129,36 @@ def check_sizes(net: nn.Module) -> list[tuple[int, int]]:
     return [(side, side), (side + multiple, side + multiple // 2 + 1)]
 
 
-def export_metadata(net: nn.Module, input_spec: dict | None) -> dict[str, str]:
+def export_metadata(net: nn.Module, input_spec: InputSpec | None) -> dict[str, str]:
     """The JSON strings stored with an exported network, by key (see METADATA_KEYS)."""
-    return {"input_spec": json.dumps(input_spec), "size_multiple": json.dumps(size_multiple(net)),
-            "min_size": json.dumps(min_size(net)), "net": json.dumps(describe_net(net))}
+    return {
+        "input_spec": json.dumps(input_spec.to_dict() if input_spec is not None else None),
+        "size_multiple": json.dumps(size_multiple(net)),
+        "min_size": json.dumps(min_size(net)),
+        "net": json.dumps(describe_net(net)),
+    }
 
 
-def export_net(net: nn.Module, out: str | Path, format: str | None = None, *, input_spec: dict | None = None,
-               opset: int = OPSET) -> Path:
+def export_net(
+    net: nn.Module,
+    out: str | Path,
+    format: str | None = None,
+    *,
+    input_spec: InputSpec | None = None,
+    opset: int = OPSET,
+) -> Path:
     """Export `net` (in eval mode, on the CPU; the caller's copy is untouched) to `out` and return its path.
 
     Args:
         net: a network mapping (N, C, H, W) images to (N, classes, H, W) logits.
-        out: the file to write, `*.onnx` or `*.torchscript`; missing parent folders are created.
-        format: "onnx" or "torchscript"; None picks it from the suffix of `out`.
+        out: the file to write, `*.onnx`; missing parent folders are created.
+        format: "onnx" (the only format); None picks it from the suffix of `out`.
         input_spec: the checkpoint's input_spec, stored with the network for prediction.
         opset: ONNX opset, 17 or more.
 
     ONNX uses the TorchScript-based exporter (`dynamo=False`) with `dynamic_axes`: the
     torch.export-based one needs the onnxscript package (not a dependency) and would specialise
-    on the padding branch anyway. TorchScript is traced, as UNet does not script.
+    on the padding branch anyway.
     """
     out = Path(out)
     format = check_format(format, out)
@@ -176,10 +183,7 @@ def export_net(net: nn.Module, out: str | Path, format: str | None = None, *, in
             # Expected: the legacy exporter is deprecated, and tracing freezes the nets' padding `if` (see _DynamicPad).
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=_DEPRECATED)
-            if format == "onnx":
-                _save_onnx(model, example, partial, metadata, opset)
-            else:
-                _save_torchscript(model, example, partial, metadata)
+            _save_onnx(model, example, partial, metadata, opset)
         partial.replace(out)
     finally:
         partial.unlink(missing_ok=True)
@@ -189,38 +193,35 @@ def export_net(net: nn.Module, out: str | Path, format: str | None = None, *, in
 def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str], opset: int) -> None:
     """torch.onnx.export with dynamic batch, height and width, then the metadata added."""
     onnx = _require("onnx")
-    torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
-                      output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES, opset_version=opset)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        dynamo=False,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes=DYNAMIC_AXES,
+        opset_version=opset,
+    )
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
 
 
-def _save_torchscript(model: nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
-    """torch.jit.trace, saved with the metadata as extra files."""
-    traced = torch.jit.trace(model, example, check_trace=False)  # callers compare with PyTorch: max_abs_difference
-    torch.jit.save(traced, str(path), _extra_files={f"{key}.json": value for key, value in metadata.items()})
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str | None = None, *,
-                      opset: int = OPSET) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, format: str | None = None, *, opset: int = OPSET
+) -> Path:
     """Export the network of a training checkpoint (`SegmentationModule`) with its input_spec; see `export_net`."""
     check_format(format, Path(out))  # before the slow load
     net, input_spec = load_checkpoint_net(checkpoint)
     return export_net(net, out, format, input_spec=input_spec, opset=opset)
 
 
-def load_checkpoint_net(checkpoint: str | Path) -> tuple[nn.Module, dict | None]:
-    """(network on the CPU in eval mode, input_spec) of a training checkpoint; errors name the file."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint}: no such file")
-    try:
-        module = SegmentationModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    except (KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"checkpoint {checkpoint}: not a unetseg training checkpoint ({error})") from error
-    return module.net.eval(), module.hparams.get("input_spec")
+def load_checkpoint_net(checkpoint: str | Path) -> tuple[nn.Module, InputSpec | None]:
+    """(network on the CPU in eval mode, input spec) of a training checkpoint; errors name the file."""
+    net, spec, _ = load_net(checkpoint)
+    return net.eval(), spec
 
 
 def _require(name: str):
@@ -289,51 +290,18 @@ class OnnxPredictor(nn.Module):
         return torch.from_numpy(logits)[..., :height, :width].to(image.device)
 
 
-def load_onnx(path: str | Path, providers: Sequence[str] | None = None) -> tuple[OnnxPredictor, dict | None]:
-    """(predictor, input_spec) of an .onnx file written by unetseg-export; see `OnnxPredictor` for `providers`."""
+def load_onnx(path: str | Path, providers: Sequence[str] | None = None) -> tuple[OnnxPredictor, InputSpec | None]:
+    """(predictor, input spec) of an .onnx file written by unetseg-export; see `OnnxPredictor` for `providers`."""
     predictor = OnnxPredictor(path, providers)
-    return predictor, predictor.input_spec
+    spec = predictor.input_spec
+    return predictor, InputSpec.from_dict(spec) if spec is not None else None
 
 
-def load_torchscript(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict | None]:
-    """(module, input_spec) of a .torchscript file written by unetseg-export; the module is on `map_location`.
-
-    The module pads inputs exactly as the PyTorch network does, so every H and W matches it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"TorchScript model {path}: no such file")
-    extra_files = {f"{key}.json": "" for key in METADATA_KEYS}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_DEPRECATED)
-            module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra_files)
-    except RuntimeError as error:
-        raise ValueError(f"{path}: not a TorchScript file ({error})") from error
-    found = {key: _decode(extra_files[f"{key}.json"]) for key in METADATA_KEYS}
-    input_spec, multiple, minimum = _read_metadata(path, found)
-    return _PadLikeNet(module, multiple, minimum).eval(), input_spec
-
-
-def _decode(value: str | bytes) -> str:
-    """torch.jit.load fills extra files with bytes."""
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def load_exported(path: str | Path) -> tuple[nn.Module, dict | None]:
-    """(model, input_spec) of an exported .onnx or .torchscript file, dispatched on its suffix."""
-    path = Path(path)
-    if path.suffix == FORMATS["onnx"]:
-        return load_onnx(path)
-    if path.suffix == FORMATS["torchscript"]:
-        return load_torchscript(path)
-    raise ValueError(f"{path}: exported models end in {' or '.join(FORMATS.values())}")
-
-
-def max_abs_difference(path: str | Path, net: nn.Module, sizes: Iterable[tuple[int, int]], batch_size: int = 2,
-                       seed: int = 0) -> float:
+def max_abs_difference(
+    path: str | Path, net: nn.Module, sizes: Iterable[tuple[int, int]], batch_size: int = 2, seed: int = 0
+) -> float:
     """Largest |exported - PyTorch| logit over random (batch_size, C, H, W) inputs of the given (H, W) sizes."""
-    exported, _ = load_exported(path)
+    exported, _ = load_onnx(path)
     net = copy.deepcopy(net).cpu().eval()
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0

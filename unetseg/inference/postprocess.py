@@ -8,16 +8,25 @@ from skimage.feature import peak_local_max
 from skimage.measure import label as connected_components
 from skimage.segmentation import watershed
 
+from unetseg.spec import foreground_probability
 
-def to_mask(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """(classes, H, W) probabilities -> uint8 mask: 0/255 for one class, the argmax class index for several."""
-    if probs.shape[0] == 1:
-        return np.where(probs[0] > threshold, 255, 0).astype(np.uint8)
+
+def to_mask(probs: np.ndarray, threshold: float = 0.5, targets: str | None = None) -> np.ndarray:
+    """(classes, H, W) probabilities -> uint8 mask: 0/255 foreground for one class and for targets "boundary",
+    the argmax class index for several classes."""
+    if probs.shape[0] == 1 or targets == "boundary":
+        foreground = foreground_probability(probs, "boundary" if targets == "boundary" else "foreground")
+        return np.where(foreground > threshold, 255, 0).astype(np.uint8)
     return probs.argmax(axis=0).astype(np.uint8)
 
 
-def to_labels(probs: np.ndarray, threshold: float = 0.5, min_size: int = 15, min_distance: int = 4,
-              seed_threshold: float | None = None) -> np.ndarray:
+def to_labels(
+    probs: np.ndarray,
+    threshold: float = 0.5,
+    min_size: int = 15,
+    min_distance: int = 4,
+    seed_threshold: float | None = None,
+) -> np.ndarray:
     """(classes, H, W) probabilities -> instance labels (H, W), uint16 or uint32 when needed.
 
     One class (foreground): threshold, then a watershed of the distance transform from its
@@ -28,7 +37,7 @@ def to_labels(probs: np.ndarray, threshold: float = 0.5, min_size: int = 15, min
     `seed_threshold` (default: `threshold`) is the interior probability that makes a seed.
     """
     if probs.shape[0] == 3:
-        foreground = probs[1] + probs[2] > threshold
+        foreground = foreground_probability(probs, "boundary") > threshold
         seed_threshold = threshold if seed_threshold is None else seed_threshold
         seeds = connected_components((probs[1] > seed_threshold) & foreground, connectivity=1)
         seeds = remove_small(seeds, max(1, min_size // 3))
@@ -36,14 +45,16 @@ def to_labels(probs: np.ndarray, threshold: float = 0.5, min_size: int = 15, min
     elif probs.shape[0] == 1:
         foreground = probs[0] > threshold
         distance = ndimage.distance_transform_edt(foreground)
-        peaks = peak_local_max(distance, min_distance=min_distance, labels=connected_components(foreground),
-                               exclude_border=False)
+        peaks = peak_local_max(
+            distance, min_distance=min_distance, labels=connected_components(foreground), exclude_border=False
+        )
         markers = np.zeros(foreground.shape, dtype=np.int32)
         markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
         labels = watershed(-distance, markers=markers, mask=foreground)
     else:
-        raise ValueError(f"instance labels need 1 (foreground) or 3 (background/interior/edge) classes, "
-                         f"got {probs.shape[0]}")
+        raise ValueError(
+            f"instance labels need 1 (foreground) or 3 (background/interior/edge) classes, got {probs.shape[0]}"
+        )
     labels = remove_small(labels, min_size)
     return labels.astype(np.uint16 if labels.max() < 2**16 else np.uint32)
 

@@ -51,8 +51,9 @@ def build_transform(config: Augmentation | None) -> A.Compose | None:
     if config.grid_distortion:
         steps.append(A.GridDistortion(border_mode=cv2.BORDER_REFLECT_101, p=config.grid_distortion))
     if config.brightness_contrast:
-        steps.append(A.RandomBrightnessContrast(config.brightness_limit, config.contrast_limit,
-                                                p=config.brightness_contrast))
+        steps.append(
+            A.RandomBrightnessContrast(config.brightness_limit, config.contrast_limit, p=config.brightness_contrast)
+        )
     if config.gamma:
         steps.append(A.RandomGamma(gamma_limit=config.gamma_limit, p=config.gamma))
     if config.noise:

@@ -23,15 +23,15 @@ from skimage.segmentation import find_boundaries
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from unetseg.callbacks import read_metrics
-from unetseg.data import SegmentationDataModule, find_pairs, pair_name
 from unetseg.inference import predict_tiled
+from unetseg.inference.postprocess import to_labels
 from unetseg.io import Normalization, read_image, read_labels, to_channels
 from unetseg.metrics import segmentation_scores, summarize
 from unetseg.models import SMPUnet, UNet
-from unetseg.module import SegmentationModule
-from unetseg.postprocess import to_labels
-from unetseg.transforms import Augmentation
+from unetseg.training.augment import Augmentation
+from unetseg.training.callbacks import read_metrics
+from unetseg.training.data import SegmentationDataModule, find_pairs, pair_name
+from unetseg.training.module import SegmentationModule
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -81,8 +81,7 @@ class TrainThroughput(pl.Callback):
 def load_pairs(root: Path, names: list[str], in_channels: int = 3) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, raw image (C, H, W), labels) for the named stems."""
     paths = {pair_name(image, root / "images"): (image, mask) for image, mask in find_pairs(root)}
-    return [(name, to_channels(read_image(paths[name][0]), in_channels), read_labels(paths[name][1]))
-            for name in names]
+    return [(name, to_channels(read_image(paths[name][0]), in_channels), read_labels(paths[name][1])) for name in names]
 
 
 def evaluate(module: SegmentationModule, pairs, tile_size: int = 256, overlap: int = 32) -> tuple[dict, float, list]:
@@ -90,7 +89,7 @@ def evaluate(module: SegmentationModule, pairs, tile_size: int = 256, overlap: i
     spec = module.hparams["input_spec"]
     normalization = Normalization(**spec["normalization"])
     scores, predictions, pixels, seconds = [], [], 0, 0.0
-    for name, image, labels in pairs:
+    for _name, image, labels in pairs:
         started = time.perf_counter()
         probs = predict_tiled(module.net, normalization(image), tile_size=tile_size, overlap=overlap)
         seconds += time.perf_counter() - started
@@ -119,25 +118,38 @@ def otsu_watershed(pairs) -> tuple[dict, list]:
     return summarize(scores), predictions
 
 
-def train_variant(name: str, net: nn.Module, data: SegmentationDataModule, steps: int, out: Path,
-                  lr: float) -> tuple[SegmentationModule, TrainThroughput, Path]:
+def train_variant(
+    name: str, net: nn.Module, data: SegmentationDataModule, steps: int, out: Path, lr: float
+) -> tuple[SegmentationModule, TrainThroughput, Path]:
     """Train one variant for `steps` steps with validation at quarters; returns module, throughput, log dir."""
     folder = out / "runs" / name.replace(" ", "_").replace("=", "-")
     module = SegmentationModule(net, lr=lr, scheduler="cosine")
     throughput = TrainThroughput()
-    trainer = pl.Trainer(max_steps=steps, max_epochs=-1, val_check_interval=max(1, steps // 4),
-                         check_val_every_n_epoch=None, limit_val_batches=60, num_sanity_val_steps=0,
-                         logger=CSVLogger(folder, name="", version=""), callbacks=[throughput],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         log_every_n_steps=10, accelerator="cpu", deterministic=False)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        val_check_interval=max(1, steps // 4),
+        check_val_every_n_epoch=None,
+        limit_val_batches=60,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(folder, name="", version=""),
+        callbacks=[throughput],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        accelerator="cpu",
+        deterministic=False,
+    )
     pl.seed_everything(0, verbose=False)
     trainer.fit(module, datamodule=data)
     module.eval()
     return module, throughput, folder
 
 
-def gradient_norms(data: SegmentationDataModule, steps: int, depth: int = 5, width: int = 8,
-                   record_every: int = 25) -> dict:
+def gradient_norms(
+    data: SegmentationDataModule, steps: int, depth: int = 5, width: int = 8, record_every: int = 25
+) -> dict:
     """Per-level gradient norms (stem, each down level, each up level, head) of deep variants.
 
     Recorded at initialisation and every `record_every` training steps, for the four
@@ -164,12 +176,16 @@ def gradient_norms(data: SegmentationDataModule, steps: int, depth: int = 5, wid
                     loss = module.loss(net(batch["image"]), batch["target"], batch.get("weight"))
                     loss.backward()
                     if step % record_every == 0:
-                        norms = [float(torch.sqrt(sum((p.grad**2).sum() for p in m.parameters() if p.grad is not None)))
-                                 for _, m in levels]
+                        norms = [
+                            float(torch.sqrt(sum((p.grad**2).sum() for p in m.parameters() if p.grad is not None)))
+                            for _, m in levels
+                        ]
                         history.append({"step": step, "loss": loss.item(), "norms": norms})
                     optimizer.step()
-                results[f"norm={norm} skip={skip} block={block}"] = {"levels": [n for n, _ in levels],
-                                                                     "history": history}
+                results[f"norm={norm} skip={skip} block={block}"] = {
+                    "levels": [n for n, _ in levels],
+                    "history": history,
+                }
     return results
 
 
@@ -199,7 +215,7 @@ def plot_learning_curves(logs: dict[str, Path], out: Path) -> Path:
         if "train/loss_step" in series:
             steps, values = zip(*series["train/loss_step"])
             smooth = np.convolve(values, np.ones(5) / 5, mode="valid")
-            loss_axis.plot(steps[len(steps) - len(smooth):], smooth, label=name)
+            loss_axis.plot(steps[len(steps) - len(smooth) :], smooth, label=name)
         if "val/dice" in series:
             dice_axis.plot(*zip(*series["val/dice"]), marker="o", label=name)
     loss_axis.set(xlabel="step", ylabel="training loss (5-step mean)", yscale="log", title="training loss")
@@ -221,8 +237,9 @@ def save_figure(figure, axes, out: Path) -> Path:
 def plot_examples(pairs, predictions: dict[str, list], indices: list[int], out: Path) -> Path:
     """Rows: example images; columns: image, ground truth, each method's instance labels."""
     columns = ["image", "ground truth", *predictions]
-    figure, axes = plt.subplots(len(indices), len(columns), figsize=(2.6 * len(columns), 2.7 * len(indices)),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        len(indices), len(columns), figsize=(2.6 * len(columns), 2.7 * len(indices)), squeeze=False
+    )
     for row, index in enumerate(indices):
         name, image, labels = pairs[index]
         rgb = np.moveaxis(image, 0, -1).astype(np.float32)
@@ -257,33 +274,53 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    data = SegmentationDataModule(root=args.data, in_channels=3, targets="boundary", tile_size=128, val_tile_size=256,
-                                  batch_size=8, tiles_per_epoch=8 * 100, border_weights=True, num_workers=1, seed=0,
-                                  augmentation=Augmentation(elastic=0.1))
+    data = SegmentationDataModule(
+        root=args.data,
+        in_channels=3,
+        targets="boundary",
+        tile_size=128,
+        val_tile_size=256,
+        batch_size=8,
+        tiles_per_epoch=8 * 100,
+        border_weights=True,
+        num_workers=1,
+        seed=0,
+        augmentation=Augmentation(elastic=0.1),
+    )
     data.setup("fit")
     val_names = data.split["val"][: args.val_images or None]
     pairs = load_pairs(Path(args.data), val_names)
 
     rows, logs, predictions = {}, {}, {}
     otsu_summary, predictions["otsu + watershed"] = otsu_watershed(pairs)
-    rows["otsu + watershed"] = {"dice": otsu_summary["dice"], "dsb_score": otsu_summary["dsb_score"],
-                                "f1": otsu_summary["f1"]}
+    rows["otsu + watershed"] = {
+        "dice": otsu_summary["dice"],
+        "dsb_score": otsu_summary["dsb_score"],
+        "f1": otsu_summary["f1"],
+    }
     for name, net in comparison_variants().items():
         print(f"== {name}", flush=True)
         params, flops = sum(p.numel() for p in net.parameters()), count_flops(net)
         module, throughput, logs[name] = train_variant(name, net, data, args.steps, out, args.lr)
         module.hparams["input_spec"] = data.input_spec
         summary, megapixels, predictions[name] = evaluate(module, pairs)
-        rows[name] = {"dice": summary["dice"], "dsb_score": summary["dsb_score"], "f1": summary["f1"],
-                      "params": params, "gflops_256": flops / 1e9, "train_tiles_per_s": throughput.tiles_per_second,
-                      "infer_mpx_per_s": megapixels}
+        rows[name] = {
+            "dice": summary["dice"],
+            "dsb_score": summary["dsb_score"],
+            "f1": summary["f1"],
+            "params": params,
+            "gflops_256": flops / 1e9,
+            "train_tiles_per_s": throughput.tiles_per_second,
+            "infer_mpx_per_s": megapixels,
+        }
         print(json.dumps(rows[name]), flush=True)
 
     print("== gradient norms", flush=True)
     gradients = gradient_norms(data, args.gradient_steps)
     elapsed = time.time() - started
-    (out / "comparison.json").write_text(json.dumps({"rows": rows, "gradients": gradients, "args": vars(args),
-                                                     "seconds": elapsed}, indent=1))
+    (out / "comparison.json").write_text(
+        json.dumps({"rows": rows, "gradients": gradients, "args": vars(args), "seconds": elapsed}, indent=1)
+    )
     plot_learning_curves(logs, out / "learning_curves.png")
     plot_gradient_norms(gradients, out / "gradient_norms.png")
     examples = pick_examples(pairs)
@@ -301,8 +338,9 @@ def pick_examples(pairs, count: int = 3) -> list[int]:
     return list(dict.fromkeys(chosen))[:count]
 
 
-def write_report(path: Path, rows: dict, gradients: dict, args, seconds: float, val_count: int,
-                 train_count: int) -> None:
+def write_report(
+    path: Path, rows: dict, gradients: dict, args, seconds: float, val_count: int, train_count: int
+) -> None:
     """The markdown report; every number comes from this run."""
     lines = [
         "# Skip connections, measured: from-scratch U-Net variants vs the SMP baseline",
@@ -321,20 +359,33 @@ def write_report(path: Path, rows: dict, gradients: dict, args, seconds: float, 
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        extra = ("| — | — | — | — |" if "params" not in row else
-                 f"| {row['params'] / 1e6:.2f} M | {row['gflops_256']:.2f} | {row['train_tiles_per_s']:.1f} | "
-                 f"{row['infer_mpx_per_s']:.2f} |")
+        extra = (
+            "| — | — | — | — |"
+            if "params" not in row
+            else f"| {row['params'] / 1e6:.2f} M | {row['gflops_256']:.2f} | {row['train_tiles_per_s']:.1f} | "
+            f"{row['infer_mpx_per_s']:.2f} |"
+        )
         lines.append(f"| {name} | {row['dice']:.3f} | {row['dsb_score']:.3f} | {row['f1']:.3f} {extra}")
-    lines += ["", "![learning curves](learning_curves.png)", "", "![examples](examples.png)", "",
-              "## Gradient flow", "",
-              f"Per-level gradient norms of depth-5, width-8 U-Nets, at initialisation and after "
-              f"{args.gradient_steps} training steps (same data and loss). Levels run from the first layer "
-              "(stem) to the last (head).", "",
-              "| variant | stem / head at init | stem / head after training | loss at init | loss after |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+        "![examples](examples.png)",
+        "",
+        "## Gradient flow",
+        "",
+        f"Per-level gradient norms of depth-5, width-8 U-Nets, at initialisation and after "
+        f"{args.gradient_steps} training steps (same data and loss). Levels run from the first layer "
+        "(stem) to the last (head).",
+        "",
+        "| variant | stem / head at init | stem / head after training | loss at init | loss after |",
+        "|---|---|---|---|---|",
+    ]
     for key, value in gradients.items():
         first, last = value["history"][0], value["history"][-1]
-        lines.append(f"| {key} | {first['norms'][0] / first['norms'][-1]:.3g} | "
-                     f"{last['norms'][0] / last['norms'][-1]:.3g} | {first['loss']:.3f} | {last['loss']:.3f} |")
+        lines.append(
+            f"| {key} | {first['norms'][0] / first['norms'][-1]:.3g} | "
+            f"{last['norms'][0] / last['norms'][-1]:.3g} | {first['loss']:.3f} | {last['loss']:.3f} |"
+        )
     lines += ["", "![gradient norms](gradient_norms.png)", ""]
     path.write_text("\n".join(lines))

@@ -6,6 +6,8 @@ geometry is computed per axis and combined by an outer product in `unetseg.infer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 BLENDS = ("gaussian", "mean", "center")
@@ -27,6 +29,37 @@ def check_tiling(tile_size: int, overlap: int, blend: str = "gaussian", pad_mode
         raise ValueError(f"blend must be one of {', '.join(BLENDS)}; got {blend!r}")
     if pad_mode not in PAD_MODES:
         raise ValueError(f"pad_mode must be one of {', '.join(PAD_MODES)}; got {pad_mode!r}")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How an image is cut into tiles and stitched back: the one home of the tiling defaults.
+
+    Args:
+        tile_size: side of the square tiles given to the model (a size the model accepts).
+        overlap: pixels shared by neighbouring tiles; image borders get overlap // 2 mirrored
+            context, so a model whose receptive field radius is at most overlap // 2 gives the
+            whole-image result exactly with blend="center".
+        batch_size: tiles per forward pass (tta makes the model batch 8 times larger).
+        blend: "gaussian" (importance window, sigma tile_size / 8), "mean", or "center" (each
+            pixel from the tile where it lies most centrally: the U-Net overlap-tile strategy).
+        pad_mode: "reflect", "symmetric" or "edge" padding of the borders (as `numpy.pad`).
+        tta: average the probabilities of the 8 flips and quarter turns of each tile.
+        amp: autocast (bfloat16, or float16 on GPUs without it); None decides per device.
+    """
+
+    tile_size: int = 256
+    overlap: int = 64
+    batch_size: int = 8
+    blend: str = "gaussian"
+    pad_mode: str = "reflect"
+    tta: bool = False
+    amp: bool | None = None
+
+    def __post_init__(self):
+        check_tiling(self.tile_size, self.overlap, self.blend, self.pad_mode)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
 
 
 def padding(length: int, tile_size: int, overlap: int) -> tuple[int, int]:

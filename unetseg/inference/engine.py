@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from unetseg.tiling import axis_weights, check_tiling, pad_indices, padding, tile_starts
+from unetseg.inference.tiling import TilingConfig, axis_weights, pad_indices, padding, tile_starts
 
 __all__ = ["autocast_dtype", "iter_predict_bands", "predict_tiled", "select_device"]
+
+DEFAULT = TilingConfig()
 
 
 def select_device(model: nn.Module, device: str | torch.device | None = None) -> torch.device:
@@ -77,7 +79,7 @@ class _AxisPlan:
 
 
 def _plan_axis(length: int, tile_size: int, overlap: int, blend: str, pad_mode: str) -> _AxisPlan:
-    """Geometry of one axis from `unetseg.tiling`."""
+    """Geometry of one axis from `unetseg.inference.tiling`."""
     before, after = padding(length, tile_size, overlap)
     padded_length = before + length + after
     starts = tile_starts(padded_length, tile_size, overlap)
@@ -216,15 +218,15 @@ def iter_predict_bands(
     model: nn.Module,
     image: Any,
     *,
-    tile_size: int = 256,
-    overlap: int = 64,
-    batch_size: int = 8,
-    blend: str = "gaussian",
-    pad_mode: str = "reflect",
-    tta: bool = False,
+    tile_size: int = DEFAULT.tile_size,
+    overlap: int = DEFAULT.overlap,
+    batch_size: int = DEFAULT.batch_size,
+    blend: str = DEFAULT.blend,
+    pad_mode: str = DEFAULT.pad_mode,
+    tta: bool = DEFAULT.tta,
     normalize: Callable[[Any], Any] | None = None,
     device: str | torch.device | None = None,
-    amp: bool | None = None,
+    amp: bool | None = DEFAULT.amp,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Predict an image band by band: yields (row_start, row_stop, probs) with probs (classes, rows, W) float32.
 
@@ -237,25 +239,13 @@ def iter_predict_bands(
             gives sigmoid probabilities, several a softmax.
         image: (C, H, W) of any size, anything sliced as `image[:, start:stop]` (numpy,
             `numpy.memmap`/`tifffile.memmap`, torch tensor, zarr); read one band at a time.
-        tile_size: side of the square tiles given to the model (a size the model accepts).
-        overlap: pixels shared by neighbouring tiles; image borders get overlap // 2 mirrored
-            context, so a model whose receptive field radius is at most overlap // 2 gives the
-            whole-image result exactly with blend="center".
-        batch_size: tiles per forward pass (tta makes the model batch 8 times larger).
-        blend: "gaussian" (importance window, sigma tile_size / 8), "mean", or "center" (each
-            pixel from the tile where it lies most centrally: the U-Net overlap-tile strategy).
-        pad_mode: "reflect", "symmetric" or "edge" padding of the borders (as `numpy.pad`),
-            repeated when the image is smaller than the padding.
-        tta: average the probabilities of the 8 flips and quarter turns of each tile.
+        tile_size, overlap, batch_size, blend, pad_mode, tta, amp: see `TilingConfig`.
         normalize: applied to each raw band (C, rows, W) before tiling, e.g.
             `lambda band: Normalization().apply(band, value_range)` with a range computed once
             for the whole image; None takes the image as already normalised.
         device: where tiles are run and stitched; None means the model's device.
-        amp: autocast (bfloat16, or float16 on GPUs without it); None means on for CUDA only.
     """
-    check_tiling(tile_size, overlap, blend, pad_mode)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    TilingConfig(tile_size, overlap, batch_size, blend, pad_mode, tta, amp)  # checks every setting
     shape = tuple(image.shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"image must have shape (C, H, W) with C, H, W >= 1; got shape {shape}")
@@ -293,15 +283,15 @@ def predict_tiled(
     model: nn.Module,
     image: Any,
     *,
-    tile_size: int = 256,
-    overlap: int = 64,
-    batch_size: int = 8,
-    blend: str = "gaussian",
-    pad_mode: str = "reflect",
-    tta: bool = False,
+    tile_size: int = DEFAULT.tile_size,
+    overlap: int = DEFAULT.overlap,
+    batch_size: int = DEFAULT.batch_size,
+    blend: str = DEFAULT.blend,
+    pad_mode: str = DEFAULT.pad_mode,
+    tta: bool = DEFAULT.tta,
     normalize: Callable[[Any], Any] | None = None,
     device: str | torch.device | None = None,
-    amp: bool | None = None,
+    amp: bool | None = DEFAULT.amp,
     out: Any = None,
 ) -> np.ndarray:
     """Predict a whole (C, H, W) image tile by tile; returns probabilities (classes, H, W), float32.

@@ -11,21 +11,12 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, MulticlassF1Score
 
-from unetseg.losses import SegmentationLoss
-from unetseg.models import build_net, describe_net, net_state_dict
+from unetseg.checkpoint import checked_net_description, load_net_weights, read_checkpoint
+from unetseg.models import build_net, describe_net
+from unetseg.spec import InputSpec
+from unetseg.training.losses import SegmentationLoss
 
 SCHEDULERS = ("cosine", "plateau", "none")
-
-
-def load_net_weights(net: nn.Module, source: str | Path) -> None:
-    """Copy the network weights of a checkpoint (a path or a shipped model name) into `net`."""
-    path = Path(source)
-    if not path.is_file():
-        from unetseg.weights import model_path
-
-        path = model_path(str(source))
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    net.load_state_dict(net_state_dict(state))
 
 
 class SegmentationModule(pl.LightningModule):
@@ -49,9 +40,17 @@ class SegmentationModule(pl.LightningModule):
     (N, H, W), the per-pixel cross-entropy weights (the U-Net border weight map).
     """
 
-    def __init__(self, net: nn.Module, dice_weight: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 scheduler: str = "cosine", patience: int = 5, input_spec: dict | None = None,
-                 pretrained: str | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        dice_weight: float = 1.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        scheduler: str = "cosine",
+        patience: int = 5,
+        input_spec: dict | None = None,
+        pretrained: str | None = None,
+    ):
         super().__init__()
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r} is not valid; choose one of {', '.join(map(repr, SCHEDULERS))}")
@@ -78,28 +77,33 @@ class SegmentationModule(pl.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location=None, **kwargs) -> SegmentationModule:
-        """Rebuild the module, its network included, from a checkpoint; loads tensors only, never code."""
-        if "net" not in kwargs:
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-            kwargs["net"] = build_net(checkpoint["hyper_parameters"]["net"])
-        kwargs.setdefault("pretrained", None)  # the checkpoint's own weights follow
-        kwargs.setdefault("weights_only", True)
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+        """Rebuild the module, its network included, from a checkpoint: tensors and plain data only, and only
+        networks unetseg allows (see `unetseg.checkpoint`). Keyword arguments override saved hyperparameters."""
+        checkpoint = read_checkpoint(checkpoint_path)
+        hparams = {
+            key: value for key, value in checkpoint.get("hyper_parameters", {}).items() if not key.startswith("_")
+        }  # LightningCLI's "_instantiator"
+        description = hparams.pop("net", None)
+        net = kwargs.pop("net", None) or build_net(checked_net_description(description, checkpoint_path))
+        hparams.update(pretrained=None)  # the checkpoint's own weights follow
+        hparams.update(kwargs)
+        module = cls(net=net, **hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module.to(map_location) if map_location is not None else module
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits) if self.classes == 1 else torch.softmax(logits, dim=1)
-
     def on_fit_start(self) -> None:
-        spec = getattr(self.trainer.datamodule, "input_spec", None)
+        spec: InputSpec | None = getattr(self.trainer.datamodule, "input_spec", None)
         if spec is None:
             return
-        if spec["classes"] != self.classes:
-            raise ValueError(f"the network outputs {self.classes} channel(s) but targets={spec['targets']!r} need "
-                             f"{spec['classes']}; set the network's classes to {spec['classes']}")
-        self.hparams["input_spec"] = spec
+        if spec.classes != self.classes:
+            raise ValueError(
+                f"the network outputs {self.classes} channel(s) but targets={spec.targets!r} need "
+                f"{spec.classes}; set the network's classes to {spec.classes}"
+            )
+        self.hparams["input_spec"] = spec.to_dict()
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         logits = self.net(batch["image"])
@@ -130,7 +134,8 @@ class SegmentationModule(pl.LightningModule):
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         if self.hparams.scheduler == "plateau":
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
-                                                                   patience=self.hparams.patience)
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=0.5, patience=self.hparams.patience
+            )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/dice"}}
         return optimizer

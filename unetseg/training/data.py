@@ -12,15 +12,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from skimage.segmentation import find_boundaries
 from torch.utils.data import DataLoader, Dataset
 
-from unetseg.io import ImageReadError, Normalization, is_image_file, read_image, read_labels, to_channels
-from unetseg.losses import border_weight_map
+from unetseg.io import ImageReadError, Normalization, find_images, image_key, read_image, read_labels, to_channels
+from unetseg.spec import InputSpec, output_classes
 from unetseg.synthetic import default_dataset
-from unetseg.transforms import Augmentation, build_transform
-
-TARGETS = ("foreground", "boundary", "classes")
+from unetseg.training.augment import Augmentation, build_transform
+from unetseg.training.targets import border_weight_map, make_target
 
 
 @dataclass
@@ -45,45 +43,37 @@ def find_pairs(root: str | Path, images: str = "images", masks: str = "masks") -
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
             raise ValueError(f"{folder}: folder not found (expected {root}/{images} and {root}/{masks})")
-    image_files, mask_files = stem_index(image_dir), stem_index(mask_dir)
+    image_files, mask_files = find_images(image_dir), find_images(mask_dir)
     if not image_files:
         raise ValueError(f"{image_dir}: no image files found (looked for .tif, .tiff, .png, .jpg)")
     problems = [f"{image_files[key]}: no mask in {mask_dir}" for key in sorted(image_files.keys() - mask_files.keys())]
-    problems += [f"{mask_files[key]}: no image in {image_dir}" for key in sorted(mask_files.keys() - image_files.keys())]
+    problems += [
+        f"{mask_files[key]}: no image in {image_dir}" for key in sorted(mask_files.keys() - image_files.keys())
+    ]
     if problems:
         raise ValueError("images and masks do not pair up by name:\n  " + "\n  ".join(problems))
     return [(image_files[key], mask_files[key]) for key in sorted(image_files)]
 
 
-def stem_index(folder: Path) -> dict[str, Path]:
-    """Map relative path without suffix -> file, refusing two files with one stem."""
-    index: dict[str, Path] = {}
-    for path in sorted(folder.rglob("*")):
-        if not is_image_file(path):
-            continue
-        key = path.relative_to(folder).with_suffix("").as_posix()
-        if key in index:
-            raise ValueError(f"{index[key]} and {path}: two files with one name; keep one")
-        index[key] = path
-    return index
-
-
 def pair_name(image_path: Path, image_dir: Path) -> str:
     """A pair's name: its path under the images folder, without suffix (`sub/cell_01`)."""
-    return image_path.relative_to(image_dir).with_suffix("").as_posix()
+    return image_key(image_path, image_dir)
 
 
-def load_sample(image_path: Path, mask_path: Path, in_channels: int, normalization: Normalization,
-                name: str | None = None) -> Sample:
+def load_sample(
+    image_path: Path, mask_path: Path, in_channels: int, normalization: Normalization, name: str | None = None
+) -> Sample:
     """Read and check one pair, and take its whole-image normalisation range."""
     image = read_image(image_path)
-    if image.ndim == 3 and not image.shape[-1] in (1, 3, 4):
+    if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
         raise ImageReadError(f"{image_path}: a {image.shape} stack; training takes 2D images (H, W[, C])")
     image = to_channels(image, in_channels, image_path)
     labels = read_labels(mask_path)
     if labels.shape != image.shape[1:]:
-        raise ImageReadError(f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but its image "
-                             f"{image_path.name} is {image.shape[1]}x{image.shape[2]}")
+        raise ImageReadError(
+            f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but its image "
+            f"{image_path.name} is {image.shape[1]}x{image.shape[2]}"
+        )
     return Sample(name or image_path.stem, image, labels, normalization.range(image), foreground_coordinates(labels))
 
 
@@ -91,17 +81,6 @@ def foreground_coordinates(labels: np.ndarray, limit: int = 4096) -> np.ndarray:
     """(K, 2) row/column coordinates of foreground pixels, evenly subsampled to at most `limit`."""
     coordinates = np.argwhere(labels > 0)
     return coordinates[:: max(1, -(-len(coordinates) // limit))]
-
-
-def make_target(labels: np.ndarray, targets: str) -> np.ndarray:
-    """Training target (H, W) int64 from a mask: foreground 0/1, boundary 0/1/2, or class indices."""
-    if targets == "foreground":
-        return (labels > 0).astype(np.int64)
-    if targets == "boundary":
-        target = (labels > 0).astype(np.int64)
-        target[find_boundaries(labels, mode="inner")] = 2  # edges of every nucleus, also where two touch
-        return target
-    return labels.astype(np.int64)
 
 
 class TileDataset(Dataset):
@@ -113,9 +92,19 @@ class TileDataset(Dataset):
     smaller than a tile give one smaller tile, so validation never scores padding.
     """
 
-    def __init__(self, samples: Sequence[Sample], normalization: Normalization, tile_size: int, targets: str,
-                 length: int | None = None, transform=None, foreground_oversampling: float = 0.33,
-                 border_weights: bool = False, border_w0: float = 10.0, border_sigma: float = 5.0):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        normalization: Normalization,
+        tile_size: int,
+        targets: str,
+        length: int | None = None,
+        transform=None,
+        foreground_oversampling: float = 0.33,
+        border_weights: bool = False,
+        border_w0: float = 10.0,
+        border_sigma: float = 5.0,
+    ):
         self.samples, self.normalization, self.tile_size, self.targets = samples, normalization, tile_size, targets
         self.transform, self.foreground_oversampling = transform, foreground_oversampling
         self.border_weights, self.border_w0, self.border_sigma = border_weights, border_w0, border_sigma
@@ -135,15 +124,17 @@ class TileDataset(Dataset):
             sample_index, y, x = self.grid[index]
             sample, rng = self.samples[sample_index], None
         size = self.tile_size
-        image = sample.image[:, y:y + size, x:x + size]
-        labels = sample.labels[y:y + size, x:x + size]
+        image = sample.image[:, y : y + size, x : x + size]
+        labels = sample.labels[y : y + size, x : x + size]
         image = self.normalization.apply(image, sample.value_range)  # (C, h, w) float32
         if self.transform is not None:
             self.transform.set_random_seed(int(rng.integers(2**31)))
             out = self.transform(image=np.moveaxis(image, 0, -1), mask=labels.astype(np.int32))
             image, labels = np.moveaxis(out["image"], -1, 0), out["mask"]
-        item = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                "target": torch.from_numpy(make_target(labels, self.targets))}
+        item = {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "target": torch.from_numpy(make_target(labels, self.targets)),
+        }
         if self.border_weights:
             item["weight"] = torch.from_numpy(border_weight_map(labels, self.border_w0, self.border_sigma))
         return item
@@ -202,17 +193,31 @@ class SegmentationDataModule(pl.LightningDataModule):
         seed: seed of the train/validation split.
     """
 
-    def __init__(self, root: str | None = None, images: str = "images", masks: str = "masks", in_channels: int = 1,
-                 targets: str = "foreground", classes: int | None = None, tile_size: int = 256, val_tile_size: int | None = None, batch_size: int = 8,
-                 tiles_per_epoch: int = 512, val_fraction: float = 0.15, split_file: str | None = None,
-                 normalization: Normalization = Normalization(), augmentation: Augmentation = Augmentation(),
-                 foreground_oversampling: float = 0.33, border_weights: bool = False, border_w0: float = 10.0,
-                 border_sigma: float = 5.0, num_workers: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        root: str | None = None,
+        images: str = "images",
+        masks: str = "masks",
+        in_channels: int = 1,
+        targets: str = "foreground",
+        classes: int | None = None,
+        tile_size: int = 256,
+        val_tile_size: int | None = None,
+        batch_size: int = 8,
+        tiles_per_epoch: int = 512,
+        val_fraction: float = 0.15,
+        split_file: str | None = None,
+        normalization: Normalization = Normalization(),
+        augmentation: Augmentation = Augmentation(),
+        foreground_oversampling: float = 0.33,
+        border_weights: bool = False,
+        border_w0: float = 10.0,
+        border_sigma: float = 5.0,
+        num_workers: int | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
-        if targets not in TARGETS:
-            raise ValueError(f"targets={targets!r} is not valid; choose one of {', '.join(map(repr, TARGETS))}")
-        if targets == "classes" and (classes is None or classes < 2):
-            raise ValueError("targets='classes' needs classes >= 2 (the number of classes in the masks)")
+        output_classes(targets, classes)  # checks targets and classes
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         if in_channels not in (1, 3):
@@ -232,13 +237,12 @@ class SegmentationDataModule(pl.LightningDataModule):
     @property
     def output_classes(self) -> int:
         """Channels the network must output for these targets."""
-        return {"foreground": 1, "boundary": 3}.get(self.targets, self.classes)
+        return output_classes(self.targets, self.classes)
 
     @property
-    def input_spec(self) -> dict:
+    def input_spec(self) -> InputSpec:
         """How inputs were prepared, stored in checkpoints so prediction repeats it exactly."""
-        return {"in_channels": self.in_channels, "normalization": self.normalization.to_dict(),
-                "targets": self.targets, "classes": self.output_classes}
+        return InputSpec(self.in_channels, self.normalization, self.targets, self.output_classes)
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
@@ -257,14 +261,26 @@ class SegmentationDataModule(pl.LightningDataModule):
             except ImageReadError as error:
                 problems.append(str(error))
         if problems:
-            raise ValueError(f"{len(problems)} of {len(pairs)} training pairs cannot be used:\n  " + "\n  ".join(problems))
+            raise ValueError(
+                f"{len(problems)} of {len(pairs)} training pairs cannot be used:\n  " + "\n  ".join(problems)
+            )
         train = [pad_sample(samples[name], self.tile_size) for name in self.split["train"]]
         val = [samples[name] for name in self.split["val"]]
-        common = dict(normalization=self.normalization, targets=self.targets, border_weights=self.border_weights,
-                      border_w0=self.border_w0, border_sigma=self.border_sigma)
-        self.train_set = TileDataset(train, tile_size=self.tile_size, length=self.tiles_per_epoch,
-                                     transform=build_transform(self.augmentation),
-                                     foreground_oversampling=self.foreground_oversampling, **common)
+        common = dict(
+            normalization=self.normalization,
+            targets=self.targets,
+            border_weights=self.border_weights,
+            border_w0=self.border_w0,
+            border_sigma=self.border_sigma,
+        )
+        self.train_set = TileDataset(
+            train,
+            tile_size=self.tile_size,
+            length=self.tiles_per_epoch,
+            transform=build_transform(self.augmentation),
+            foreground_oversampling=self.foreground_oversampling,
+            **common,
+        )
         self.val_set = TileDataset(val, tile_size=self.val_tile_size, **common)
         self.write_split()
 
@@ -273,17 +289,24 @@ class SegmentationDataModule(pl.LightningDataModule):
             split = json.loads(Path(self.split_file).read_text())
             unknown = sorted(set(split.get("train", []) + split.get("val", [])) - set(names))
             if unknown or not split.get("train") or not split.get("val"):
-                raise ValueError(f"{self.split_file}: needs non-empty 'train' and 'val' lists of file stems found in "
-                                 f"the data; unknown: {unknown[:5]}")
+                raise ValueError(
+                    f"{self.split_file}: needs non-empty 'train' and 'val' lists of file stems found in "
+                    f"the data; unknown: {unknown[:5]}"
+                )
             return {"train": split["train"], "val": split["val"]}
         order = np.random.default_rng(self.seed).permutation(len(names))
         val_count = min(len(names) - 1, max(1, round(self.val_fraction * len(names))))
-        return {"train": sorted(names[i] for i in order[val_count:]), "val": sorted(names[i] for i in order[:val_count])}
+        return {
+            "train": sorted(names[i] for i in order[val_count:]),
+            "val": sorted(names[i] for i in order[:val_count]),
+        }
 
     def check_mask_values(self, labels: np.ndarray, mask_path: Path) -> None:
         if self.targets == "classes" and labels.max() >= self.classes:
-            raise ImageReadError(f"{mask_path}: holds class {labels.max()} but classes={self.classes} "
-                                 f"(values must be 0 to {self.classes - 1})")
+            raise ImageReadError(
+                f"{mask_path}: holds class {labels.max()} but classes={self.classes} "
+                f"(values must be 0 to {self.classes - 1})"
+            )
 
     def write_split(self) -> None:
         trainer = self.trainer
@@ -296,13 +319,20 @@ class SegmentationDataModule(pl.LightningDataModule):
         (Path(log_dir) / "split.json").write_text(json.dumps(self.split, indent=1))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         # One tile per batch: tiles of small images are smaller than tile_size.
-        return DataLoader(self.val_set, batch_size=1, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.val_set, batch_size=1, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+        )
 
 
 def pad_sample(sample: Sample, tile_size: int) -> Sample:

@@ -1,0 +1,62 @@
+"""`python -m unetseg` dispatch, packaged configs by name, and the layout rules of the package."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unetseg.cli import COMMANDS
+from unetseg.cli.train import packaged_configs, resolve_config, resolve_configs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_module_help_lists_every_subcommand():
+    result = subprocess.run([sys.executable, "-m", "unetseg", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for name in ("train", "predict", "evaluate", "export", "demo"):
+        assert f"  {name} " in result.stdout
+    assert set(COMMANDS) == {"train", "predict", "evaluate", "export", "demo"}
+
+
+def test_unknown_subcommand_is_a_usage_error():
+    result = subprocess.run([sys.executable, "-m", "unetseg", "fly"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown subcommand 'fly'" in result.stderr
+
+
+def test_packaged_configs_resolve_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    configs = packaged_configs()
+    assert {"tiny", "demo", "unet", "smp_unet", "nuclei", "ddp"} <= configs.keys()
+    assert resolve_config("tiny") == str(configs["tiny"]) and Path(resolve_config("tiny.yaml")).is_file()
+    (tmp_path / "mine.yaml").write_text("seed_everything: 1\n")
+    assert resolve_config("mine.yaml") == "mine.yaml"  # a file beats a name
+    assert resolve_configs(["--config", "tiny", "--config=demo", "--data.root", "x"]) == [
+        "--config",
+        str(configs["tiny"]),
+        f"--config={configs['demo']}",
+        "--data.root",
+        "x",
+    ]
+    with pytest.raises(SystemExit, match="--config nope: no such file, and not a packaged config"):
+        resolve_config("nope")
+
+
+def test_top_level_configs_folder_is_the_packaged_one():
+    assert sorted(p.name for p in (REPO / "configs").glob("*.yaml")) == sorted(
+        p.name for p in (REPO / "unetseg" / "configs").glob("*.yaml")
+    )
+
+
+def test_torch_load_lives_in_one_module():
+    users = sorted(
+        str(path.relative_to(REPO)) for path in (REPO / "unetseg").rglob("*.py") if "torch.load(" in path.read_text()
+    )
+    assert users == ["unetseg/checkpoint.py"]
+
+
+def test_every_cli_module_runs_as_a_script():
+    for module, _ in COMMANDS.values():
+        source = (REPO / (module.replace(".", "/") + ".py")).read_text()
+        assert 'if __name__ == "__main__":' in source, module

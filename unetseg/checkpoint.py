@@ -1,0 +1,229 @@
+"""Model files: the one reader and writer of checkpoints, and the rules for trusting them.
+
+Every checkpoint unetseg reads goes through `read_checkpoint`: `torch.load(weights_only=True)`,
+so a file that holds Python objects is refused and nothing in it runs. Networks are rebuilt
+from the description a checkpoint carries only for classes on an allow-list, with arguments
+checked against bounds before anything is allocated, and never with weights from the network
+(the checkpoint's own weights follow). ONNX exports are dispatched to ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unetseg.models import build_net, net_state_dict
+from unetseg.spec import InputSpec
+
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "CheckpointError",
+    "load_net",
+    "load_net_weights",
+    "load_predictor",
+    "read_checkpoint",
+    "resolve_model",
+    "slim_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+# The only networks a checkpoint may ask for: its class_path is looked up here, never imported freely.
+ALLOWED_NETS = {
+    "unetseg.models.unet.UNet": "unetseg.models.unet.UNet",
+    "unetseg.models.UNet": "unetseg.models.unet.UNet",
+    "unetseg.models.baseline.SMPUnet": "unetseg.models.baseline.SMPUnet",
+    "unetseg.models.SMPUnet": "unetseg.models.baseline.SMPUnet",
+}
+# Upper bounds of integer network arguments, checked before a network is built: a 100-byte
+# file must not make us allocate gigabytes (UNet width 6000 is > 4 GB of weights).
+NET_ARGUMENT_LIMITS = {
+    "in_channels": 16,
+    "classes": 256,
+    "depth": 8,
+    "width": 512,
+    "encoder_depth": 5,
+    "blocks_per_level": 16,
+    "growth": 256,
+    "layers": 16,
+    "spatial_dims": 3,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used or is refused; the message names the file and why."""
+
+
+def resolve_model(source: str | Path) -> Path:
+    """A checkpoint path, or the file of a model shipped with unetseg by name ("nuclei")."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    from unetseg.weights import MODELS, model_path
+
+    if str(source) in MODELS:
+        return model_path(str(source))
+    raise CheckpointError(f"{path}: no such checkpoint file (nor a shipped model: {', '.join(MODELS)})")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The contents of a PyTorch checkpoint as tensors and plain data (weights_only); CheckpointError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with warnings.catch_warnings():  # a TorchScript archive is refused below, not dispatched to torch.jit.load
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if not found:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged or another format)") from None
+        hint = ""
+        if found.group(1).startswith("unetseg."):
+            hint = (
+                "; a checkpoint from Trainer.fit in Python stores the data module's dataclasses: "
+                "checkpoints written by unetseg-train hold plain data"
+            )
+        raise CheckpointError(
+            f"{path}: refused: the checkpoint holds Python objects ({found.group(1)}), not only tensors and plain "
+            f"data; loading them could run code, so only weights are loaded (weights_only=True){hint}"
+        ) from None
+    except Exception as error:  # zip, pickle and EOF errors of damaged or foreign files
+        if "TorchScript" in str(error):
+            raise CheckpointError(
+                f"{path}: a TorchScript archive; TorchScript is a program, not data, so it is not "
+                "loaded here: predict with the .ckpt or its .onnx export"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: not a unetseg checkpoint (a {type(checkpoint).__name__}, not a dict)")
+    return checkpoint
+
+
+def checked_net_description(description: Any, path: str | Path) -> dict:
+    """A checkpoint's network description, refused unless its class is allowed and its arguments are in bounds."""
+    if not isinstance(description, dict) or not isinstance(description.get("init_args", {}), dict):
+        raise CheckpointError(f"{path}: not a unetseg checkpoint (no network description)")
+    class_path = str(description.get("class_path", ""))
+    if class_path not in ALLOWED_NETS:
+        raise CheckpointError(
+            f"{path}: refused: its network class {class_path!r} is not one of unetseg's networks "
+            f"({', '.join(sorted(set(ALLOWED_NETS.values())))}); checkpoints may not choose what "
+            "gets imported"
+        )
+    init_args = dict(description.get("init_args", {}))
+    for name, limit in NET_ARGUMENT_LIMITS.items():
+        value = init_args.get(name)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= limit):
+            raise CheckpointError(f"{path}: refused: network argument {name}={value!r} is outside 1..{limit}")
+    if "encoder_weights" in init_args:
+        init_args["encoder_weights"] = None  # the checkpoint's weights follow: never download any
+    return {"class_path": ALLOWED_NETS[class_path], "init_args": init_args}
+
+
+def load_net(path: str | Path) -> tuple[nn.Module, InputSpec | None, dict]:
+    """(network with its trained weights, input spec or None, hyperparameters) of a training checkpoint."""
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a unetseg checkpoint (no state_dict, or no hyper_parameters)")
+    description = checked_net_description(hparams.get("net"), path)
+    spec = None
+    if hparams.get("input_spec"):
+        try:
+            spec = InputSpec.from_dict(hparams["input_spec"])
+        except ValueError as error:
+            raise CheckpointError(f"{path}: unusable input_spec: {error}") from None
+    try:
+        net = build_net(description)
+        net.load_state_dict(net_state_dict(checkpoint["state_dict"]))
+    except Exception as error:  # wrong keys or shapes, bad init arguments
+        raise CheckpointError(f"{path}: cannot rebuild the network ({type(error).__name__}: {error})") from None
+    return net, spec, hparams
+
+
+def load_predictor(path: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, InputSpec]:
+    """Load a model for prediction and the input spec it was trained with: (model in eval mode, spec).
+
+    .ckpt/.pt/.pth are training checkpoints (see `read_checkpoint`); .onnx files written by
+    unetseg-export run through ONNX Runtime (`unetseg.export.onnx.OnnxPredictor`) with the spec
+    stored in the file. Raises CheckpointError naming the file when it cannot be used.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        model, spec = _load_onnx(path)
+    elif suffix in CHECKPOINT_SUFFIXES:
+        model, spec, _ = load_net(path)
+        if spec is None:
+            raise CheckpointError(
+                f"{path}: has no input_spec (channels and normalisation); it was saved without a "
+                "SegmentationDataModule, so prediction cannot repeat its input normalisation"
+            )
+    else:
+        raise CheckpointError(
+            f"{path}: unknown model file type {suffix!r}; expected {', '.join(CHECKPOINT_SUFFIXES)} or .onnx"
+        )
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), spec
+
+
+def _load_onnx(path: Path) -> tuple[nn.Module, InputSpec]:
+    """An ONNX export run by ONNX Runtime, and the input spec stored in it."""
+    try:
+        from unetseg.export.onnx import load_onnx
+
+        model, spec = load_onnx(path)
+        if spec is None:
+            raise ValueError("no input_spec in its metadata; export it with unetseg-export from a trained checkpoint")
+        return model, spec
+    except (ImportError, ValueError, OSError) as error:  # no onnxruntime, not an export, unreadable
+        message = str(error)
+        message = message[len(f"{path}: ") :] if message.startswith(f"{path}: ") else message
+        raise CheckpointError(f"{path}: cannot load the ONNX model ({message})") from None
+
+
+def load_net_weights(net: nn.Module, source: str | Path) -> None:
+    """Copy the network weights of a checkpoint (a path or a shipped model name) into `net` (fine-tuning)."""
+    path = resolve_model(source)
+    checkpoint = read_checkpoint(path)
+    if "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a unetseg checkpoint (no state_dict)")
+    try:
+        net.load_state_dict(net_state_dict(checkpoint["state_dict"]))
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: its weights do not fit this network ({error})") from None
+
+
+def slim_checkpoint(source: str | Path, target: str | Path, half: bool = True) -> Path:
+    """Write the shippable part of a training checkpoint: weights and hyperparameters.
+
+    Optimiser state, callbacks and loops are dropped; floating-point weights are stored as
+    float16 when `half` (loaded back into float32 parameters). The result still loads with
+    `SegmentationModule.load_from_checkpoint` and `unetseg-predict --checkpoint`.
+    """
+    checkpoint = read_checkpoint(source)
+    state = {
+        key: value.half() if half and value.is_floating_point() else value
+        for key, value in checkpoint["state_dict"].items()
+    }
+    slim = {
+        key: checkpoint[key]
+        for key in ("pytorch-lightning_version", "hyper_parameters", "epoch", "global_step")
+        if key in checkpoint
+    }
+    slim["state_dict"] = state
+    torch.save(slim, target)
+    return Path(target)

@@ -1,0 +1,15 @@
+"""Prediction of whole images: tiling geometry (`tiling`), the tiled engine (`engine`) and
+post-processing of probabilities into masks and instance labels (`postprocess`)."""
+
+from unetseg.inference.engine import autocast_dtype, iter_predict_bands, predict_tiled, select_device
+from unetseg.inference.tiling import BLENDS, PAD_MODES, TilingConfig
+
+__all__ = [
+    "BLENDS",
+    "PAD_MODES",
+    "TilingConfig",
+    "autocast_dtype",
+    "iter_predict_bands",
+    "predict_tiled",
+    "select_device",
+]

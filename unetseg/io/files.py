@@ -1,0 +1,78 @@
+"""Finding image files, pairing them by name, and writing outputs atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class DuplicateNameError(ValueError):
+    """Two files with one name (`a.png` and `a.tif`): they would pair with, or be written to, the same file."""
+
+    def __init__(self, first: Path, second: Path, key: str):
+        super().__init__(f"{first} and {second}: two files with one name; keep one")
+        self.first, self.second, self.key = first, second, key
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a file whose suffix is one we can read."""
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def image_key(path: Path, root: Path) -> str:
+    """A file's name for pairing: its path under `root` without suffix (`sub/cell_01`)."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def find_images(root: str | Path, glob: str | None = None, exclude: str | Path | None = None) -> dict[str, Path]:
+    """The image files under `root`, searched recursively, keyed by `image_key` and sorted.
+
+    Hidden files and folders are skipped, and so is anything inside `exclude` (an output
+    folder that lies inside the input). `glob` filters by the path relative to `root`
+    (`PurePath.match`, so "*.tif" matches at any depth). Raises DuplicateNameError (a
+    ValueError) naming both files when two have one key (`a.png` and `a.tif`). An empty result
+    is returned as is: callers say what they were looking for.
+    """
+    root = Path(root)
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    files: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts) or not is_image_file(path):
+            continue
+        if excluded is not None and path.resolve().is_relative_to(excluded):
+            continue
+        if glob is not None and not PurePosixPath(relative.as_posix()).match(glob):
+            continue
+        key = image_key(path, root)
+        if key in files:
+            raise DuplicateNameError(files[key], path, key)
+        files[key] = path
+    return files
+
+
+@contextmanager
+def atomic_output(path: str | Path, suffix: str = ".tmp.tif") -> Iterator[Path]:
+    """A temporary file in `path`'s folder, renamed to `path` when the block succeeds, deleted if it fails.
+
+    An interrupted write never leaves a half-written file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        umask = os.umask(0)  # reading the umask means setting it
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual mode
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,232 @@
+"""TIFF files: opening lazily with their axes, pixel size (calibration), and atomic writing.
+
+Uncompressed, contiguous TIFFs are memory-mapped instead of read, and band-by-band readers and
+writers release the mapped pages as they go (`release_pages`), so a huge image never sits
+whole in resident memory. Calibration (TIFF resolution tags, ImageJ unit and spacing, OME
+physical sizes) is read from inputs and written to outputs, so masks overlay in Fiji and napari.
+"""
+
+from __future__ import annotations
+
+import mmap
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from unetseg.io.files import TIFF_SUFFIXES, atomic_output
+from unetseg.io.images import ImageReadError, read_image
+
+IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)  # what an ImageJ hyperstack can hold
+CHANNEL_AXES, PLANE_AXES = "SC", "ZTQI"  # tifffile axis letters: samples/channels; slices/frames/pages
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The physical pixel size of an image, as its TIFF tags and ImageJ or OME metadata give it."""
+
+    resolution: tuple | None = None  # (XResolution, YResolution): pixels per unit, TIFF rationals or floats
+    resolution_unit: int | None = None  # TIFF ResolutionUnit: 1 none (see `unit`), 2 inch, 3 centimetre
+    unit: str | None = None  # ImageJ unit name ("micron", "nm"...) when resolution_unit is 1
+    spacing: float | None = None  # distance between the planes of a stack, in `unit`
+
+    def tiff_kwargs(self, axes: str, dtype: np.dtype) -> dict:
+        """`tifffile.imwrite` arguments writing this calibration: ImageJ metadata, OME where ImageJ can't (uint32)."""
+        kwargs: dict[str, Any] = {"photometric": "minisblack"}  # never let a width of 3 or 4 pass for RGB
+        if self.resolution is not None:
+            kwargs["resolution"] = self.resolution
+        if self.resolution_unit is not None:
+            kwargs["resolutionunit"] = self.resolution_unit
+        if np.dtype(dtype) in IMAGEJ_DTYPES:
+            metadata = {"axes": axes, "unit": self.unit, "spacing": self.spacing}
+            kwargs["imagej"] = True
+        else:
+            metadata = {"axes": axes, **self._ome_sizes()}
+            kwargs["ome"] = True
+        kwargs["metadata"] = {key: value for key, value in metadata.items() if value is not None}
+        return kwargs
+
+    def _ome_sizes(self) -> dict:
+        """OME PhysicalSizeX/Y/Z and units, where the unit has an OME name."""
+        unit = {2: "in", 3: "cm"}.get(self.resolution_unit) or OME_UNITS.get(self.unit or "")
+        if self.resolution is None or unit is None:
+            return {}
+        x, y = (_ratio(value) for value in self.resolution)
+        sizes = {"PhysicalSizeX": 1 / x, "PhysicalSizeXUnit": unit, "PhysicalSizeY": 1 / y, "PhysicalSizeYUnit": unit}
+        if self.spacing is not None:
+            sizes |= {"PhysicalSizeZ": self.spacing, "PhysicalSizeZUnit": unit}
+        return sizes
+
+
+OME_UNITS = {"micron": "µm", "um": "µm", "µm": "µm", "\\u00B5m": "µm", "nm": "nm", "mm": "mm", "cm": "cm"}
+IMAGEJ_UNITS = {"µm": "micron", "nm": "nm", "mm": "mm", "cm": "cm", "m": "m", "Å": "angstrom"}
+
+
+def _ratio(value) -> float:
+    """A TIFF rational (numerator, denominator) or a number, as a float."""
+    return value[0] / value[1] if isinstance(value, tuple) else float(value)
+
+
+def read_calibration(tif: tifffile.TiffFile) -> Calibration:
+    """The calibration of an open TIFF: resolution tags and ImageJ unit/spacing, or OME physical sizes."""
+    tags = tif.pages.first.tags
+    resolution = None
+    if "XResolution" in tags and "YResolution" in tags:
+        resolution = (tags["XResolution"].value, tags["YResolution"].value)
+    unit_tag = tags.get("ResolutionUnit")
+    resolution_unit = int(unit_tag.value) if unit_tag is not None else None
+    imagej = tif.imagej_metadata or {}
+    unit, spacing = imagej.get("unit"), imagej.get("spacing")
+    ome = _ome_pixels(tif.ome_metadata) if tif.is_ome else {}
+    if ome.get("PhysicalSizeX"):
+        size_x = float(ome["PhysicalSizeX"])
+        size_y = float(ome.get("PhysicalSizeY", size_x))
+        ome_unit = ome.get("PhysicalSizeXUnit", "µm")  # the OME schema's default
+        resolution, resolution_unit = (1 / size_x, 1 / size_y), 1
+        unit = IMAGEJ_UNITS.get(ome_unit, ome_unit)
+        spacing = float(ome["PhysicalSizeZ"]) if ome.get("PhysicalSizeZ") else spacing
+    return Calibration(resolution, resolution_unit, unit, float(spacing) if spacing is not None else None)
+
+
+def _ome_pixels(xml: str | None) -> dict:
+    """Attributes of the first OME Image's Pixels element, {} when there is none or the XML is broken."""
+    try:
+        root = ElementTree.fromstring(xml or "")
+    except ElementTree.ParseError:
+        return {}
+    pixels = next((element for element in root.iter() if element.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    return dict(pixels.attrib) if pixels is not None else {}
+
+
+@dataclass
+class InputImage:
+    """An input opened for prediction.
+
+    planes: (Z, H, W) or (Z, H, W, C) in the stored dtype, Z = 1 for a 2D image; a read-only
+        memory map of the file where the file allows it (uncompressed, contiguous TIFF).
+    stack: True for a Z (or T) stack, predicted plane by plane into a stack of the same depth.
+    """
+
+    planes: Any
+    stack: bool = False
+    plane_axis: str = "Z"
+    calibration: Calibration = field(default_factory=Calibration)
+
+    @property
+    def height(self) -> int:
+        return int(self.planes.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.planes.shape[2])
+
+
+def open_image(path: str | Path) -> InputImage:
+    """Open an image file for prediction: PNG/JPEG/BMP/TIFF, grey or RGB(A), 2D or a ZYX TIFF stack.
+
+    TIFF axes come from its ImageJ or OME metadata when it has them; otherwise a 3D array whose
+    last axis has at most 4 entries holds channels (H, W, C) and any other is a stack (Z, H, W).
+    Raises ImageReadError naming the file for anything that is not such an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: file is empty")
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        image = read_image(path)  # PNG, JPEG and BMP hold one 2D image
+        if image.ndim not in (2, 3):
+            raise ImageReadError(f"{path}: cannot use an image of shape {image.shape}; expected (H, W) or (H, W, C)")
+        return InputImage(image[None])
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, axes, dtype, offset = tuple(series.shape), series.axes, series.dtype, series.dataoffset
+            described = tif.is_imagej or tif.is_ome
+            calibration = read_calibration(tif)
+    except Exception as error:  # tifffile raises its own, struct, value and index errors on broken files
+        raise ImageReadError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
+    array = None
+    if offset is not None and dtype.kind in "uif":  # uncompressed and contiguous: map, don't read
+        needed = offset + int(np.prod(shape)) * dtype.itemsize
+        if path.stat().st_size < needed:
+            raise ImageReadError(f"{path}: file is truncated ({path.stat().st_size} bytes; its pixels need {needed})")
+        try:
+            array = tifffile.memmap(path, mode="r")
+        except ValueError:  # a layout tifffile does not map after all; read it instead
+            array = None
+    if array is None:
+        array = read_image(path)
+    if array.shape != shape:
+        raise ImageReadError(f"{path}: read shape {array.shape} differs from the stored {shape}")
+    planes, stack, plane_axis = _arrange(array, axes if described else _generic_axes(shape, axes), path)
+    return InputImage(planes, stack, plane_axis, calibration)
+
+
+def _generic_axes(shape: tuple, axes: str) -> str:
+    """Axes of a TIFF without ImageJ/OME metadata: (H, W, C) when the last axis is short, else as tifffile says."""
+    if len(shape) == 3 and shape[-1] <= 4 and axes[0] in "QI":
+        return "YXS"
+    return axes
+
+
+def _arrange(array: Any, axes: str, path: Path) -> tuple[Any, bool, str]:
+    """(planes (Z, H, W[, C]), stack, plane axis) from an array and its tifffile axes; views, never copies."""
+    problem = f"{path}: cannot use a {'x'.join(map(str, array.shape))} image with axes {axes}"
+    if len(axes) != array.ndim or "Y" not in axes or "X" not in axes:
+        raise ImageReadError(f"{problem}; expected YX, YXS, ZYX or ZYXS")
+    channel = [i for i, letter in enumerate(axes) if letter in CHANNEL_AXES]
+    others = [i for i, letter in enumerate(axes) if letter not in "YX" + CHANNEL_AXES]
+    if len(channel) > 1 or len(others) > 1 or (others and axes[others[0]] not in PLANE_AXES):
+        raise ImageReadError(f"{problem}; expected one 2D image or one Z stack, with at most one channel axis")
+    order = others + [axes.index("Y"), axes.index("X")] + channel
+    arranged = np.transpose(array, order)
+    if not others:
+        return arranged[None], False, "Z"
+    return arranged, True, "T" if axes[others[0]] == "T" else "Z"
+
+
+def native(array: Any) -> np.ndarray:
+    """An array in native byte order (big-endian TIFFs map as such), as read_image returns it."""
+    array = np.asarray(array)
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
+def write_tiff(path: str | Path, array: np.ndarray, **kwargs) -> Path:
+    """Write a TIFF atomically (see `atomic_output`); keyword arguments go to `tifffile.imwrite`
+    (resolution, metadata, compression...)."""
+    with atomic_output(path) as temporary:
+        tifffile.imwrite(temporary, array, **kwargs)
+    return Path(path)
+
+
+@contextmanager
+def atomic_memmap(path: Path, shape: tuple, dtype: np.dtype, **kwargs) -> Iterator[np.memmap]:
+    """A TIFF memory map on a temporary file in `path`'s folder, renamed to `path` when the block succeeds."""
+    with atomic_output(path) as temporary:
+        out = tifffile.memmap(temporary, shape=shape, dtype=dtype, **kwargs)
+        yield out
+        out.flush()
+        del out
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the resident pages of the memory map behind `array` (a view of a `numpy.memmap`).
+
+    Band-by-band readers and writers call it after each band, so a huge memory-mapped image
+    does not accumulate in the process's resident memory; the pages stay in the kernel's file
+    cache (write-back first: the map is flushed). A no-op for ordinary arrays.
+    """
+    while array is not None and not isinstance(array, np.memmap):
+        array = getattr(array, "base", None)
+    mapping = getattr(array, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if array.mode != "r":
+        mapping.flush()
+    mapping.madvise(mmap.MADV_DONTNEED)

@@ -1,0 +1,1 @@
+"""Training: data (pairing, tiles, sampling), targets, augmentation, losses, the LightningModule and callbacks."""
