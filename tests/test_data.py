@@ -270,20 +270,24 @@ def test_border_weights_are_added_when_enabled(tmp_path):
 
 
 def test_precomputed_targets_and_weights_equal_per_tile_ones_after_cropping(tmp_path):
-    labels = blobs((120, 110), count=14, radii=(4, 9))
+    labels = blobs((170, 150), count=30, radii=(4, 9))
     write_pair(tmp_path, "a", np.where(labels > 0, 200, 20).astype(np.uint8), labels)
     sample = load_sample(tmp_path / "images/a.tif", tmp_path / "masks/a.tif", 1, Normalization())
-    dataset = TileDataset([sample], Normalization(), 48, "boundary", border_weights=True)
+    size = 100
+    dataset = TileDataset([sample], Normalization(), size, "boundary", border_weights=True)
     margin = weight_radius(10.0, 5.0)  # instances farther than this from a pixel do not change its weight
-    assert dataset.maps[0][0].dtype == np.uint8  # targets kept compact per image
+    inside = np.zeros((size, size), bool)
+    inside[margin:-margin, margin:-margin] = True
+    assert inside.sum() > 30**2 and dataset.maps[0][0].dtype == np.uint8  # targets kept compact per image
+    whole_image, compared = border_weight_map(labels), []
     for index, (_, y, x) in enumerate(dataset.grid):
-        item, tile = dataset[index], labels[y : y + 48, x : x + 48]
-        np.testing.assert_array_equal(item["target"].numpy()[1:-1, 1:-1], make_target(tile, "boundary")[1:-1, 1:-1])
-        whole, alone = item["weight"].numpy(), border_weight_map(tile)
-        inside = np.zeros((48, 48), bool)
-        inside[margin:-margin, margin:-margin] = True
-        np.testing.assert_allclose(whole[inside], alone[inside], rtol=0, atol=1e-5)
-        assert np.abs(whole - border_weight_map(labels)[y : y + 48, x : x + 48]).max() == 0
+        item, tile = dataset[index], labels[y : y + size, x : x + size]
+        target, weight, alone = item["target"].numpy(), item["weight"].numpy(), border_weight_map(tile)
+        np.testing.assert_array_equal(target[1:-1, 1:-1], make_target(tile, "boundary")[1:-1, 1:-1])
+        compared.append(alone[inside].max())
+        np.testing.assert_allclose(weight[inside], alone[inside], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(weight, whole_image[y : y + size, x : x + size], rtol=0, atol=1e-6)
+    assert len(compared) == 4 and max(compared) > 1.01  # gaps between nuclei lie in the compared part
 
 
 def test_spatial_augmentation_moves_weight_maps_with_targets(tmp_path):
