@@ -204,3 +204,22 @@ def test_help_exits_cleanly(capsys):
         train.main(["--help"])
     assert exit_info.value.code == 0
     assert "fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "native, config, expected",
+    [
+        (True, {}, "bf16-mixed"),
+        (False, {}, "32-true"),
+        (True, {"accelerator": "cpu", "precision": None}, "bf16-mixed"),
+        (True, {"precision": "32-true"}, None),  # the config's choice stands
+        (False, {"precision": "bf16-mixed"}, None),
+    ],
+)
+def test_precision_is_chosen_per_machine_unless_the_config_sets_it(monkeypatch, native, config, expected):
+    from unetseg.cli.train import automatic_precision
+    from unetseg.inference import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert automatic_precision(config) == expected

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from unetseg.inference.precision import trainer_precision
 from unetseg.logs import quiet_dependencies
 from unetseg.training.callbacks import SaveCurves
 from unetseg.training.data import SegmentationDataModule
@@ -59,11 +60,23 @@ def default_loggers(root: str) -> list:
     return loggers + [TensorBoardLogger(root, name="", version="", default_hp_metric=False)]
 
 
+def automatic_precision(trainer_config: dict) -> str | None:
+    """trainer.precision for a config that leaves it unset: "bf16-mixed" where bfloat16 is native, else "32-true";
+    None when the config sets it."""
+    if trainer_config.get("precision") is not None:
+        return None
+    return trainer_precision(str(trainer_config.get("accelerator") or "auto"))
+
+
 class TrainCLI(LightningCLI):
-    """LightningCLI whose default loggers write into trainer.default_root_dir (the run folder)."""
+    """LightningCLI whose default loggers write into trainer.default_root_dir (the run folder), and whose
+    precision, unless the config sets it, is bf16-mixed on hardware with native bfloat16."""
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
+        precision = automatic_precision(trainer_config)
+        if precision is not None:
+            kwargs["precision"] = precision
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir") or "runs/default")
         return super().instantiate_trainer(**kwargs)
