@@ -124,7 +124,7 @@ class UNet(nn.Module):
             "nested" is UNet++: node X(i, j) (level i, j >= 1) is a block over the concatenation
             of X(i, 0..j-1) and the upsampled X(i+1, j-1); the logits come from X(0, depth).
             Its extra inner nodes cost parameters and FLOPs, measured in reports/degradation.md
-            (at depth 4, width 32, 256x256: about 1.5x the parameters and 2.5x the FLOPs of concat).
+            (at depth 4, width 32, 256x256: 1.17x the parameters and 2.5x the FLOPs of concat).
         block: "plain" (conv-norm-ReLU x2), "residual" (the ResNet basic block, short skips) or
             "dense" (DenseNet block + 1x1 transition to the level's channels; see
             `blocks.DenseBlock`). Decoder dense blocks pass only their new feature maps to the
