@@ -57,21 +57,17 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         raise ImageReadError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our own cap replaces Pillow's (179 Mpx, below a 30000 x 30000 image)
     try:
         check_pixels(path, *_header_shape(path), max_pixels)
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            array = tifffile.imread(path)
-        else:
-            limit = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None  # our own cap was checked above; Pillow's (179 Mpx) is lower
-            try:
-                array = skio.imread(path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = limit
+        array = tifffile.imread(path) if path.suffix.lower() in TIFF_SUFFIXES else skio.imread(path)
     except ImageReadError:
         raise
     except Exception as error:  # every reader has its own exception types
         raise ImageReadError(f"{path}: cannot read image ({type(error).__name__}: {error})") from error
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     array = np.asarray(array)
     if array.ndim < 2 or min(array.shape[:2]) == 0 or array.dtype.kind not in "uifb":
         raise ImageReadError(f"{path}: not an image (shape {array.shape}, dtype {array.dtype})")
