@@ -274,7 +274,7 @@ def test_4_train_writes_checkpoints_through_the_atomic_writer(shared_dataset, tm
 
 def bomb(path, height, width, dtype=np.uint8):
     """A small deflate TIFF whose header then claims height x width pixels."""
-    tifffile.imwrite(path, np.zeros((64, 64), dtype), compression="zlib", rowsperstrip=64)
+    tifffile.imwrite(path, np.zeros((64, 64), dtype), compression="zlib", rowsperstrip=64, metadata=None)
     with tifffile.TiffFile(path, mode="r+b") as tif:
         tags = tif.pages[0].tags
         tags["ImageWidth"].overwrite(width)
