@@ -33,6 +33,7 @@ from unetseg.io import (
     is_image_file,
     write_tiff,
 )
+from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import InputImage, atomic_memmap, open_image, release_pages
 from unetseg.spec import InputSpec
@@ -64,11 +65,14 @@ class PredictSettings:
             `postprocess.to_labels`, for targets "foreground" and "boundary").
         threshold: foreground probability threshold of "mask" and "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
+        max_pixels: the most pixels (height x width x planes) an input may claim in its header;
+            larger ones are refused unread (decompression bombs). None: no cap.
     """
 
     output: str = "mask"
     threshold: float = 0.5
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # inputs claiming more pixels are refused before decoding
 
     def __post_init__(self):
         if self.output not in OUTPUTS:
@@ -198,7 +202,7 @@ def predict_file(
     """
     settings.check(input_spec)
     source, target = Path(source), Path(target)
-    image = open_image(source)
+    image = open_image(source, settings.max_pixels)
     shape, dtype, axes = _layout(settings, input_spec, image)
     planes = len(image.planes)
     with tqdm(
@@ -238,13 +242,19 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
         target = output if output.suffix.lower() in TIFF_SUFFIXES else output / f"{root.stem}.tif"
         if target.resolve() == root.resolve():
             raise ValueError(f"OUTPUT {target} is the input file; choose another name")
+        if target != output and target.exists() and target.parent.resolve() == root.parent.resolve():
+            raise ValueError(
+                f"OUTPUT {target} exists beside the input and may be one of your images; it is never "
+                "written over: choose another folder, or name the output file"
+            )
         return [(root, target)]
     if not root.is_dir():
         raise ValueError(f"INPUT {root}: no such file or folder")
     if output.resolve() == root.resolve():
         raise ValueError(f"OUTPUT {output} is the INPUT folder; outputs would replace inputs, choose another folder")
+    inside = output.resolve().is_relative_to(root.resolve())
     try:
-        files = find_images(root, glob, exclude=output)
+        files = find_images(root, glob, exclude=output if inside else None)
     except DuplicateNameError as error:
         raise ValueError(
             f"{error.first} and {error.second} would both be written to {output / error.key}.tif; rename one"
@@ -252,7 +262,14 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     if not files:
         what = f"matching {glob!r}" if glob else f"({', '.join(IMAGE_SUFFIXES)})"
         raise ValueError(f"INPUT {root}: no image files {what} in this folder or below")
-    return [(path, output / f"{key}.tif") for key, path in files.items()]
+    pairs = [(path, output / f"{key}.tif") for key, path in files.items()]
+    inputs = {path.resolve() for path in (files if glob is None else find_images(root)).values()}
+    clashes = [target for _, target in pairs if target.resolve() in inputs]
+    if clashes:
+        raise ValueError(
+            f"OUTPUT {clashes[0]} is an input file: outputs must not replace inputs, choose another folder"
+        )
+    return pairs
 
 
 @dataclass
@@ -322,6 +339,7 @@ def predict_files(
         except Exception as error:  # one broken file must not stop the folder; MemoryError and friends included
             summary.failed[source] = _reason(error, source)
             log.error("%s: %s", source, summary.failed[source])
+            log.debug("%s: traceback", source, exc_info=True)
             continue
         summary.seconds += time.perf_counter() - started
         summary.pixels += pixels

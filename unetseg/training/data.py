@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unetseg.io import ImageReadError, Normalization, find_images, image_key, read_image, read_labels, to_channels
+from unetseg.io.normalize import count_non_finite, warn_non_finite
 from unetseg.spec import InputSpec, output_classes
 from unetseg.synthetic import default_dataset
 from unetseg.training.augment import Augmentation, build_transform
@@ -74,6 +75,7 @@ def load_sample(
             f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but its image "
             f"{image_path.name} is {image.shape[1]}x{image.shape[2]}"
         )
+    warn_non_finite(image_path, count_non_finite(image), image.size)
     return Sample(name or image_path.stem, image, labels, normalization.range(image), foreground_coordinates(labels))
 
 
@@ -222,6 +224,14 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}")
+        for option, value in (("tile_size", tile_size), ("val_tile_size", val_tile_size), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{option} must be a positive integer, got {value!r}")
+        if not isinstance(tiles_per_epoch, int) or tiles_per_epoch < batch_size:
+            raise ValueError(
+                f"data.tiles_per_epoch must be at least data.batch_size ({batch_size}) so an epoch has a batch, "
+                f"got {tiles_per_epoch!r}"
+            )
         # No save_hyperparameters(): checkpoints stay plain data (weights_only loading); the
         # run folder's config.yaml and the module's input_spec record what matters.
         self.root, self.images, self.masks, self.in_channels = root, images, masks, in_channels

@@ -3,6 +3,7 @@ checkpoint rebuild its network and repeat its input normalisation."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -11,12 +12,13 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, MulticlassF1Score
 
-from unetseg.checkpoint import checked_net_description, load_net_weights, read_checkpoint
+from unetseg.checkpoint import checked_net_description, load_net_weights, non_finite_weights, read_checkpoint
 from unetseg.models import build_net, describe_net
 from unetseg.spec import InputSpec
 from unetseg.training.losses import SegmentationLoss
 
 SCHEDULERS = ("cosine", "plateau", "none")
+log = logging.getLogger(__name__)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -80,6 +82,8 @@ class SegmentationModule(pl.LightningModule):
         """Rebuild the module, its network included, from a checkpoint: tensors and plain data only, and only
         networks unetseg allows (see `unetseg.checkpoint`). Keyword arguments override saved hyperparameters."""
         checkpoint = read_checkpoint(checkpoint_path)
+        if non_finite_weights(checkpoint.get("state_dict", {})):
+            log.warning("%s: some weights are NaN or infinite; the training that wrote it diverged", checkpoint_path)
         hparams = {
             key: value for key, value in checkpoint.get("hyper_parameters", {}).items() if not key.startswith("_")
         }  # LightningCLI's "_instantiator"
