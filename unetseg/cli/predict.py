@@ -22,6 +22,7 @@ MIN_TILE, MAX_TILE = 16, 8192  # smaller tiles are all padding; a batch of 8 lar
 
 PROG = "unetseg-predict"
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = {"auto": None, "fp32": False, "bf16": True}  # --precision -> TilingConfig.amp
 
 DESCRIPTION = """\
 Segment INPUT, an image file or a folder searched recursively, into OUTPUT: one TIFF per
@@ -108,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=float, default=0.5, metavar="P", help="foreground probability threshold (default 0.5)"
     )
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
+    parser.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="auto",
+        help="auto: bfloat16 autocast on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX), float32 "
+        "elsewhere; bf16 forces it (float16 on GPUs without bfloat16), fp32 turns it off (default auto)",
+    )
     parser.add_argument("--glob", metavar="PATTERN", help='only inputs whose path matches, e.g. "*.tif"')
     parser.add_argument("--overwrite", action="store_true", help="predict again files whose output exists")
     parser.add_argument(
@@ -163,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbosity_level(args.verbose, args.quiet))
     try:
         tiling = TilingConfig(
-            tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, blend=args.blend, tta=args.tta
+            tile_size=args.tile_size,
+            overlap=args.overlap,
+            batch_size=args.batch_size,
+            blend=args.blend,
+            tta=args.tta,
+            amp=PRECISIONS[args.precision],
         )
         settings = PredictSettings(
             output=args.output, threshold=args.threshold, tiling=tiling, max_pixels=args.max_pixels
