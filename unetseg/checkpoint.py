@@ -31,6 +31,7 @@ __all__ = [
     "read_checkpoint",
     "resolve_model",
     "slim_checkpoint",
+    "store_postprocess",
 ]
 
 log = logging.getLogger(__name__)
@@ -227,3 +228,22 @@ def slim_checkpoint(source: str | Path, target: str | Path, half: bool = True) -
     slim["state_dict"] = state
     torch.save(slim, target)
     return Path(target)
+
+
+def store_postprocess(source: str | Path, target: str | Path, postprocess: dict) -> Path:
+    """Write `source` to `target` (may be the same file) with `postprocess` as its input spec's
+    post-processing settings (what `unetseg-tune` found); everything else is kept as it is."""
+    from unetseg.inference.postprocess import label_settings
+
+    label_settings(postprocess)  # ValueError for unknown or out-of-range settings
+    checkpoint = read_checkpoint(source)
+    spec = (checkpoint.get("hyper_parameters") or {}).get("input_spec")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{source}: has no input_spec to store post-processing settings in")
+    spec = InputSpec.from_dict({**spec, "postprocess": dict(postprocess)}).to_dict()  # checks it round-trips
+    checkpoint["hyper_parameters"]["input_spec"] = spec
+    target = Path(target)
+    partial = target.with_name(f".{target.name}.partial")
+    torch.save(checkpoint, partial)
+    partial.replace(target)  # never a half-written model file
+    return target

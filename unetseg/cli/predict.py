@@ -95,7 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="average the 8 flips and rotations of each tile")
     parser.add_argument("--output", choices=OUTPUTS, default="mask", help="what to write (default mask)")
     parser.add_argument(
-        "--threshold", type=float, default=0.5, metavar="P", help="foreground probability threshold (default 0.5)"
+        "--threshold",
+        type=float,
+        metavar="P",
+        help="foreground probability threshold (default: the model's tuned value, see unetseg-tune, else 0.5)",
+    )
+    parser.add_argument(
+        "--seed-threshold",
+        type=float,
+        metavar="P",
+        help="--output labels: seed (interior) probability that starts an object (default: tuned, else --threshold)",
+    )
+    parser.add_argument(
+        "--min-size",
+        type=int,
+        metavar="PIXELS",
+        help="--output labels: smallest object kept (default: tuned, else 15)",
     )
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
     parser.add_argument("--glob", metavar="PATTERN", help='only inputs whose path matches, e.g. "*.tif"')
@@ -147,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         tiling = TilingConfig(
             tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, blend=args.blend, tta=args.tta
         )
-        settings = PredictSettings(output=args.output, threshold=args.threshold, tiling=tiling)
+        settings = PredictSettings(
+            output=args.output,
+            threshold=args.threshold,
+            tiling=tiling,
+            seed_threshold=args.seed_threshold,
+            min_size=args.min_size,
+        )
         index, count = resolve_shard(args.shard)
         pairs = shard(plan_outputs(args.input, args.output_path, args.glob), index, count)
         device = resolve_device(args.device)

@@ -77,9 +77,7 @@ def build_transform(config: Augmentation | None) -> A.Compose | None:
         steps.append(StainJitter(config.stain_sigma, p=config.stain))
     if config.hue_saturation:
         saturation = round(100 * config.saturation_limit)
-        steps.append(
-            RGBOnly(A.HueSaturationValue(config.hue_limit, saturation, 0, p=1.0), p=config.hue_saturation)
-        )
+        steps.append(RGBOnly(A.HueSaturationValue(config.hue_limit, saturation, 0, p=1.0), p=config.hue_saturation))
     if config.grey:
         steps.append(Grey(p=config.grey))
     if config.invert:
