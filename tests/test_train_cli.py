@@ -101,6 +101,13 @@ def test_checkpoint_rebuilds_the_network_and_input_spec(tiny_run):
         norm="batch",
         upsample="transpose",
         dropout=0.0,
+        blocks_per_level=1,
+        growth=None,
+        layers=4,
+        deep_supervision=False,
+        spatial_dims=2,
+        pool=None,
+        spacing=None,
     )
     spec = model.hparams["input_spec"]
     assert spec["in_channels"] == 1

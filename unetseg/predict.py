@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference import TilingConfig, iter_predict_bands
-from unetseg.inference.postprocess import to_labels, to_mask_tensor
+from unetseg.inference.postprocess import label_settings, to_labels, to_mask_tensor
 from unetseg.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -64,21 +64,34 @@ class PredictSettings:
             H, W), (H, W) for one class) or "labels" (uint16/uint32 instance labels by
             `postprocess.to_labels`, for targets "foreground" and "boundary").
         threshold: foreground probability threshold of "mask" and "labels".
+        seed_threshold: seed class probability that starts an object in "labels".
+        min_size: smallest object, in pixels, kept in "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
         max_pixels: the most pixels (height x width x planes) an input may claim in its header;
             larger ones are refused unread (decompression bombs). None: no cap.
+
+    None for threshold, seed_threshold or min_size means the value the model stores (tuned by
+    `unetseg-tune`, in its input spec's `postprocess`), else `POSTPROCESS_DEFAULTS`.
     """
 
     output: str = "mask"
-    threshold: float = 0.5
+    threshold: float | None = None
     tiling: TilingConfig = field(default_factory=TilingConfig)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # inputs claiming more pixels are refused before decoding
+    seed_threshold: float | None = None
+    min_size: int | None = None
 
     def __post_init__(self):
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold!r}")
+        label_settings(threshold=self.threshold, seed_threshold=self.seed_threshold, min_size=self.min_size)
+
+    def label_options(self, spec: InputSpec) -> dict:
+        """Keyword arguments of `to_labels` (and the threshold of "mask"): defaults, then the model's
+        stored post-processing, then these settings where they are not None."""
+        return label_settings(
+            spec.postprocess, threshold=self.threshold, seed_threshold=self.seed_threshold, min_size=self.min_size
+        )
 
     def check(self, spec: InputSpec) -> None:
         """Raise ValueError when this output cannot be made from a model with this input spec."""
@@ -115,6 +128,7 @@ def _predict_planes(
     """Predict every plane of `image` into `out` (planes, [classes,] H, W), band by band."""
     normalization = spec.normalization
     in_channels, classes = spec.in_channels, spec.classes
+    options = settings.label_options(spec)
     for z, plane in enumerate(image.planes):
         value_range = plane_range(plane, in_channels, normalization, path)
         mask = settings.output == "mask"  # thresholded on the device: uint8 bands cross to the host
@@ -122,7 +136,7 @@ def _predict_planes(
             model,
             ChannelBands(plane, in_channels, path),
             normalize=partial(normalization.apply, value_range=value_range),
-            band_transform=partial(_device_mask, spec=spec, threshold=settings.threshold) if mask else None,
+            band_transform=partial(_device_mask, spec=spec, threshold=options["threshold"]) if mask else None,
             **settings.engine_options(),
         )
         whole = settings.output == "labels"  # labels need the whole plane's probabilities
@@ -140,7 +154,7 @@ def _predict_planes(
             if on_rows is not None:
                 on_rows(stop - start)
         if probs_plane is not None:
-            out[z] = to_labels(probs_plane, settings.threshold)
+            out[z] = to_labels(probs_plane, **options)
 
 
 def _check_classes(probs: Any, spec: InputSpec) -> None:

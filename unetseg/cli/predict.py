@@ -106,7 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="average the 8 flips and rotations of each tile")
     parser.add_argument("--output", choices=OUTPUTS, default="mask", help="what to write (default mask)")
     parser.add_argument(
-        "--threshold", type=float, default=0.5, metavar="P", help="foreground probability threshold (default 0.5)"
+        "--threshold",
+        type=float,
+        metavar="P",
+        help="foreground probability threshold (default: the model's tuned value, see unetseg-tune, else 0.5)",
+    )
+    parser.add_argument(
+        "--seed-threshold",
+        type=float,
+        metavar="P",
+        help="--output labels: seed (interior) probability that starts an object (default: tuned, else --threshold)",
+    )
+    parser.add_argument(
+        "--min-size",
+        type=int,
+        metavar="PIXELS",
+        help="--output labels: smallest object kept (default: tuned, else 15)",
     )
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
     parser.add_argument(
@@ -179,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
             amp=PRECISIONS[args.precision],
         )
         settings = PredictSettings(
-            output=args.output, threshold=args.threshold, tiling=tiling, max_pixels=args.max_pixels
+            output=args.output,
+            threshold=args.threshold,
+            tiling=tiling,
+            max_pixels=args.max_pixels,
+            seed_threshold=args.seed_threshold,
+            min_size=args.min_size,
         )
         index, count = resolve_shard(args.shard)
         pairs = shard(plan_outputs(args.input, args.output_path, args.glob), index, count)
