@@ -30,6 +30,7 @@ class Sample:
     labels: np.ndarray
     value_range: tuple[float, float]
     foreground: np.ndarray  # (K, 2) coordinates of foreground pixels, subsampled
+    stored_channels: int = 0  # channels of the file (alpha dropped), before conversion to in_channels
 
 
 def find_pairs(root: str | Path, images: str = "images", masks: str = "masks") -> list[tuple[Path, Path]]:
@@ -67,6 +68,7 @@ def load_sample(
     image = read_image(image_path)
     if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
         raise ImageReadError(f"{image_path}: a {image.shape} stack; training takes 2D images (H, W[, C])")
+    stored_channels = 1 if image.ndim == 2 else min(image.shape[-1], 3)
     image = to_channels(image, in_channels, image_path)
     labels = read_labels(mask_path)
     if labels.shape != image.shape[1:]:
@@ -74,7 +76,8 @@ def load_sample(
             f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but its image "
             f"{image_path.name} is {image.shape[1]}x{image.shape[2]}"
         )
-    return Sample(name or image_path.stem, image, labels, normalization.range(image), foreground_coordinates(labels))
+    value_range = normalization.range(image)
+    return Sample(name or image_path.stem, image, labels, value_range, foreground_coordinates(labels), stored_channels)
 
 
 def foreground_coordinates(labels: np.ndarray, limit: int = 4096) -> np.ndarray:
@@ -233,6 +236,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.border_w0, self.border_sigma, self.seed = border_w0, border_sigma, seed
         self.num_workers = max(0, min(4, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
         self.split: dict[str, list[str]] | None = None
+        self.stored_channels: dict[int, int] = {}  # channels in the files -> images, known after setup()
 
     @property
     def output_classes(self) -> int:
@@ -260,6 +264,8 @@ class SegmentationDataModule(pl.LightningDataModule):
                 self.check_mask_values(samples[name].labels, mask_path)
             except ImageReadError as error:
                 problems.append(str(error))
+        for sample in samples.values():
+            self.stored_channels[sample.stored_channels] = self.stored_channels.get(sample.stored_channels, 0) + 1
         if problems:
             raise ValueError(
                 f"{len(problems)} of {len(pairs)} training pairs cannot be used:\n  " + "\n  ".join(problems)

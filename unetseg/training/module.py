@@ -4,6 +4,7 @@ checkpoint rebuild its network and repeat its input normalisation."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import lightning.pytorch as pl
 import torch
@@ -12,9 +13,12 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, MulticlassF1Score
 
 from unetseg.checkpoint import checked_net_description, load_net_weights, read_checkpoint
-from unetseg.models import build_net, describe_net
+from unetseg.models import UNet, build_net, describe_net
 from unetseg.spec import InputSpec
 from unetseg.training.losses import SegmentationLoss
+
+if TYPE_CHECKING:  # the SMP baseline imports timm: only when it is used
+    from unetseg.models.baseline import SMPUnet
 
 SCHEDULERS = ("cosine", "plateau", "none")
 
@@ -42,7 +46,7 @@ class SegmentationModule(pl.LightningModule):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: Union[UNet, "SMPUnet"],
         dice_weight: float = 1.0,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
