@@ -1,7 +1,7 @@
 """A training plan from the data and this machine: read the folder once, time candidate networks, write a config.
 
 As nnU-Net plans its patch size, batch and network from a dataset fingerprint and Cellpose
-estimates the object diameter, `survey` measures the images (sizes, channels, dtype, intensity
+estimates the object diameter, `unetseg.survey` measures the images (sizes, channels, dtype, intensity
 range) and masks (binary / instances / classes, object sizes, touching objects); `choose_*`
 turn that into a tile size, a depth whose receptive field covers the largest objects and the
 targets; `time_candidates` times a few training steps of each width and batch on this machine,
@@ -14,20 +14,22 @@ import logging
 import math
 import os
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from unetseg.io import ImageReadError, Normalization, read_image, read_labels, to_channels
+from unetseg.io import Normalization
 from unetseg.models import UNet
 from unetseg.spec import output_classes
+from unetseg.survey import DataSummary, survey
 from unetseg.training.augment import Augmentation, build_transform
-from unetseg.training.data import Sample, TileDataset, find_pairs, foreground_coordinates, pad_sample
+from unetseg.training.data import TileDataset, pad_sample
 from unetseg.training.losses import SegmentationLoss
+from unetseg.training.report import duration
+
+__all__ = ["DataSummary", "Plan", "make_plan", "parse_budget", "plan_config", "plan_report", "survey"]
 
 log = logging.getLogger(__name__)
 
@@ -37,128 +39,6 @@ WIDTHS, BATCH_SIZES = (8, 16, 32), (4, 8)
 VAL_FRACTION = 0.15
 STARTUP_SECONDS = 15.0  # Lightning, the first checkpoint and the end summary, besides reading the data
 VALIDATION_SHARE = 0.08  # of the budget; sets how many validations (epochs) the run has
-
-
-@dataclass
-class DataSummary:
-    """What `survey` found in a training folder."""
-
-    root: Path
-    pairs: int
-    shapes: list[tuple[int, int]]
-    channels: Counter  # channels as stored (alpha dropped) -> images
-    colour: bool  # some image has distinct colour channels
-    dtypes: Counter
-    ranges: list[tuple[float, float]]  # 1st and 99.8th percentiles of each image
-    mask_kind: str  # "binary", "instances" or "classes"
-    classes: int  # max mask value + 1 for class masks
-    extents: np.ndarray  # largest bounding-box side of every object, pixels
-    diameters: np.ndarray  # equivalent-circle diameter of every object, pixels
-    touching: float  # share of objects touching another one (instances only)
-    read_seconds: float
-    samples: list[Sample] = field(default_factory=list, repr=False)  # a few, for timing the data pipeline
-
-    def describe(self) -> list[str]:
-        heights, widths = zip(*self.shapes)
-        low, high = np.median(np.array(self.ranges), axis=0)
-        channels = ", ".join(f"{count} with {c}" for c, count in sorted(self.channels.items()))
-        lines = [
-            f"{self.pairs} image/mask pairs in {self.root} (read in {self.read_seconds:.0f} s)",
-            f"images: {min(heights)}-{max(heights)} x {min(widths)}-{max(widths)} px "
-            f"(median {int(np.median(heights))} x {int(np.median(widths))}); channels: {channels}"
-            f"{' (colour)' if self.colour else ' (grey)'}; dtype {', '.join(map(str, self.dtypes))}; "
-            f"intensity percentiles 1/99.8: median {low:.4g} / {high:.4g}",
-            f"masks: {self.mask_kind}" + (f" ({self.classes} classes)" if self.mask_kind == "classes" else ""),
-        ]
-        if len(self.extents):
-            lines.append(
-                f"objects: {len(self.extents)}, diameter median {np.median(self.diameters):.0f} px, largest "
-                f"(99th percentile of extents) {np.percentile(self.extents, 99):.0f} px"
-                + (f"; {self.touching:.0%} touch another object" if self.mask_kind == "instances" else "")
-            )
-        return lines
-
-
-def object_stats(labels: np.ndarray, instances: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    """(extents, areas, touching objects) of one mask: objects by label value, or connected components."""
-    objects = labels if instances else ndimage.label(labels > 0)[0]
-    slices = ndimage.find_objects(objects)
-    extents = np.array([max(s[0].stop - s[0].start, s[1].stop - s[1].start) for s in slices if s is not None])
-    areas = np.bincount(objects.ravel())[1:]
-    touched = set()
-    if instances:
-        for a, b in ((labels[1:], labels[:-1]), (labels[:, 1:], labels[:, :-1])):
-            contact = (a != b) & (a > 0) & (b > 0)
-            touched.update(np.unique(a[contact]).tolist())
-            touched.update(np.unique(b[contact]).tolist())
-    return extents, areas[areas > 0], len(touched)
-
-
-def mask_kind(values: list[np.ndarray], components: list[int]) -> str:
-    """binary (one foreground value), classes (few values shared by many objects) or instances (one per object)."""
-    if all(len(v) <= 1 for v in values):
-        return "binary"
-    largest = max(int(v.max()) for v in values if len(v))
-    objects, distinct = sum(components), sum(len(v) for v in values)
-    return "classes" if largest < 16 and objects > 1.5 * distinct else "instances"
-
-
-def survey(root: str | Path, keep: int = 16) -> DataSummary:
-    """Read every image/mask pair under root/images and root/masks once and summarise them.
-
-    Raises ValueError naming the files that cannot be read or paired.
-    """
-    started = time.perf_counter()
-    pairs = find_pairs(root)
-    shapes, channels, dtypes, ranges, values, components, colour = [], Counter(), Counter(), [], [], [], False
-    problems, samples, stats = [], [], {True: [], False: []}  # objects as labels / as connected components
-    normalization = Normalization()
-    for image_path, mask_path in pairs:
-        try:
-            image, labels = read_image(image_path), read_labels(mask_path)
-            image = to_channels(image, 3 if image.ndim == 3 and image.shape[-1] >= 3 else 1, image_path)
-        except ImageReadError as error:
-            problems.append(str(error))
-            continue
-        if labels.shape != image.shape[1:]:
-            problems.append(f"{mask_path}: mask is {labels.shape} but its image is {image.shape[1:]}")
-            continue
-        shapes.append(labels.shape)
-        channels[len(image)] += 1
-        colour = (
-            colour
-            or len(image) == 3
-            and not (np.array_equal(image[0], image[1]) and np.array_equal(image[1], image[2]))
-        )
-        dtypes[image.dtype] += 1
-        ranges.append(normalization.range(image))
-        values.append(np.unique(labels[labels > 0]))
-        components.append(ndimage.label(labels > 0)[1])
-        for instances in stats:  # masks are not kept: the kind is known only once all are read
-            stats[instances].append(object_stats(labels, instances))
-        if len(samples) < keep:
-            samples.append(Sample(image_path.stem, image, labels, ranges[-1], foreground_coordinates(labels)))
-    if problems:
-        raise ValueError(f"{len(problems)} of {len(pairs)} pairs cannot be used:\n  " + "\n  ".join(problems))
-    kind = mask_kind(values, components)
-    extents, areas, touching = zip(*stats[kind == "instances"]) if stats[True] else ([np.zeros(0)], [np.zeros(0)], [0])
-    areas = np.concatenate(areas)
-    return DataSummary(
-        root=Path(root),
-        pairs=len(shapes),
-        shapes=shapes,
-        channels=channels,
-        colour=colour,
-        dtypes=dtypes,
-        ranges=ranges,
-        mask_kind=kind,
-        classes=max((int(v.max()) for v in values if len(v)), default=1) + 1,
-        extents=np.concatenate(extents),
-        diameters=np.sqrt(4 * areas / np.pi),
-        touching=sum(touching) / max(len(areas), 1),
-        read_seconds=time.perf_counter() - started,
-        samples=samples,
-    )
 
 
 # --- Choices from the data --------------------------------------------------------------------------------
@@ -178,13 +58,13 @@ def receptive_field(depth: int) -> int:
 
 
 def choose_tile(summary: DataSummary) -> tuple[int, str]:
-    """Tile side: four times the large objects (95th percentile of extents), 64 to 256, at most the usual image."""
+    """Tile side: twice the large objects (95th percentile of extents), 64 to 256, at most the usual image."""
     large = float(np.percentile(summary.extents, 95)) if len(summary.extents) else 32.0
     smallest_side = int(np.median([min(shape) for shape in summary.shapes]))
-    tile = min(256, max(64, 32 * math.ceil(4 * large / 32)))
+    tile = min(256, max(64, 32 * math.ceil(2 * large / 32)))
     if smallest_side < tile:
         tile = max(32, 32 * (smallest_side // 32))
-    return tile, f"4 x the large objects ({large:.0f} px), within 64-256 and the median image side ({smallest_side} px)"
+    return tile, f"2 x the large objects ({large:.0f} px), within 64-256 and the median image side ({smallest_side} px)"
 
 
 def choose_depth(summary: DataSummary, tile: int) -> tuple[int, str]:
@@ -261,7 +141,7 @@ def time_data(summary: DataSummary, tile: int, targets: str, tiles: int = 8, val
     return _median_time(lambda: [dataset[i] for i in range(count)], repeats=2) / count
 
 
-def time_step(net: torch.nn.Module, batch_size: int, tile: int, classes: int, bf16: bool, steps: int = 3) -> float:
+def time_step(net: torch.nn.Module, batch_size: int, tile: int, classes: int, bf16: bool, steps: int = 2) -> float:
     """Median seconds of one training step (forward, loss, backward, AdamW) on random tiles."""
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss = SegmentationLoss(classes, 1.0)
@@ -299,7 +179,7 @@ class Plan:
     targets: str
     classes: int | None
     tile_size: int
-    val_tile_size: int
+    val_batches: int | None  # validation tiles per validation; None: all of them
     depth: int
     width: int
     batch_size: int
@@ -352,38 +232,36 @@ def make_plan(
     out_classes = output_classes(targets, classes)
     tile, tile_reason = choose_tile(summary)
     depth, depth_reason = choose_depth(summary, tile)
-    val_tile = min(512, 2 * tile)
     cpus = os.cpu_count() or 1
     num_workers = 0 if cpus <= 4 else min(4, cpus - 1)
     tile_data = time_data(summary, tile, targets)
-    val_data = time_data(summary, val_tile, targets, tiles=4, validation=True)
-    candidates = []
-    for width in widths:
-        for batch_size in batch_sizes:
-            net = UNet(in_channels, out_classes, depth=depth, width=width)
-            step = time_step(net, batch_size, tile, out_classes, bf16)
-            # With workers on spare cores data preparation overlaps the step; on few cores it adds to it.
-            data = tile_data * batch_size
-            candidates.append(
-                Candidate(width, batch_size, step, max(0.0, data / num_workers - step) if num_workers else data)
-            )
-            log.info("timed width %d, batch %d: %.2f s per step", width, batch_size, candidates[-1].seconds)
-    val_images = max(1, round(VAL_FRACTION * summary.pairs))
-    val_tiles = val_images * float(
-        np.mean([math.ceil(h / val_tile) * math.ceil(w / val_tile) for h, w in summary.shapes])
-    )
     overhead = summary.read_seconds + STARTUP_SECONDS
     train_seconds = max(budget_seconds - overhead, 0.1 * budget_seconds)
 
     def pixels_seen(candidate: Candidate) -> float:
         return train_seconds * (1 - VALIDATION_SHARE) / candidate.seconds * candidate.batch_size * tile * tile
 
+    candidates = []
+    for width in sorted(widths):  # cheapest first: once a width cannot see enough tiles, wider ones cannot either
+        timed = []
+        for batch_size in sorted(batch_sizes):
+            net = UNet(in_channels, out_classes, depth=depth, width=width)
+            step = time_step(net, batch_size, tile, out_classes, bf16)
+            # With workers on spare cores data preparation overlaps the step; on few cores it adds to it.
+            data = tile_data * batch_size
+            timed.append(
+                Candidate(width, batch_size, step, max(0.0, data / num_workers - step) if num_workers else data)
+            )
+            log.info("timed width %d, batch %d: %.2f s per step", width, batch_size, timed[-1].seconds)
+        candidates += timed
+        if not any(pixels_seen(c) >= MIN_PIXELS_SEEN for c in timed):
+            break
     enough = [c for c in candidates if pixels_seen(c) >= MIN_PIXELS_SEEN]
     if enough:
         chosen = max(enough, key=lambda c: (c.width, c.batch_size))
         size_reason = (
-            f"the widest network that sees >= {MIN_PIXELS_SEEN / 128**2:.0f} tiles of 128^2 in the budget "
-            f"({pixels_seen(chosen) / tile**2:.0f} tiles of {tile}^2)"
+            f"the widest network that sees >= {MIN_PIXELS_SEEN / tile**2:.0f} tiles of {tile}^2 in the budget "
+            f"({pixels_seen(chosen) / tile**2:.0f})"
         )
     else:
         chosen = max(candidates, key=pixels_seen)
@@ -391,18 +269,25 @@ def make_plan(
             f"the budget is short: even the fastest candidate sees only {pixels_seen(chosen) / tile**2:.0f} tiles "
             f"(aim: {MIN_PIXELS_SEEN / tile**2:.0f}); give a larger --budget for a better model"
         )
+    # Validation: fixed tiles of the held-out images, as many as ~VALIDATION_SHARE of the budget pays for.
+    val_tiles = max(1, round(VAL_FRACTION * summary.pairs)) * float(
+        np.mean([math.ceil(h / tile) * math.ceil(w / tile) for h, w in summary.shapes])
+    )
     net = UNet(in_channels, out_classes, depth=depth, width=chosen.width)
-    validation_seconds = val_tiles * (time_forward(net, val_tile, bf16) + val_data)
-    epochs = int(np.clip(VALIDATION_SHARE * train_seconds / max(validation_seconds, 1e-3), 3, 40))
+    tile_validation = time_forward(net, tile, bf16) + time_data(summary, tile, targets, tiles=4, validation=True)
+    epochs = int(np.clip(train_seconds // 120, 3, 20))  # a validation every two minutes or more
+    val_batches = int(min(val_tiles, max(8, VALIDATION_SHARE * train_seconds / (epochs * tile_validation))))
+    validation_seconds = val_batches * tile_validation
     steps_per_epoch = max(1, int((train_seconds - epochs * validation_seconds) / (epochs * chosen.seconds)))
     estimate = overhead + epochs * (steps_per_epoch * chosen.seconds + validation_seconds)
+    some = f"{val_batches} of the ~{val_tiles:.0f} tiles" if val_batches < val_tiles else f"all {val_batches} tiles"
     reasons = {
         "in_channels": "colour images: RGB" if in_channels == 3 else "grey images (RGB files with equal channels too)",
         "targets": targets_reason,
         "tile_size": tile_reason,
         "depth": depth_reason,
         "width and batch": size_reason,
-        "epochs": f"{epochs} validations of {validation_seconds:.0f} s each (~{VALIDATION_SHARE:.0%} of the budget)",
+        "epochs": f"a validation every ~2 min or more, on {some} of the held-out images ({validation_seconds:.0f} s)",
         "precision": "the CPU computes bfloat16 natively" if bf16 else "float32 (no native bfloat16 on this CPU)",
     }
     return Plan(
@@ -411,7 +296,7 @@ def make_plan(
         targets=targets,
         classes=classes,
         tile_size=tile,
-        val_tile_size=val_tile,
+        val_batches=val_batches if val_batches < val_tiles else None,
         depth=depth,
         width=chosen.width,
         batch_size=chosen.batch_size,
@@ -428,14 +313,6 @@ def make_plan(
     )
 
 
-def format_duration(seconds: float) -> str:
-    """ "45 s", "12 min", "1 h 05 min"."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
-
-
 def plan_config(plan: Plan, run_dir: str) -> dict:
     """The LightningCLI config of a plan (in_channels and classes stated once, under data)."""
     steps_per_epoch = plan.tiles_per_epoch // plan.batch_size
@@ -446,7 +323,6 @@ def plan_config(plan: Plan, run_dir: str) -> dict:
         "targets": plan.targets,
         **({"classes": plan.classes} if plan.classes else {}),
         "tile_size": plan.tile_size,
-        "val_tile_size": plan.val_tile_size,
         "batch_size": plan.batch_size,
         "tiles_per_epoch": plan.tiles_per_epoch,
         "val_fraction": VAL_FRACTION,
@@ -464,6 +340,7 @@ def plan_config(plan: Plan, run_dir: str) -> dict:
             "precision": plan.precision,
             "log_every_n_steps": max(1, min(50, steps_per_epoch)),
             "num_sanity_val_steps": 0,
+            **({"limit_val_batches": plan.val_batches} if plan.val_batches else {}),
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -492,10 +369,11 @@ def plan_config(plan: Plan, run_dir: str) -> dict:
 def plan_report(plan: Plan) -> list[str]:
     """What the plan found and chose, and why, as lines for the terminal and the config's header."""
     lines = plan.summary.describe()
+    per_tile = plan.candidates[0].data_seconds / plan.candidates[0].batch_size
     lines.append(
         "timed on this machine (s per step): "
         + ", ".join(f"width {c.width} batch {c.batch_size}: {c.seconds:.2f}" for c in plan.candidates)
-        + f" (of which preparing the tiles: {plan.candidates[0].data_seconds / plan.candidates[0].batch_size:.2f} s per tile"
+        + f" (of which preparing the tiles: {per_tile:.2f} s per tile"
         + (", overlapped by workers)" if plan.num_workers else ")")
     )
     chosen = {
@@ -509,8 +387,8 @@ def plan_report(plan: Plan) -> list[str]:
     }
     lines += [f"{name}: {value}  ({plan.reasons[name]})" for name, value in chosen.items()]
     lines.append(
-        f"estimated training time: {format_duration(plan.estimate_seconds)} for a budget of "
-        f"{format_duration(plan.budget_seconds)} ({plan.steps} steps of {plan.seconds_per_step:.2f} s, "
+        f"estimated training time: {duration(plan.estimate_seconds)} for a budget of "
+        f"{duration(plan.budget_seconds)} ({plan.steps} steps of {plan.seconds_per_step:.2f} s, "
         f"{plan.epochs} validations of {plan.validation_seconds:.0f} s)"
     )
     return lines

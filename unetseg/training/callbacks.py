@@ -9,9 +9,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import matplotlib
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

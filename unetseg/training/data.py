@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unetseg.io import ImageReadError, Normalization, find_images, image_key, read_image, read_labels, to_channels
+from unetseg.quality import intensity_summary
 from unetseg.spec import InputSpec, output_classes
 from unetseg.synthetic import default_dataset
 from unetseg.training.augment import Augmentation, build_transform
@@ -237,6 +238,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.num_workers = max(0, min(4, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
         self.split: dict[str, list[str]] | None = None
         self.stored_channels: dict[int, int] = {}  # channels in the files -> images, known after setup()
+        self.intensity: dict = {}  # the training images' intensities (unetseg.quality), known after setup()
 
     @property
     def output_classes(self) -> int:
@@ -246,7 +248,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     @property
     def input_spec(self) -> InputSpec:
         """How inputs were prepared, stored in checkpoints so prediction repeats it exactly."""
-        return InputSpec(self.in_channels, self.normalization, self.targets, self.output_classes)
+        return InputSpec(
+            self.in_channels, self.normalization, self.targets, self.output_classes, intensity=self.intensity
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
@@ -271,6 +275,7 @@ class SegmentationDataModule(pl.LightningDataModule):
                 f"{len(problems)} of {len(pairs)} training pairs cannot be used:\n  " + "\n  ".join(problems)
             )
         train = [pad_sample(samples[name], self.tile_size) for name in self.split["train"]]
+        self.intensity = intensity_summary([s.image for s in train], [s.value_range for s in train], self.normalization)
         val = [samples[name] for name in self.split["val"]]
         common = dict(
             normalization=self.normalization,
