@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from unetseg.checkpoint import CheckpointError, load_predictor
+from unetseg.inference.overlay import overlay_path
 from unetseg.inference.tiling import BLENDS, TilingConfig
 from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
@@ -31,6 +32,9 @@ Reads PNG, JPEG, BMP and TIFF (8/16-bit, float; grey, RGB, RGBA) and ZYX TIFF st
 are predicted plane by plane. Images are converted and normalised exactly as the checkpoint's
 training data were (channels, percentiles of the whole image or plane). The pixel size of
 TIFF inputs (resolution, ImageJ unit and spacing, OME physical size) is copied to the outputs.
+A file INPUT may name its OUTPUT .png (masks and labels, 8/16-bit). Inputs unlike the model's
+training images (another channel count; intensities or brightness outside the training range,
+for checkpoints that recorded them) get a warning saying what was converted or differs.
 
 outputs (--output):
   mask    uint8: 0/255 foreground for one-class and boundary models, the class index for
@@ -72,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("input", type=Path, metavar="INPUT", help="an image file, or a folder (searched recursively)")
-    parser.add_argument("output_path", type=Path, metavar="OUTPUT", help="output folder (a .tif file for a file INPUT)")
+    parser.add_argument(
+        "output_path",
+        type=Path,
+        metavar="OUTPUT",
+        help="output folder (for a file INPUT also a .tif file, or .png for --output mask/labels)",
+    )
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint from unetseg-train (.ckpt)")
     model.add_argument("--model", metavar="NAME", help=f"a model shipped with unetseg: {', '.join(MODELS)}")
@@ -142,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"decompression bombs (default {DEFAULT_MAX_PIXELS:_}, a 30000 x 30000 image passes)",
     )
     parser.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also write <stem>_overlay.png next to each output: the input with the predicted outlines",
+    )
+    parser.add_argument(
         "--shard",
         metavar="K/N",
         help="predict only share K of N (0-based) of the files, e.g. one "
@@ -200,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
             max_pixels=args.max_pixels,
             seed_threshold=args.seed_threshold,
             min_size=args.min_size,
+            overlay=args.overlay,
         )
         index, count = resolve_shard(args.shard)
         pairs = shard(plan_outputs(args.input, args.output_path, args.glob), index, count)
+        for _, target in pairs[:1]:
+            settings.check_target(target)
         device = resolve_device(args.device)
         checkpoint = args.checkpoint if args.checkpoint is not None else model_path(args.model)
         model, spec = load_predictor(checkpoint, device)
@@ -216,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {len(pairs)} file(s){share}, {checkpoint} on {device}")
     summary = predict_files(model, spec, pairs, settings, overwrite=args.overwrite, progress=not args.quiet)
     print(f"{PROG}: {summary}")
+    if args.overlay and summary.done:
+        print(f"{PROG}: overlays (input with predicted outlines): {overlay_path(pairs[0][1])} and the like")
     return 1 if summary.failed else 0
 
 
