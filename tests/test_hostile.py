@@ -530,3 +530,12 @@ def test_11_atomic_outputs_leave_nothing_behind_on_failure(tmp_path, monkeypatch
     assert [path.name for path in tmp_path.iterdir()] == ["x.tif"]
     monkeypatch.undo()
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "x.tif"), 1)
+
+
+def test_11_evaluate_reads_a_grey_mask_stored_as_three_equal_channels_as_2d(tmp_path):
+    mask = np.zeros((24, 24), np.uint8)
+    mask[4:12, 4:12] = 1
+    tifffile.imwrite(tmp_path / "rgb.tif", np.stack([mask] * 3, axis=-1), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([mask] * 3), imagej=True, metadata={"axes": "ZYX"})
+    np.testing.assert_array_equal(read_labels(tmp_path / "rgb.tif", stack=True), mask)
+    assert read_labels(tmp_path / "stack.tif", stack=True).shape == (3, 24, 24)
