@@ -124,21 +124,24 @@ def test_2_finite_loss_stops_at_the_first_nan_loss_before_its_backward_pass(tmp_
             self.weight = torch.nn.Parameter(torch.ones(1))
 
         def training_step(self, batch, batch_index):
-            loss = (self.weight * batch[0]).sum()
+            loss = (self.weight * batch["image"]).sum()
             return loss * torch.nan if self.global_step == 3 else loss
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(10, 1)), batch_size=1)
+    items = [{"image": torch.ones(1), "name": f"cell_{index // 2}"} for index in range(20)]
+    data = torch.utils.data.DataLoader(items, batch_size=2)
     module = Module()
     trainer = pl.Trainer(
         max_epochs=1, callbacks=[FiniteLoss()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
-    with pytest.raises(NonFiniteTrainingError, match=r"loss is nan at step 3 \(epoch 0, batch 3"):
+    with pytest.raises(
+        NonFiniteTrainingError, match=r"loss is nan at step 3 \(epoch 0, batch 3 of the epoch, tiles from cell_3\)"
+    ):
         trainer.fit(module, data)
-    assert torch.isfinite(module.weight).all() and module.weight.item() == pytest.approx(1 - 3 * 0.1)
+    assert torch.isfinite(module.weight).all() and module.weight.item() == pytest.approx(1 - 3 * 0.2)
 
 
 @pytest.fixture

@@ -136,6 +136,7 @@ class TileDataset(Dataset):
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "target": torch.from_numpy(make_target(labels, self.targets)),
+            "name": sample.name,  # which image a tile came from, for messages about a batch
         }
         if self.border_weights:
             item["weight"] = torch.from_numpy(border_weight_map(labels, self.border_w0, self.border_sigma))
