@@ -246,14 +246,13 @@ def test_4_checkpoints_are_written_beside_the_target_fsynced_and_renamed(tmp_pat
     assert len(renames) == 1 and os.path.dirname(renames[0][0]) == str(target.parent) and syncs
     assert torch.load(target, weights_only=True)["global_step"] == 2
 
-    def full_disk(checkpoint, file):  # a write that dies half way, as on a full disk or a kill
-        with open(file, "wb") as handle:
-            handle.write(b"PK\x03\x04half")
+    def full_disk(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space"):
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    with pytest.raises(OSError, match="last.ckpt: cannot write the checkpoint .No space left on device.; the previous"):
         io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, target)
+
     assert sorted(path.name for path in target.parent.iterdir()) == ["last.ckpt"]
     assert torch.load(target, weights_only=True)["global_step"] == 2
 
