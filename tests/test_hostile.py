@@ -111,7 +111,7 @@ def test_2_diverging_training_exits_nonzero_and_writes_no_non_finite_checkpoint(
     status = train_cli.main(tiny_train_args(shared_dataset, run_dir, "--model.lr", "1e6", "--trainer.max_epochs", "3"))
     assert status == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("unetseg-train: error:") and ("NaN" in error or "nan" in error)
+    assert error.startswith("error:") and ("NaN" in error or "nan" in error)
     assert "Traceback" not in capsys.readouterr().err
     for path in (run_dir / "checkpoints").glob("*.ckpt") if (run_dir / "checkpoints").is_dir() else []:
         assert finite_checkpoint(path), path
