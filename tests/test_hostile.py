@@ -541,3 +541,15 @@ def test_11_evaluate_reads_a_grey_mask_stored_as_three_equal_channels_as_2d(tmp_
     tifffile.imwrite(tmp_path / "stack.tif", np.stack([mask] * 3), imagej=True, metadata={"axes": "ZYX"})
     np.testing.assert_array_equal(read_labels(tmp_path / "rgb.tif", stack=True), mask)
     assert read_labels(tmp_path / "stack.tif", stack=True).shape == (3, 24, 24)
+
+
+def test_6_configs_without_the_option_never_version_checkpoint_names(shared_dataset, tmp_path):
+    config = (CONFIGS / "tiny.yaml").read_text().replace("enable_version_counter: false, ", "")
+    assert "enable_version_counter" not in config  # as unetseg-plan or a user writes it
+    (tmp_path / "c.yaml").write_text(config)
+    run_dir = tmp_path / "run"
+    args = ["--config", str(tmp_path / "c.yaml"), *tiny_train_args(shared_dataset, run_dir)[2:]]
+    assert train_cli.main([*args, "--trainer.max_epochs", "1"]) == 0
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
+    assert train_cli.main([*args, "--trainer.max_epochs", "1", "--ckpt_path", "last"]) == 0
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
