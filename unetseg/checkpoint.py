@@ -9,7 +9,10 @@ checked against bounds before anything is allocated, and never with weights from
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
+import os
 import pickle
 import re
 import warnings
@@ -260,10 +263,27 @@ def slim_checkpoint(source: str | Path, target: str | Path, half: bool = True) -
 def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
     """`torch.save` atomically: into a temporary file beside `path`, flushed to disk (fsync), then renamed.
 
-    Never a copy across filesystems, so a kill or a full disk leaves the previous file whole.
+    Never a copy across filesystems, so a kill or a full disk leaves the previous file whole. The
+    disk space is reserved before writing; a full disk raises OSError naming `path`.
     """
-    with atomic_output(path, suffix=".tmp.ckpt") as temporary:
-        torch.save(checkpoint, temporary)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)  # in memory first: a full disk then fails a plain write, with an OSError
+    data = buffer.getbuffer()
+    try:
+        with atomic_output(path, suffix=".tmp.ckpt") as temporary, open(temporary, "wb") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, len(data))
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # unsupported: just write
+                    raise
+            handle.write(data)
+    except OSError as error:
+        failure = OSError(
+            f"{path}: cannot write the checkpoint ({error.strerror or error}); "
+            f"{'the previous one is intact' if Path(path).exists() else 'nothing was written'}"
+        )
+        failure.errno = error.errno
+        raise failure from error
     return Path(path)
 
 

@@ -10,7 +10,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unetseg.io import IMAGE_SUFFIXES, DuplicateNameError, ImageReadError, find_images, is_image_file, read_labels
+from unetseg.io import (
+    IMAGE_SUFFIXES,
+    DuplicateNameError,
+    ImageReadError,
+    atomic_output,
+    find_images,
+    is_image_file,
+    read_labels,
+)
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.metrics import CONNECTIVITY, DSB_THRESHOLDS, MATCH_THRESHOLD, SCORE_KEYS, segmentation_scores, summarize
 
@@ -212,8 +220,8 @@ def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Pat
         "problems": evaluation.problems(),
         "images": evaluation.scores,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    with atomic_output(path, suffix=".tmp.json") as temporary:
+        temporary.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, evaluation: Evaluation) -> None:
@@ -228,8 +236,7 @@ def write_csv(path: Path, evaluation: Evaluation) -> None:
         rows += [
             {"image": item["image"], "status": status, "pred": item.get("pred"), "gt": item.get("gt")} for item in items
         ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_output(path, suffix=".tmp.csv") as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["image", "status", "pred", "gt", *SCORE_KEYS])
         writer.writeheader()
         writer.writerows(rows)

@@ -125,7 +125,11 @@ class TrainCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]  # checkpoints written atomically in the run folder
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.checkpoint_callbacks:  # any config, e.g. one from unetseg-plan
+            # A resumed or restarted run replaces best.ckpt / last.ckpt, never leaves a stale one beside best-v1.ckpt.
+            callback._enable_version_counter = False
+        return trainer
 
 
 def split_verbosity(argv: list[str]) -> tuple[list[str], int, int]:

@@ -145,6 +145,7 @@ class TileDataset(Dataset):
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "target": torch.from_numpy(make_target(labels, self.targets)),
+            "name": sample.name,  # which image a tile came from, for messages about a batch
         }
         if self.instance_labels:  # for instance scores (DSB) of whole validation images
             item["labels"] = torch.from_numpy(labels.astype(np.int32))
