@@ -108,3 +108,18 @@ def test_option_errors_are_one_line(argv, capsys):
         train.main(argv)
     assert exit_info.value.code != 0
     assert "in_channels" in capsys.readouterr().err
+
+
+def test_demo_shows_progress_and_prints_working_paths(synthetic_cache, tmp_path, monkeypatch, capsys):
+    from unetseg.cli import demo
+
+    real_train = demo.train_cli.main
+    fast = ["--trainer.max_epochs", "1", "--data.tiles_per_epoch", "8", "--model.net.init_args.width", "4"]
+    monkeypatch.setattr(demo.train_cli, "main", lambda argv: real_train([*argv, *fast]))
+    assert demo.main(out=str(tmp_path / "demo")) == 0
+    captured = capsys.readouterr()
+    assert "epoch 1/1" in captured.err and "best val/dice" in captured.err  # progress, also without a terminal
+    overlays = sorted((tmp_path / "demo" / "predictions").glob("*_overlay.png"))
+    assert len(overlays) == 3 and f"overlays:     {overlays[0]}" in captured.out
+    (score,) = [line for line in captured.out.splitlines() if "score them:" in line]
+    assert score.split()[2].endswith("unetseg-evaluate")
