@@ -38,7 +38,10 @@ MIN_PIXELS_SEEN = 12_000 * 128 * 128
 WIDTHS, BATCH_SIZES = (8, 16, 32), (4, 8)
 VAL_FRACTION = 0.15
 STARTUP_SECONDS = 15.0  # Lightning, the first checkpoint and the end summary, besides reading the data
-VALIDATION_SHARE = 0.08  # of the budget; sets how many validations (epochs) the run has
+VALIDATION_SHARE = 0.08
+MIN_VAL_TILES = (
+    32  # fewer make a noisy validation Dice  # of the budget; sets how many validations (epochs) the run has
+)
 
 
 # --- Choices from the data --------------------------------------------------------------------------------
@@ -275,8 +278,10 @@ def make_plan(
     )
     net = UNet(in_channels, out_classes, depth=depth, width=chosen.width)
     tile_validation = time_forward(net, tile, bf16) + time_data(summary, tile, targets, tiles=4, validation=True)
-    epochs = int(np.clip(train_seconds // 120, 3, 20))  # a validation every two minutes or more
-    val_batches = int(min(val_tiles, max(8, VALIDATION_SHARE * train_seconds / (epochs * tile_validation))))
+    # A validation every two minutes or more, each on at least MIN_VAL_TILES tiles (fewer validations if need be).
+    affordable = VALIDATION_SHARE * train_seconds / (min(val_tiles, MIN_VAL_TILES) * tile_validation)
+    epochs = int(np.clip(min(train_seconds // 120, affordable), 3, 20))
+    val_batches = int(min(val_tiles, max(MIN_VAL_TILES, VALIDATION_SHARE * train_seconds / (epochs * tile_validation))))
     validation_seconds = val_batches * tile_validation
     steps_per_epoch = max(1, int((train_seconds - epochs * validation_seconds) / (epochs * chosen.seconds)))
     estimate = overhead + epochs * (steps_per_epoch * chosen.seconds + validation_seconds)
