@@ -130,7 +130,7 @@ class SegmentationModule(pl.LightningModule):
             self.val_class_dice.update(predicted, target)
         if self.hparams.instance_metrics and "labels" in batch and self.classes in (1, 3):
             probs = torch.sigmoid(logits) if self.classes == 1 else torch.softmax(logits, dim=1)
-            probs = probs.float().cpu().numpy()
+            probs = probs.detach().float().cpu().numpy()
             for image_probs, labels in zip(probs, batch["labels"].cpu().numpy()):
                 scores = instance_scores(to_labels(image_probs), labels)
                 self.val_instances.append((scores["dsb_score"], scores["f1"]))
