@@ -4,14 +4,13 @@ instances, and validation by the DSB score of whole images."""
 import numpy as np
 import pytest
 import torch
+from conftest import write_pair
 from torch import nn
 
 from unetseg.modality import cluster_name, cluster_weights, image_features, modality_names
 from unetseg.training.augment import Augmentation, Grey, Invert, StainJitter, build_transform
 from unetseg.training.data import SegmentationDataModule
 from unetseg.training.module import SegmentationModule
-
-from conftest import write_pair
 
 
 def tile(seed=0) -> np.ndarray:
