@@ -11,6 +11,7 @@ from unetseg.modality import cluster_name, cluster_weights, image_features, moda
 from unetseg.training.augment import Augmentation, Grey, Invert, StainJitter, build_transform
 from unetseg.training.data import SegmentationDataModule
 from unetseg.training.module import SegmentationModule
+from unetseg.training.targets import make_target
 
 
 def tile(seed=0) -> np.ndarray:
@@ -143,8 +144,6 @@ def test_validation_logs_the_dsb_score_of_whole_images():
     labels = torch.zeros(1, 32, 32, dtype=torch.int32)
     labels[0, 4:14, 4:14] = 1
     labels[0, 4:14, 14:24] = 2
-    from unetseg.training.targets import make_target
-
     target = torch.from_numpy(make_target(labels[0].numpy(), "boundary"))[None]
     image = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float()
     module = SegmentationModule(Oracle())
