@@ -15,8 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unetseg.io import ImageReadError, Normalization, find_images, image_key, read_image, read_labels, to_channels
+from unetseg.io.normalize import count_non_finite, warn_non_finite
 from unetseg.metrics import as_instances
 from unetseg.modality import cluster_weights, image_features, modality_names
+from unetseg.quality import intensity_summary
 from unetseg.spec import InputSpec, output_classes
 from unetseg.synthetic import default_dataset
 from unetseg.training.augment import Augmentation, build_transform
@@ -32,6 +34,7 @@ class Sample:
     labels: np.ndarray
     value_range: tuple[float, float]
     foreground: np.ndarray  # (K, 2) coordinates of foreground pixels, subsampled
+    stored_channels: int = 0  # channels of the file (alpha dropped), before conversion to in_channels
 
 
 def find_pairs(root: str | Path, images: str = "images", masks: str = "masks") -> list[tuple[Path, Path]]:
@@ -69,6 +72,7 @@ def load_sample(
     image = read_image(image_path)
     if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
         raise ImageReadError(f"{image_path}: a {image.shape} stack; training takes 2D images (H, W[, C])")
+    stored_channels = 1 if image.ndim == 2 else min(image.shape[-1], 3)
     image = to_channels(image, in_channels, image_path)
     labels = read_labels(mask_path)
     if labels.shape != image.shape[1:]:
@@ -76,7 +80,9 @@ def load_sample(
             f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but its image "
             f"{image_path.name} is {image.shape[1]}x{image.shape[2]}"
         )
-    return Sample(name or image_path.stem, image, labels, normalization.range(image), foreground_coordinates(labels))
+    warn_non_finite(image_path, count_non_finite(image), image.size)
+    value_range = normalization.range(image)
+    return Sample(name or image_path.stem, image, labels, value_range, foreground_coordinates(labels), stored_channels)
 
 
 def foreground_coordinates(labels: np.ndarray, limit: int = 4096) -> np.ndarray:
@@ -239,6 +245,14 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}")
+        for option, value in (("tile_size", tile_size), ("val_tile_size", val_tile_size), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{option} must be a positive integer, got {value!r}")
+        if not isinstance(tiles_per_epoch, int) or tiles_per_epoch < batch_size:
+            raise ValueError(
+                f"data.tiles_per_epoch must be at least data.batch_size ({batch_size}) so an epoch has a batch, "
+                f"got {tiles_per_epoch!r}"
+            )
         # No save_hyperparameters(): checkpoints stay plain data (weights_only loading); the
         # run folder's config.yaml and the module's input_spec record what matters.
         self.root, self.images, self.masks, self.in_channels = root, images, masks, in_channels
@@ -253,6 +267,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         cluster_weights([0], modality_balance)  # checks modality_balance
         self.split: dict[str, list[str]] | None = None
         self.modalities: dict[str, str] = {}  # training image name -> its modality group
+        self.stored_channels: dict[int, int] = {}  # channels in the files -> images, known after setup()
+        self.intensity: dict = {}  # the training images' intensities (unetseg.quality), known after setup()
 
     @property
     def output_classes(self) -> int:
@@ -262,7 +278,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     @property
     def input_spec(self) -> InputSpec:
         """How inputs were prepared, stored in checkpoints so prediction repeats it exactly."""
-        return InputSpec(self.in_channels, self.normalization, self.targets, self.output_classes)
+        return InputSpec(
+            self.in_channels, self.normalization, self.targets, self.output_classes, intensity=self.intensity
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
@@ -282,6 +300,8 @@ class SegmentationDataModule(pl.LightningDataModule):
                     samples[name].labels = as_instances(samples[name].labels)
             except ImageReadError as error:
                 problems.append(str(error))
+        for sample in samples.values():
+            self.stored_channels[sample.stored_channels] = self.stored_channels.get(sample.stored_channels, 0) + 1
         if problems:
             raise ValueError(
                 f"{len(problems)} of {len(pairs)} training pairs cannot be used:\n  " + "\n  ".join(problems)
@@ -292,6 +312,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             groups = modality_names(np.stack([image_features(sample.image) for sample in train]))
             self.modalities = dict(zip(self.split["train"], groups))
             weights = cluster_weights(np.unique(groups, return_inverse=True)[1], self.modality_balance)
+        self.intensity = intensity_summary([s.image for s in train], [s.value_range for s in train], self.normalization)
         val = [samples[name] for name in self.split["val"]]
         common = dict(
             normalization=self.normalization,

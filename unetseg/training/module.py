@@ -3,7 +3,9 @@ checkpoint rebuild its network and repeat its input normalisation."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import numpy as np
@@ -12,14 +14,25 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, MulticlassF1Score
 
-from unetseg.checkpoint import checked_net_description, load_net_weights, read_checkpoint
+from unetseg.checkpoint import (
+    CheckpointError,
+    checked_net_description,
+    load_net_weights,
+    non_finite_weights,
+    read_checkpoint,
+    resolve_model,
+)
 from unetseg.inference.postprocess import to_labels
 from unetseg.metrics import instance_scores
-from unetseg.models import build_net, describe_net
+from unetseg.models import UNet, build_net, describe_net
 from unetseg.spec import InputSpec
 from unetseg.training.losses import SegmentationLoss
 
+if TYPE_CHECKING:  # the SMP baseline imports timm: only when it is used
+    from unetseg.models.baseline import SMPUnet
+
 SCHEDULERS = ("cosine", "plateau", "none")
+log = logging.getLogger(__name__)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -49,7 +62,7 @@ class SegmentationModule(pl.LightningModule):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: UNet | SMPUnet,
         dice_weight: float = 1.0,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -66,13 +79,31 @@ class SegmentationModule(pl.LightningModule):
         self.hparams["net"] = describe_net(net)
         self.net = net
         if pretrained:
-            load_net_weights(net, pretrained)
+            self.load_pretrained(net, pretrained)
         self.classes = int(getattr(net, "classes", 0)) or self.infer_classes(net)
         self.loss = SegmentationLoss(self.classes, dice_weight)
         # Dice and IoU of the foreground (any class > 0): what matters for nuclei and binary tasks.
         self.val_metrics = MetricCollection({"dice": BinaryF1Score(), "iou": BinaryJaccardIndex()}, prefix="val/")
         self.val_class_dice = MulticlassF1Score(self.classes, average="macro") if self.classes > 1 else None
         self.val_instances: list[tuple[float, float]] = []  # (DSB score, F1) per validation image
+
+    @staticmethod
+    def load_pretrained(net: nn.Module, pretrained: str) -> None:
+        """Fine-tuning: copy a checkpoint's network weights; a shape mismatch is one line naming both shapes."""
+        try:
+            load_net_weights(net, pretrained)
+        except CheckpointError:
+            theirs = read_checkpoint(resolve_model(pretrained)).get("hyper_parameters", {}).get("net", {})
+            theirs, ours = theirs.get("init_args", {}), getattr(net, "config", {})
+            differ = {k: (theirs[k], ours[k]) for k in ("in_channels", "classes") if k in theirs and k in ours}
+            differ = {k: pair for k, pair in differ.items() if pair[0] != pair[1]}
+            if not differ:
+                raise
+            raise ValueError(
+                f"model.pretrained {pretrained}: its network has "
+                + ", ".join(f"{k} {a}, this run's {b}" for k, (a, b) in differ.items())
+                + " (from data.in_channels / data.targets); set the data options to match it"
+            ) from None
 
     @staticmethod
     def infer_classes(net: nn.Module) -> int:
@@ -89,6 +120,8 @@ class SegmentationModule(pl.LightningModule):
         """Rebuild the module, its network included, from a checkpoint: tensors and plain data only, and only
         networks unetseg allows (see `unetseg.checkpoint`). Keyword arguments override saved hyperparameters."""
         checkpoint = read_checkpoint(checkpoint_path)
+        if non_finite_weights(checkpoint.get("state_dict", {})):
+            log.warning("%s: some weights are NaN or infinite; the training that wrote it diverged", checkpoint_path)
         hparams = {
             key: value for key, value in checkpoint.get("hyper_parameters", {}).items() if not key.startswith("_")
         }  # LightningCLI's "_instantiator"
@@ -107,6 +140,12 @@ class SegmentationModule(pl.LightningModule):
         spec: InputSpec | None = getattr(self.trainer.datamodule, "input_spec", None)
         if spec is None:
             return
+        in_channels = getattr(self.net, "in_channels", spec.in_channels)
+        if in_channels != spec.in_channels:
+            raise ValueError(
+                f"the network takes {in_channels} channel(s) but data.in_channels is {spec.in_channels}; "
+                "set one of them (unetseg-train links the network's to the data's)"
+            )
         if spec.classes != self.classes:
             raise ValueError(
                 f"the network outputs {self.classes} channel(s) but targets={spec.targets!r} need "
