@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unetseg.inference.postprocess import label_settings
 from unetseg.io.files import atomic_output
 from unetseg.models import build_net, net_state_dict
 from unetseg.spec import InputSpec
@@ -290,8 +291,6 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
 def store_postprocess(source: str | Path, target: str | Path, postprocess: dict) -> Path:
     """Write `source` to `target` (may be the same file) with `postprocess` as its input spec's
     post-processing settings (what `unetseg-tune` found); everything else is kept as it is."""
-    from unetseg.inference.postprocess import label_settings
-
     label_settings(postprocess)  # ValueError for unknown or out-of-range settings
     checkpoint = read_checkpoint(source)
     spec = (checkpoint.get("hyper_parameters") or {}).get("input_spec")

@@ -52,7 +52,7 @@ class SegmentationModule(pl.LightningModule):
         pretrained: a checkpoint, or the name of a shipped model ("nuclei"), whose network
             weights start this training (fine-tuning); the network must have the same shape.
         instance_metrics: when validation batches carry instance "labels" (whole images, one
-            per batch) and the network gives instances (1 or 3 classes), log `val/dsb` (the
+            per batch) and the network gives instances (1, 3 or 4 classes), log `val/dsb` (the
             DSB score) and `val/f1` (F1 at IoU 0.5) of `to_labels` at its default settings:
             what to select checkpoints by (`monitor: val/dsb`).
 
@@ -167,9 +167,9 @@ class SegmentationModule(pl.LightningModule):
         self.val_metrics.update(predicted > 0, target > 0)
         if self.val_class_dice is not None:
             self.val_class_dice.update(predicted, target)
-        if self.hparams.instance_metrics and "labels" in batch and self.classes in (1, 3):
+        if self.hparams.instance_metrics and "labels" in batch and self.classes in (1, 3, 4):
             probs = torch.sigmoid(logits) if self.classes == 1 else torch.softmax(logits, dim=1)
-            probs = probs.float().cpu().numpy()
+            probs = probs.detach().float().cpu().numpy()
             for image_probs, labels in zip(probs, batch["labels"].cpu().numpy()):
                 scores = instance_scores(to_labels(image_probs), labels)
                 self.val_instances.append((scores["dsb_score"], scores["f1"]))
