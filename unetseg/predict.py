@@ -23,7 +23,8 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference import TilingConfig, iter_predict_bands
-from unetseg.inference.postprocess import to_labels, to_mask_tensor
+from unetseg.inference.overlay import PNG_SUFFIXES, overlay_path, write_overlay, write_png
+from unetseg.inference.postprocess import label_settings, to_labels, to_mask_tensor
 from unetseg.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -33,8 +34,10 @@ from unetseg.io import (
     is_image_file,
     write_tiff,
 )
+from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import InputImage, atomic_memmap, open_image, release_pages
+from unetseg.quality import DomainReport
 from unetseg.spec import InputSpec
 
 __all__ = [
@@ -63,18 +66,37 @@ class PredictSettings:
             H, W), (H, W) for one class) or "labels" (uint16/uint32 instance labels by
             `postprocess.to_labels`, for targets "foreground" and "boundary").
         threshold: foreground probability threshold of "mask" and "labels".
+        seed_threshold: seed class probability that starts an object in "labels".
+        min_size: smallest object, in pixels, kept in "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
+        max_pixels: the most pixels (height x width x planes) an input may claim in its header;
+            larger ones are refused unread (decompression bombs). None: no cap.
+        overlay: also write `<stem>_overlay.png` next to each output: the input with the
+            predicted outlines (the middle plane of a stack).
+
+    None for threshold, seed_threshold or min_size means the value the model stores (tuned by
+    `unetseg-tune`, in its input spec's `postprocess`), else `POSTPROCESS_DEFAULTS`.
     """
 
     output: str = "mask"
-    threshold: float = 0.5
+    threshold: float | None = None
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # inputs claiming more pixels are refused before decoding
+    seed_threshold: float | None = None
+    min_size: int | None = None
+    overlay: bool = False
 
     def __post_init__(self):
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold!r}")
+        label_settings(threshold=self.threshold, seed_threshold=self.seed_threshold, min_size=self.min_size)
+
+    def label_options(self, spec: InputSpec) -> dict:
+        """Keyword arguments of `to_labels` (and the threshold of "mask"): defaults, then the model's
+        stored post-processing, then these settings where they are not None."""
+        return label_settings(
+            spec.postprocess, threshold=self.threshold, seed_threshold=self.seed_threshold, min_size=self.min_size
+        )
 
     def check(self, spec: InputSpec) -> None:
         """Raise ValueError when this output cannot be made from a model with this input spec."""
@@ -84,9 +106,23 @@ class PredictSettings:
                 f"this one predicts {spec.classes} classes (targets {spec.targets!r})"
             )
 
+    def check_target(self, target: Path, stack: bool = False) -> None:
+        """Raise ValueError when `target`'s format cannot hold this output (PNG: one 8/16-bit plane)."""
+        if target.suffix.lower() in PNG_SUFFIXES and (self.output == "prob" or stack):
+            what = "float probabilities" if self.output == "prob" else "a stack"
+            raise ValueError(f"{target}: PNG holds one plane of 8/16-bit masks or labels, not {what}; write .tif")
+
     def engine_options(self) -> dict:
         """Keyword arguments of `iter_predict_bands`."""
         return vars(self.tiling).copy()
+
+
+def _write_overlay(
+    settings: PredictSettings, image: InputImage, out: np.ndarray, target: Path, threshold: float
+) -> None:
+    """The input's (middle) plane with the outlines of its prediction, next to the output."""
+    z = len(image.planes) // 2
+    write_overlay(overlay_path(target), image.planes[z], out[z] if image.stack else out, settings.output, threshold)
 
 
 def _layout(settings: PredictSettings, spec: InputSpec, image: InputImage) -> tuple[tuple, np.dtype, str]:
@@ -111,6 +147,7 @@ def _predict_planes(
     """Predict every plane of `image` into `out` (planes, [classes,] H, W), band by band."""
     normalization = spec.normalization
     in_channels, classes = spec.in_channels, spec.classes
+    options = settings.label_options(spec)
     for z, plane in enumerate(image.planes):
         value_range = plane_range(plane, in_channels, normalization, path)
         mask = settings.output == "mask"  # thresholded on the device: uint8 bands cross to the host
@@ -118,7 +155,7 @@ def _predict_planes(
             model,
             ChannelBands(plane, in_channels, path),
             normalize=partial(normalization.apply, value_range=value_range),
-            band_transform=partial(_device_mask, spec=spec, threshold=settings.threshold) if mask else None,
+            band_transform=partial(_device_mask, spec=spec, threshold=options["threshold"]) if mask else None,
             **settings.engine_options(),
         )
         whole = settings.output == "labels"  # labels need the whole plane's probabilities
@@ -136,7 +173,7 @@ def _predict_planes(
             if on_rows is not None:
                 on_rows(stop - start)
         if probs_plane is not None:
-            out[z] = to_labels(probs_plane, settings.threshold)
+            out[z] = to_labels(probs_plane, **options)
 
 
 def _check_classes(probs: Any, spec: InputSpec) -> None:
@@ -191,8 +228,10 @@ def predict_file(
     target: str | Path,
     settings: PredictSettings = PredictSettings(),
     progress: bool = False,
+    domain: DomainReport | None = None,
 ) -> int:
-    """Predict one image file into a TIFF of the same height and width; returns the pixels predicted.
+    """Predict one image file into a TIFF (or a PNG for masks and labels) of the same height and width;
+    returns the pixels predicted.
 
     Masks and probabilities go band by band into a memory-mapped temporary TIFF, renamed to
     `target` when complete; labels need the whole probability map of a plane in memory. The
@@ -206,30 +245,38 @@ def predict_file(
         target: the output TIFF; its folder is created.
         settings: the output kind, threshold and tiling.
         progress: show a progress bar over the rows of the image.
+        domain: collects out-of-domain warnings over many files (one per kind); None warns for this file.
 
     Raises ImageReadError for an input that cannot be read or used, ValueError for a model
     whose output does not match its input spec.
     """
     settings.check(input_spec)
     source, target = Path(source), Path(target)
-    image = open_image(source)
+    image = open_image(source, settings.max_pixels)
+    settings.check_target(target, image.stack)
+    (domain or DomainReport()).check(source, image.planes[0], input_spec)
     shape, dtype, axes = _layout(settings, input_spec, image)
     planes = len(image.planes)
     with tqdm(
         total=planes * image.height, unit="row", desc=source.name, leave=False, disable=None if progress else True
     ) as bar:
-        if settings.output == "labels":
-            labels = np.zeros(shape, dtype)
-            _predict_planes(
-                model, input_spec, image, settings, labels if image.stack else labels[None], source, bar.update
-            )
-            labels = _smallest_labels(labels)
-            write_tiff(target, labels, **image.calibration.tiff_kwargs(axes, labels.dtype))
+        if settings.output == "labels" or target.suffix.lower() in PNG_SUFFIXES:
+            out = np.zeros(shape, dtype)
+            _predict_planes(model, input_spec, image, settings, out if image.stack else out[None], source, bar.update)
+            out = _smallest_labels(out) if settings.output == "labels" else out
+            if target.suffix.lower() in PNG_SUFFIXES:
+                write_png(target, out)
+            else:
+                write_tiff(target, out, **image.calibration.tiff_kwargs(axes, out.dtype))
         else:
             with atomic_memmap(target, shape, dtype, **image.calibration.tiff_kwargs(axes, dtype)) as out:
                 _predict_planes(
                     model, input_spec, image, settings, out if image.stack else out[None], source, bar.update
                 )
+                if settings.overlay:
+                    _write_overlay(settings, image, out, target, settings.label_options(input_spec)["threshold"])
+        if settings.overlay and not isinstance(out, np.memmap):
+            _write_overlay(settings, image, out, target, settings.label_options(input_spec)["threshold"])
     return planes * image.height * image.width
 
 
@@ -239,7 +286,8 @@ def predict_file(
 def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None) -> list[tuple[Path, Path]]:
     """(input file, output TIFF) pairs: INPUT's image files, searched recursively, mirrored under OUTPUT.
 
-    A file INPUT gives one pair: OUTPUT itself when it ends in .tif/.tiff, else OUTPUT/<stem>.tif.
+    A file INPUT gives one pair: OUTPUT itself when it ends in .tif/.tiff or .png, else OUTPUT/<stem>.tif;
+    another image suffix (.jpg...) is refused, as is a file name as OUTPUT of a folder INPUT.
     Hidden files and folders, and anything inside OUTPUT, are not searched. `glob` filters the
     image files by their path relative to INPUT (`PurePath.match`, so "*.tif" matches at any
     depth). Raises ValueError for a missing INPUT, OUTPUT equal to INPUT, no image files, or two
@@ -249,16 +297,26 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     if root.is_file():
         if not is_image_file(root):
             raise ValueError(f"INPUT {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        target = output if output.suffix.lower() in TIFF_SUFFIXES else output / f"{root.stem}.tif"
+        target = output if output.suffix.lower() in TIFF_SUFFIXES + PNG_SUFFIXES else output / f"{root.stem}.tif"
+        if output.suffix.lower() in IMAGE_SUFFIXES and output.suffix.lower() not in TIFF_SUFFIXES + PNG_SUFFIXES:
+            raise ValueError(f"OUTPUT {output}: outputs are .tif/.tiff, or .png for masks and labels")
         if target.resolve() == root.resolve():
             raise ValueError(f"OUTPUT {target} is the input file; choose another name")
+        if target != output and target.exists() and target.parent.resolve() == root.parent.resolve():
+            raise ValueError(
+                f"OUTPUT {target} exists beside the input and may be one of your images; it is never "
+                "written over: choose another folder, or name the output file"
+            )
         return [(root, target)]
     if not root.is_dir():
         raise ValueError(f"INPUT {root}: no such file or folder")
+    if output.suffix.lower() in IMAGE_SUFFIXES:
+        raise ValueError(f"OUTPUT {output}: a folder INPUT needs an OUTPUT folder, not a file name")
     if output.resolve() == root.resolve():
         raise ValueError(f"OUTPUT {output} is the INPUT folder; outputs would replace inputs, choose another folder")
+    inside = output.resolve().is_relative_to(root.resolve())
     try:
-        files = find_images(root, glob, exclude=output)
+        files = find_images(root, glob, exclude=output if inside else None)
     except DuplicateNameError as error:
         raise ValueError(
             f"{error.first} and {error.second} would both be written to {output / error.key}.tif; rename one"
@@ -266,7 +324,14 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     if not files:
         what = f"matching {glob!r}" if glob else f"({', '.join(IMAGE_SUFFIXES)})"
         raise ValueError(f"INPUT {root}: no image files {what} in this folder or below")
-    return [(path, output / f"{key}.tif") for key, path in files.items()]
+    pairs = [(path, output / f"{key}.tif") for key, path in files.items()]
+    inputs = {path.resolve() for path in (files if glob is None else find_images(root)).values()}
+    clashes = [target for _, target in pairs if target.resolve() in inputs]
+    if clashes:
+        raise ValueError(
+            f"OUTPUT {clashes[0]} is an input file: outputs must not replace inputs, choose another folder"
+        )
+    return pairs
 
 
 @dataclass
@@ -325,19 +390,22 @@ def predict_files(
     `progress` shows bars over files and over the rows of each image (on a terminal).
     """
     settings.check(input_spec)
-    summary = PredictSummary()
+    summary, domain = PredictSummary(), DomainReport()
     for source, target in tqdm(pairs, desc="files", unit="file", disable=None if progress else True):
         if target.exists() and not overwrite:
             summary.skipped.append(source)
             continue
         started = time.perf_counter()
         try:
-            pixels = predict_file(model, input_spec, source, target, settings, progress)
+            pixels = predict_file(model, input_spec, source, target, settings, progress, domain)
         except Exception as error:  # one broken file must not stop the folder; MemoryError and friends included
             summary.failed[source] = _reason(error, source)
             log.error("%s: %s", source, summary.failed[source])
+            log.debug("%s: traceback", source, exc_info=True)
             continue
         summary.seconds += time.perf_counter() - started
         summary.pixels += pixels
         summary.done.append(source)
+    for line in domain.summary():
+        log.warning("%s", line)
     return summary

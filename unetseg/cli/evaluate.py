@@ -10,9 +10,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unetseg.io import IMAGE_SUFFIXES, DuplicateNameError, ImageReadError, find_images, is_image_file, read_labels
+from unetseg.io import (
+    IMAGE_SUFFIXES,
+    DuplicateNameError,
+    ImageReadError,
+    atomic_output,
+    find_images,
+    is_image_file,
+    read_image,
+    read_labels,
+    to_channels,
+)
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.metrics import CONNECTIVITY, DSB_THRESHOLDS, MATCH_THRESHOLD, SCORE_KEYS, segmentation_scores, summarize
+from unetseg.modality import cluster_name, image_features
 
 PROG = "unetseg-evaluate"
 MAX_TABLE_ROWS = 25  # more images than this: the table shows only the summary
@@ -23,6 +34,8 @@ TABLE_COLUMNS = (
     ("recall", "Rec"),
     ("f1", "F1"),
     ("dsb_score", "DSB"),
+    ("pq", "PQ"),
+    ("aji", "AJI"),
     ("adapted_rand_error", "ARand"),
     ("vi", "VI"),
 )
@@ -31,11 +44,14 @@ DESCRIPTION = f"""\
 Score predicted masks (PRED) against ground-truth masks (GT). Each is a folder, searched
 recursively, or a single file. Files are paired by sub-folder and name without suffix, so
 pred/a/img1.tif scores against gt/a/img1.png. Masks may be binary (0/1, 0/255) or instance
-labels; binary masks are split into 4-connected components for the object scores.
+labels (8 to 64 bits, kept exact); binary masks are split into 4-connected components for the
+object scores. ZYX TIFF stacks (as unetseg-predict writes them) are scored as 3D volumes.
+JPEG masks are refused: lossy compression changes label values.
 
 Per image and as the mean over images: foreground Dice and IoU (label > 0); object precision,
 recall and F1 (a match is IoU > {MATCH_THRESHOLD}); the 2018 Data Science Bowl score, the mean
 of TP / (TP + FP + FN) over IoU thresholds {", ".join(map(str, DSB_THRESHOLDS))};
+panoptic quality (PQ = mean IoU of matches x F1) and the aggregated Jaccard index (AJI);
 adapted Rand error and variation of information (scikit-image). Also the pooled Dice of all
 pixels of all images.
 Both masks empty scores 1 (errors 0); exactly one empty scores 0 (Rand error 1).
@@ -108,7 +124,7 @@ def _read_pair(name: str, pred_path: Path, gt_path: Path, evaluation: Evaluation
     labels, errors = [], []
     for path in (pred_path, gt_path):
         try:
-            labels.append(read_labels(path))
+            labels.append(read_labels(path, stack=True))
         except ImageReadError as error:
             errors.append(str(error))
             print(f"error: unreadable: {error}", file=sys.stderr)
@@ -146,7 +162,16 @@ def evaluate(pred_files: dict[str, Path], gt_files: dict[str, Path]) -> Evaluati
                 file=sys.stderr,
             )
             continue
-        evaluation.scores[name] = {"pred": str(pred_path), "gt": str(gt_path), **segmentation_scores(pred, gt)}
+        try:
+            scores = segmentation_scores(pred, gt)
+        except (ValueError, MemoryError) as error:  # one bad pair must not lose the report of the others
+            message = f"{pred_path} against {gt_path}: cannot score ({type(error).__name__}: {error})"
+            evaluation.unreadable.append(
+                {"image": name, "pred": str(pred_path), "gt": str(gt_path), "errors": [message]}
+            )
+            print(f"error: {message}", file=sys.stderr)
+            continue
+        evaluation.scores[name] = {"pred": str(pred_path), "gt": str(gt_path), **scores}
     for name, pred_path in sorted(pred_files.items()):
         if name not in gt_files:
             evaluation.predictions_without_gt.append({"image": name, "pred": str(pred_path)})
@@ -187,6 +212,29 @@ def format_report(evaluation: Evaluation, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def modality_groups(names: list[str], images: Path) -> dict[str, list[str]]:
+    """Scored image names by the modality of their input image in `images` (see `unetseg.modality`);
+    names without an input image are grouped under "no image"."""
+    files = find_masks(images, "--by-modality")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        path = files.get(name)
+        group = cluster_name(image_features(to_channels(read_image(path), 3))) if path else "no image"
+        groups.setdefault(group, []).append(name)
+    return dict(sorted(groups.items()))
+
+
+def format_groups(evaluation: Evaluation, groups: dict[str, list[str]]) -> tuple[str, dict]:
+    """Table rows of the mean scores of each group, and the summaries by group."""
+    width = max([len(f"{group} ({len(names)})") for group, names in groups.items()] + [len("group")]) + 2
+    lines, summaries = [], {}
+    for group, names in groups.items():
+        summaries[group] = summarize([evaluation.scores[name] for name in names])
+        lines.append(_format_row(f"{group} ({len(names)})", summaries[group], width))
+    header = f"{'group (images)':<{width}}" + "".join(f"{title:>7}" for _, title in TABLE_COLUMNS)
+    return "\n".join([header, "-" * len(header), *lines]), summaries
+
+
 def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Path, gt_root: Path) -> None:
     """Write the summary, the per-image scores and the unscored files as one JSON document."""
     document = {
@@ -201,8 +249,8 @@ def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Pat
         "problems": evaluation.problems(),
         "images": evaluation.scores,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    with atomic_output(path, suffix=".tmp.json") as temporary:
+        temporary.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, evaluation: Evaluation) -> None:
@@ -217,8 +265,7 @@ def write_csv(path: Path, evaluation: Evaluation) -> None:
         rows += [
             {"image": item["image"], "status": status, "pred": item.get("pred"), "gt": item.get("gt")} for item in items
         ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_output(path, suffix=".tmp.csv") as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["image", "status", "pred", "gt", *SCORE_KEYS])
         writer.writeheader()
         writer.writerows(rows)
@@ -233,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("gt", type=Path, metavar="GT", help="ground-truth masks: a folder (recursive) or a file")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write summary, per-image scores and unscored files")
     parser.add_argument("--per-image", type=Path, metavar="CSV", help="write one CSV row per image")
+    parser.add_argument(
+        "--by-modality",
+        type=Path,
+        metavar="IMAGES",
+        help="also report the mean scores per image type (fluorescence, grey brightfield, colour), "
+        "from the input images in this folder, paired by name",
+    )
     add_verbosity_flags(parser)
     return parser
 
@@ -250,6 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = evaluate(pred_files, gt_files)
     summary = summarize(list(evaluation.scores.values()))
     print(format_report(evaluation, summary))
+    if args.by_modality:
+        try:
+            table, by_modality = format_groups(evaluation, modality_groups(list(evaluation.scores), args.by_modality))
+        except (UsageError, ImageReadError) as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
+        summary["by_modality"] = by_modality
+        print(table)
     print(f"{len(gt_files)} GT image(s) in {time.perf_counter() - started:.1f} s")
     try:
         if args.json:
