@@ -129,7 +129,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     peak = bf16_peak()
     print(
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s"
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: "
+        f"measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s"
     )
     inference(peak, args.size, args.batch_size)
     training(peak, args.train_batch, args.train_tile, args.steps)
