@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", type=Path, metavar="INPUT", help="an image file, or a folder (searched recursively)")
     parser.add_argument("output_path", type=Path, metavar="OUTPUT", help="output folder (a .tif file for a file INPUT)")
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint from unetseg-train (.ckpt)")
+    model.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="a checkpoint from unetseg-train (.ckpt), or its export by unetseg-export (.onnx, bioimage.io .zip)",
+    )
     model.add_argument("--model", metavar="NAME", help=f"a model shipped with unetseg: {', '.join(MODELS)}")
     parser.add_argument(
         "--tile-size",
