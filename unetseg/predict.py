@@ -3,9 +3,10 @@
 Each input is opened (`unetseg.io.tiff.open_image`), read as its model's training read it
 (`to_channels`, then `Normalization` with the range of the whole image, or of each plane of a
 Z stack) and predicted tile by tile (`unetseg.inference.iter_predict_bands`). Uncompressed
-TIFFs are read through a memory map and masks and probabilities are written through one, band
-by band, so a 12000 x 12000 image needs memory in proportion to its width. Every output is
-written to a temporary name and renamed, and carries the pixel size of its input.
+TIFFs are read through a memory map, compressed and tiled TIFFs and OME-Zarr chunk by chunk,
+and every output kind asked for is written from the same bands by `unetseg.outputs` (labels
+block by block), so a 12000 x 12000 image needs memory in proportion to its width. Every
+output is written to a temporary name and renamed, and carries the pixel size of its input.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,24 +25,27 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference import TilingConfig, iter_predict_bands
-from unetseg.inference.postprocess import to_labels, to_mask
 from unetseg.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
     DuplicateNameError,
     ImageReadError,
     find_images,
+    image_key,
     is_image_file,
-    write_tiff,
 )
 from unetseg.io.normalize import ChannelBands, plane_range
-from unetseg.io.tiff import InputImage, atomic_memmap, open_image, release_pages
+from unetseg.io.tiff import InputImage, open_image
+from unetseg.io.zarr import ZARR_SUFFIX, is_zarr, open_zarr
+from unetseg.outputs import FORMATS, OUTPUTS, OutputWriter, open_writers
 from unetseg.spec import InputSpec
 
 __all__ = [
+    "FORMATS",
     "OUTPUTS",
     "PredictSettings",
     "PredictSummary",
+    "output_targets",
     "plan_outputs",
     "predict_file",
     "predict_files",
@@ -50,37 +55,52 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("mask", "prob", "labels")
-
 
 @dataclass(frozen=True)
 class PredictSettings:
     """What to write and how to tile.
 
     Args:
-        output: "mask" (uint8: 0/255 foreground for one class and for targets "boundary",
-            the class index for targets "classes"), "prob" (float32 probabilities (classes,
-            H, W), (H, W) for one class) or "labels" (uint16/uint32 instance labels by
-            `postprocess.to_labels`, for targets "foreground" and "boundary").
+        output: one output kind or several (written from one model run): "mask" (uint8: 0/255
+            foreground for one class and for targets "boundary", the class index for targets
+            "classes"), "prob" (float32 probabilities (classes, H, W), (H, W) for one class) or
+            "labels" (uint16/uint32 instance labels by `postprocess.to_labels`, made block by
+            block, for targets "foreground" and "boundary").
         threshold: foreground probability threshold of "mask" and "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
+        format: "tiff" or "ome-zarr" (see `output_targets`).
+        rois: also write an ImageJ ROI set (.zip) of the labels.
+        measure: also write a CSV of per-object measurements.
     """
 
-    output: str = "mask"
+    output: str | tuple[str, ...] = "mask"
     threshold: float = 0.5
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    format: str = "tiff"
+    rois: bool = False
+    measure: bool = False
 
     def __post_init__(self):
-        if self.output not in OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
+        unknown = [kind for kind in self.outputs if kind not in OUTPUTS]
+        if unknown or not self.outputs or len(set(self.outputs)) != len(self.outputs):
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)} (or several, each once); got {self.output!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be between 0 and 1, got {self.threshold!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The output kinds, in order; ROIs and measurements need labels, which they add."""
+        kinds = (self.output,) if isinstance(self.output, str) else tuple(self.output)
+        return kinds + (("labels",) if (self.rois or self.measure) and "labels" not in kinds else ())
 
     def check(self, spec: InputSpec) -> None:
-        """Raise ValueError when this output cannot be made from a model with this input spec."""
-        if self.output == "labels" and not spec.instances:
+        """Raise ValueError when these outputs cannot be made from a model with this input spec."""
+        if "labels" in self.outputs and not spec.instances:
+            what = "output 'labels'" if self.output == "labels" or "labels" in self.output else "--rois/--measure"
             raise ValueError(
-                f"output 'labels' needs a model trained with targets 'foreground' or 'boundary'; "
+                f"{what} needs a model trained with targets 'foreground' or 'boundary'; "
                 f"this one predicts {spec.classes} classes (targets {spec.targets!r})"
             )
 
@@ -89,26 +109,16 @@ class PredictSettings:
         return vars(self.tiling).copy()
 
 
-def _layout(settings: PredictSettings, spec: InputSpec, image: InputImage) -> tuple[tuple, np.dtype, str]:
-    """(shape, dtype, ImageJ axes) of the output of `image`; labels are made as uint32, then narrowed if they fit."""
-    planes, height, width = len(image.planes), image.height, image.width
-    classes = spec.classes if settings.output == "prob" and spec.classes > 1 else 0
-    shape = ((planes,) if image.stack else ()) + ((classes,) if classes else ()) + (height, width)
-    axes = (image.plane_axis if image.stack else "") + ("C" if classes else "") + "YX"
-    dtype = {"mask": np.uint8, "prob": np.float32, "labels": np.uint32}[settings.output]
-    return shape, np.dtype(dtype), axes
-
-
 def _predict_planes(
     model: nn.Module,
     spec: InputSpec,
     image: InputImage,
     settings: PredictSettings,
-    out: Any,
+    writers: Sequence[OutputWriter],
     path: str | Path = "image",
     on_rows: Callable[[int], Any] | None = None,
 ) -> None:
-    """Predict every plane of `image` into `out` (planes, [classes,] H, W), band by band."""
+    """Predict every plane of `image` once, band by band, handing each band to every writer."""
     normalization = spec.normalization
     in_channels, classes = spec.in_channels, spec.classes
     for z, plane in enumerate(image.planes):
@@ -119,42 +129,33 @@ def _predict_planes(
             normalize=partial(normalization.apply, value_range=value_range),
             **settings.engine_options(),
         )
-        whole = settings.output == "labels"  # labels need the whole plane's probabilities
-        probs_plane = np.empty((classes, image.height, image.width), np.float32) if whole else None
+        for writer in writers:
+            writer.start_plane(z)
         for start, stop, probs in bands:
             if probs.shape[0] != classes:
                 raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {classes}")
-            if probs_plane is not None:
-                probs_plane[:, start:stop] = probs
-            elif settings.output == "mask":
-                out[z, start:stop] = to_mask(probs, settings.threshold, spec.targets)
-            else:
-                out[z, ..., start:stop, :] = probs[0] if classes == 1 else probs
-            release_pages(out)
+            for writer in writers:
+                writer.band(z, start, stop, probs)
             if on_rows is not None:
                 on_rows(stop - start)
-        if probs_plane is not None:
-            out[z] = to_labels(probs_plane, settings.threshold)
-
-
-def _smallest_labels(labels: np.ndarray) -> np.ndarray:
-    """uint16 labels where they fit, as `to_labels` returns them, else uint32."""
-    return labels.astype(np.uint16) if labels.max(initial=0) < 2**16 else labels
+        for writer in writers:
+            writer.end_plane(z)
 
 
 def predict_image(
     model: nn.Module, input_spec: InputSpec, image: np.ndarray, settings: PredictSettings = PredictSettings()
-) -> np.ndarray:
+) -> np.ndarray | dict[str, np.ndarray]:
     """Predict an image held in memory, as `predict_file` predicts a file.
 
     Args:
         model: a network from `load_predictor`, on the device to run on.
         input_spec: the checkpoint's input spec (channels, normalisation, targets, classes).
         image: (H, W), (H, W, C) with C in 1, 3, 4, or a stack (Z, H, W) / (Z, H, W, C).
-        settings: the output kind, threshold and tiling.
+        settings: the output kind(s), threshold and tiling (ROIs and measurements are for files).
 
     Returns the mask (H, W) uint8, probabilities (classes, H, W) float32 ((H, W) for one
-    class) or labels (H, W) uint16/uint32; stacks get a leading Z axis.
+    class) or labels (H, W) uint16/uint32; stacks get a leading Z axis. Several output kinds
+    give a dict of them by kind.
     """
     settings.check(input_spec)
     image = np.asarray(image)
@@ -164,10 +165,46 @@ def predict_image(
         arranged = InputImage(image, stack=True)
     else:
         raise ValueError(f"image must be (H, W), (H, W, C), (Z, H, W) or (Z, H, W, C); got shape {image.shape}")
-    shape, dtype, _ = _layout(settings, input_spec, arranged)
-    out = np.zeros(shape, dtype)
-    _predict_planes(model, input_spec, arranged, settings, out if arranged.stack else out[None])
-    return _smallest_labels(out) if settings.output == "labels" else out
+    with ExitStack() as stack:
+        targets = dict.fromkeys(settings.outputs)
+        writers = open_writers(settings.outputs, targets, input_spec, arranged, settings.threshold, stack)
+        _predict_planes(model, input_spec, arranged, settings, writers)
+        results = {writer.kind: writer.close() for writer in writers}
+    return results[settings.output] if isinstance(settings.output, str) else results
+
+
+def output_targets(source: str | Path, target: str | Path, settings: PredictSettings) -> dict[str, Path]:
+    """Where each output of `source` goes, by kind ("mask", "prob", "labels", "rois", "measure").
+
+    One output kind: `target` itself (a TIFF), or <stem>.ome.zarr beside it with format
+    "ome-zarr"; several: <stem>_<kind>.tif / .ome.zarr. For an OME-Zarr input with format
+    "ome-zarr", labels and masks go into the input image's labels group (IMAGE.zarr/labels/<kind>),
+    where napari finds them with the image. ROIs: <stem>_rois.zip; measurements: <stem>_objects.csv.
+    """
+    source, target = Path(source), Path(target)
+    stem = target.name[: -len(target.suffix)] if target.suffix else target.name
+    zarr_out = settings.format == "ome-zarr"
+    suffix = ".ome" + ZARR_SUFFIX if zarr_out else target.suffix or ".tif"
+    kinds = (settings.output,) if isinstance(settings.output, str) else tuple(settings.output)
+    kinds += tuple(kind for kind in settings.outputs if kind not in kinds)  # labels added for ROIs
+    targets = {}
+    for kind in kinds:
+        if zarr_out and kind != "prob" and is_zarr(source):
+            targets[kind] = source / "labels" / kind
+        elif len(kinds) == 1 and not zarr_out:
+            targets[kind] = target
+        else:
+            targets[kind] = target.with_name(stem + (f"_{kind}" if len(kinds) > 1 else "") + suffix)
+    if settings.rois:
+        targets["rois"] = target.with_name(f"{stem}_rois.zip")
+    if settings.measure:
+        targets["measure"] = target.with_name(f"{stem}_objects.csv")
+    return targets
+
+
+def open_input(source: str | Path) -> InputImage:
+    """An image file or an OME-Zarr image (*.zarr folder), opened lazily for prediction."""
+    return open_zarr(source) if is_zarr(source) else open_image(source)
 
 
 def predict_file(
@@ -178,44 +215,56 @@ def predict_file(
     settings: PredictSettings = PredictSettings(),
     progress: bool = False,
 ) -> int:
-    """Predict one image file into a TIFF of the same height and width; returns the pixels predicted.
+    """Predict an image file (or OME-Zarr image) into outputs of its height and width; returns the pixels predicted.
 
-    Masks and probabilities go band by band into a memory-mapped temporary TIFF, renamed to
-    `target` when complete; labels need the whole probability map of a plane in memory. The
-    input's pixel size (resolution tags, ImageJ unit/spacing, OME physical size) is written
-    with the output as ImageJ metadata (OME for uint32 labels). Stacks are predicted plane by
-    plane, each normalised with its own range, into a ZYX stack.
+    Every output kind of `settings` is written from one model run, to the places
+    `output_targets` gives: masks and probabilities band by band, labels block by block, each
+    into a temporary TIFF (memory-mapped) or OME-Zarr store renamed into place when complete.
+    The input's pixel size is written with the outputs (TIFF: ImageJ metadata, OME for uint32
+    labels; OME-Zarr: the scale of y and x). Stacks are predicted plane by plane, each
+    normalised with its own range, into a ZYX stack. With `settings.rois` / `measure`, the
+    objects of the labels also go to an ImageJ ROI set and a CSV of measurements.
 
     Args:
         model, input_spec: from `load_predictor`.
-        source: the image file (see `open_image`).
-        target: the output TIFF; its folder is created.
-        settings: the output kind, threshold and tiling.
+        source: the image file or .zarr folder (see `open_image`, `open_zarr`).
+        target: the output TIFF (see `output_targets` for other formats and several outputs).
+        settings: the output kinds, format, threshold and tiling.
         progress: show a progress bar over the rows of the image.
 
     Raises ImageReadError for an input that cannot be read or used, ValueError for a model
     whose output does not match its input spec.
     """
     settings.check(input_spec)
-    source, target = Path(source), Path(target)
-    image = open_image(source)
-    shape, dtype, axes = _layout(settings, input_spec, image)
+    source = Path(source)
+    image = open_input(source)
+    targets = output_targets(source, target, settings)
+    rois = measurements = None
+    if settings.rois:
+        from unetseg.io.rois import RoiSet
+
+        rois = RoiSet()
+    if settings.measure:
+        from unetseg.io.measure import Measurements
+
+        measurements = Measurements(image.calibration, image.stack)
     planes = len(image.planes)
-    with tqdm(
-        total=planes * image.height, unit="row", desc=source.name, leave=False, disable=None if progress else True
-    ) as bar:
-        if settings.output == "labels":
-            labels = np.zeros(shape, dtype)
-            _predict_planes(
-                model, input_spec, image, settings, labels if image.stack else labels[None], source, bar.update
-            )
-            labels = _smallest_labels(labels)
-            write_tiff(target, labels, **image.calibration.tiff_kwargs(axes, labels.dtype))
-        else:
-            with atomic_memmap(target, shape, dtype, **image.calibration.tiff_kwargs(axes, dtype)) as out:
-                _predict_planes(
-                    model, input_spec, image, settings, out if image.stack else out[None], source, bar.update
-                )
+    with (
+        tqdm(
+            total=planes * image.height, unit="row", desc=source.name, leave=False, disable=None if progress else True
+        ) as bar,
+        ExitStack() as stack,
+    ):
+        writers = open_writers(
+            settings.outputs, targets, input_spec, image, settings.threshold, stack, rois, measurements
+        )
+        _predict_planes(model, input_spec, image, settings, writers, source, bar.update)
+        for writer in writers:
+            writer.close()
+        if rois is not None:
+            rois.write(targets["rois"])
+        if measurements is not None:
+            measurements.write(targets["measure"])
     return planes * image.height * image.width
 
 
@@ -232,10 +281,10 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     inputs with one output name.
     """
     root, output = Path(input), Path(output)
-    if root.is_file():
-        if not is_image_file(root):
+    if root.is_file() or is_zarr(root):
+        if not (is_image_file(root) or is_zarr(root)):
             raise ValueError(f"INPUT {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        target = output if output.suffix.lower() in TIFF_SUFFIXES else output / f"{root.stem}.tif"
+        target = output if output.suffix.lower() in TIFF_SUFFIXES else output / f"{image_key(root, root.parent)}.tif"
         if target.resolve() == root.resolve():
             raise ValueError(f"OUTPUT {target} is the input file; choose another name")
         return [(root, target)]
@@ -313,7 +362,7 @@ def predict_files(
     settings.check(input_spec)
     summary = PredictSummary()
     for source, target in tqdm(pairs, desc="files", unit="file", disable=None if progress else True):
-        if target.exists() and not overwrite:
+        if not overwrite and all(path.exists() for path in output_targets(source, target, settings).values()):
             summary.skipped.append(source)
             continue
         started = time.perf_counter()

@@ -12,7 +12,7 @@ import torch
 from unetseg.checkpoint import CheckpointError, load_predictor
 from unetseg.inference.tiling import BLENDS, TilingConfig
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
-from unetseg.predict import OUTPUTS, PredictSettings, plan_outputs, predict_files, shard
+from unetseg.predict import FORMATS, OUTPUTS, PredictSettings, plan_outputs, predict_files, shard
 from unetseg.weights import MODELS, model_path
 
 log = logging.getLogger("unetseg.cli.predict")
@@ -24,8 +24,10 @@ DEVICES = ("auto", "cpu", "cuda")
 DESCRIPTION = """\
 Segment INPUT, an image file or a folder searched recursively, into OUTPUT: one TIFF per
 input named <stem>.tif, of the same height and width, in OUTPUT's copy of INPUT's sub-folders.
-Reads PNG, JPEG, BMP and TIFF (8/16-bit, float; grey, RGB, RGBA) and ZYX TIFF stacks, which
-are predicted plane by plane. Images are converted and normalised exactly as the checkpoint's
+Reads PNG, JPEG, BMP and TIFF (8/16-bit, float; grey, RGB, RGBA), ZYX TIFF stacks, which
+are predicted plane by plane, and OME-Zarr images (*.zarr, *.ome.zarr folders; with
+'unetseg[zarr]'), read chunk by chunk with their axes and scale, as are compressed and
+tiled TIFFs. Images are converted and normalised exactly as the checkpoint's
 training data were (channels, percentiles of the whole image or plane). The pixel size of
 TIFF inputs (resolution, ImageJ unit and spacing, OME physical size) is copied to the outputs.
 
@@ -33,9 +35,11 @@ outputs (--output):
   mask    uint8: 0/255 foreground for one-class and boundary models, the class index for
           multi-class models
   prob    float32 probabilities (classes, H, W); (H, W) for one-class models
-  labels  uint16/uint32 instance labels (nuclei) for foreground and boundary models; needs the
-          whole probability map in memory (masks and probabilities of huge uncompressed TIFFs
-          are predicted and written band by band)
+  labels  uint16/uint32 instance labels (nuclei) for foreground and boundary models, made in
+          overlapping blocks of 1024 rows (+-128 rows of context) and merged across block
+          borders, so huge images need memory in proportion to their width
+Masks and probabilities are predicted and written band by band. --rois and --measure add
+labels to the outputs if they are not asked for.
 """
 
 EPILOG = """\
@@ -98,7 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how overlapping tiles are merged (default {DEFAULTS.blend})",
     )
     parser.add_argument("--tta", action="store_true", help="average the 8 flips and rotations of each tile")
-    parser.add_argument("--output", choices=OUTPUTS, default="mask", help="what to write (default mask)")
+    parser.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        nargs="+",
+        default=["mask"],
+        metavar="KIND",
+        help=f"what to write, one or more of {', '.join(OUTPUTS)} from one model run, e.g. --output labels prob; "
+        "several are named <stem>_<kind> (default mask)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="tiff",
+        help="tiff, or ome-zarr: <stem>.ome.zarr with a pyramid and the input's scale; for an OME-Zarr input, "
+        "labels and masks go into INPUT.zarr/labels/<kind> (default tiff)",
+    )
+    parser.add_argument(
+        "--rois", action="store_true", help="also write <stem>_rois.zip, an ImageJ/Fiji ROI set of the labels"
+    )
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="also write <stem>_objects.csv: per object label, area, centroid, bbox, mean intensity per channel "
+        "(and calibrated area and centroid when the pixel size is known)",
+    )
     parser.add_argument(
         "--threshold", type=float, default=0.5, metavar="P", help="foreground probability threshold (default 0.5)"
     )
@@ -152,7 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         tiling = TilingConfig(
             tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, blend=args.blend, tta=args.tta
         )
-        settings = PredictSettings(output=args.output, threshold=args.threshold, tiling=tiling)
+        output = args.output[0] if len(args.output) == 1 else tuple(args.output)
+        settings = PredictSettings(
+            output=output,
+            threshold=args.threshold,
+            tiling=tiling,
+            format=args.format,
+            rois=args.rois,
+            measure=args.measure,
+        )
         index, count = resolve_shard(args.shard)
         pairs = shard(plan_outputs(args.input, args.output_path, args.glob), index, count)
         device = resolve_device(args.device)
