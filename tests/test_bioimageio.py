@@ -36,6 +36,7 @@ def test_rdf_describes_normalisation_postprocessing_weights_and_provenance(packa
         rdf = yaml.safe_load(archive.read("rdf.yaml"))
         test_input = np.load(archive.open("test_input.npy"))
         test_output = np.load(archive.open("test_output.npy"))
+        architecture_source = archive.read("unet.py").decode()
     assert {"rdf.yaml", "weights.onnx", "weights.pt", "unet.py", "cover.png", "README.md"} <= names
     assert rdf["format_version"].startswith("0.5") and rdf["license"] == "MIT"
     assert rdf["authors"] and rdf["cite"][0]["doi"] == "10.1007/978-3-319-24574-4_28"
@@ -50,6 +51,7 @@ def test_rdf_describes_normalisation_postprocessing_weights_and_provenance(packa
     architecture = rdf["weights"]["pytorch_state_dict"]["architecture"]
     assert architecture["source"] == "unet.py" and architecture["callable"] == "UNet"
     assert architecture["kwargs"]["depth"] == 2 and architecture["kwargs"]["width"] == 4
+    assert "from unetseg" not in architecture_source and "import unetseg" not in architecture_source  # torch only
     assert rdf["config"]["unetseg"]["input_spec"]["normalization"] == norm.to_dict()
     assert test_input.shape[:2] == (1, 1) and test_output.shape == (1, 1, *test_input.shape[2:])
     assert 0.0 <= test_output.min() and test_output.max() <= 1.0

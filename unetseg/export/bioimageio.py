@@ -1,7 +1,8 @@
 """bioimage.io model packages: export a checkpoint as a model-zoo zip, and predict with one unetseg exported.
 
 A package holds `rdf.yaml` (model RDF format 0.5), ONNX weights (`export_net`) and PyTorch
-state-dict weights with the source of `unetseg.models.unet.UNet` as their architecture, test
+state-dict weights with the source of `unetseg.models.unet.UNet` (its unetseg imports inlined) as
+their architecture, test
 input and output tensors (.npy), a cover image and a README. The model's input normalisation
 is written as the spec's preprocessing: `scale_range` over all channels of a sample (the
 percentiles of `Normalization`) followed by `clip` to [0, 1]; its output postprocessing is a
@@ -14,6 +15,8 @@ model.zip` runs it through its ONNX weights with the input spec stored under
 
 from __future__ import annotations
 
+import ast
+import importlib
 import inspect
 import logging
 import tempfile
@@ -131,14 +134,58 @@ Weights: ONNX (opset in `rdf.yaml`) and a PyTorch state dict for `unet.py:UNet`.
 """
 
 
+def standalone_source(cls: type) -> str:
+    """The source of `cls`'s module with the unetseg modules it imports inlined before it: a file that needs torch only.
+
+    bioimage.io tools build the network from this file, without unetseg installed.
+    """
+    parts: list[str] = []
+    seen: set[str] = set()
+
+    def add(module) -> None:
+        if module.__name__ in seen:
+            return
+        seen.add(module.__name__)
+        source = inspect.getsource(module)
+        dropped: set[int] = set()
+        aliases = []
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Import) and any(alias.name.startswith("unetseg") for alias in node.names):
+                raise ValueError(f"{module.__name__}: `import unetseg...` cannot be inlined; use `from ... import`")
+            if not isinstance(node, ast.ImportFrom) or not (
+                node.module == "__future__" or (node.module or "").startswith("unetseg")
+            ):
+                continue
+            dropped.update(range(node.lineno, node.end_lineno + 1))
+            if node.module != "__future__":
+                add(importlib.import_module(node.module))
+                aliases += [f"{alias.asname} = {alias.name}" for alias in node.names if alias.asname]
+        kept = [line for number, line in enumerate(source.splitlines(), start=1) if number not in dropped]
+        parts.append(f"# ---- {module.__name__} ----\n" + "\n".join(kept + aliases))
+
+    add(inspect.getmodule(cls))
+    return "from __future__ import annotations\n\n" + "\n\n\n".join(parts) + "\n"
+
+
+def _check_standalone(source: str, net: nn.Module, init_args: dict) -> None:
+    """Build the network from the shipped source alone and load the weights into it; ValueError if that fails."""
+    namespace: dict = {"__name__": "unetseg_architecture"}
+    try:
+        exec(compile(source, "unet.py", "exec"), namespace)  # our own source, to check what ships
+        rebuilt = namespace[type(net).__name__](**init_args)
+        rebuilt.load_state_dict(net.state_dict())
+    except Exception as error:
+        raise ValueError(f"the shipped architecture source does not rebuild the network: {error}") from error
+
+
 def _architecture(v0_5, net: nn.Module, folder: Path):
-    """The architecture entry: UNet's source file shipped in the package, else the installed unetseg class."""
+    """The architecture entry: UNet's standalone source shipped in the package, else the installed unetseg class."""
     init_args = describe_net(net)["init_args"]
     if isinstance(net, UNet):
-        # unet.py imports only torch, so bioimage.io tools can build the net without unetseg installed.
-        source = folder / "unet.py"
-        source.write_text(inspect.getsource(inspect.getmodule(UNet)))
-        return v0_5.ArchitectureFromFileDescr(source=source, callable="UNet", kwargs=init_args)
+        source = standalone_source(UNet)
+        _check_standalone(source, net, init_args)
+        (folder / "unet.py").write_text(source)
+        return v0_5.ArchitectureFromFileDescr(source=folder / "unet.py", callable="UNet", kwargs=init_args)
     cls = type(net)
     return v0_5.ArchitectureFromLibraryDescr(import_from=cls.__module__, callable=cls.__name__, kwargs=init_args)
 
