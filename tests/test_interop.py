@@ -217,3 +217,16 @@ def test_rois_read_back_match_label_outlines_and_csv_has_one_row_per_object(pred
         assert int(row["area"]) == mask.sum()
         assert float(row["area_um2"]) == pytest.approx(mask.sum() / 16)
         assert float(row["centroid_y"]) == pytest.approx(np.nonzero(mask)[0].mean())
+
+
+def test_every_new_flag_is_in_the_help(capsys):
+    from unetseg.cli import export
+
+    for main, flags in (
+        (predict_main, ["--output KIND [KIND ...]", "--format {tiff,ome-zarr}", "--rois", "--measure", ".ome.zarr"]),
+        (export.main, ["--format {onnx,bioimageio}", "--model NAME", "bioimageio.core"]),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = capsys.readouterr().out
+        assert all(flag in text for flag in flags), [flag for flag in flags if flag not in text]
