@@ -279,12 +279,19 @@ def test_setup_builds_train_and_val_tiles(shared_dataset):
     assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
     assert set(batch["target"].unique().tolist()) <= {0, 1}
     assert len(data.val_set) == 9  # a 96x96 image in 32-px tiles
-    assert data.input_spec.to_dict() == {
+    spec = data.input_spec.to_dict()
+    intensity = spec.pop("intensity")
+    assert spec == {
         "in_channels": 1,
         "normalization": {"low": 1.0, "high": 99.8, "clip": True},
         "targets": "foreground",
         "classes": 1,
     }
+    # The training images' intensities, for out-of-domain warnings: 8-bit PNGs and 12-bit TIFFs alike.
+    assert intensity["images"] == 5
+    assert intensity["high"][0] <= 255 < intensity["high"][1] <= 4095
+    assert 0.0 <= intensity["median"][0] <= intensity["median"][1] < 0.5  # dark background, bright nuclei
+    assert data.stored_channels == {1: 6}
 
 
 def test_val_tile_size_sets_validation_tiles(shared_dataset):

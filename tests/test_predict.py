@@ -464,12 +464,15 @@ def test_onnx_export_predicts_like_its_checkpoint(tmp_path, predictor):
 def test_load_predictor_returns_the_net_and_its_input_spec(predictor):
     model, spec = predictor
     assert isinstance(model, UNet) and not model.training
-    assert spec.to_dict() == {
+    stored = spec.to_dict()
+    intensity = stored.pop("intensity")  # what the 3 training images looked like (unetseg.quality)
+    assert stored == {
         "in_channels": 1,
         "normalization": {"low": 1.0, "high": 99.8, "clip": True},
         "targets": "foreground",
         "classes": 1,
     }
+    assert intensity["images"] == 3 and 0.0 <= intensity["median"][0] <= intensity["median"][1] <= 1.0
 
 
 def test_shipped_model_names(tmp_path, monkeypatch):
@@ -498,3 +501,15 @@ def test_output_files_get_ordinary_permissions(tmp_path, predictor):
             assert (tmp_path / f"{output}.tif").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+@pytest.mark.parametrize("classes, targets", [(1, "foreground"), (3, "boundary"), (4, "classes")])
+def test_device_mask_equals_the_host_mask(classes, targets):
+    from unetseg.inference.postprocess import to_mask_tensor
+
+    probs = torch.softmax(torch.randn(classes, 9, 7, generator=torch.Generator().manual_seed(classes)), dim=0)
+    if classes == 1:
+        probs = torch.rand(1, 9, 7, generator=torch.Generator().manual_seed(0))
+    mask = to_mask_tensor(probs, 0.4, targets)
+    assert mask.dtype == torch.uint8
+    np.testing.assert_array_equal(mask.numpy(), to_mask(probs.numpy(), 0.4, targets))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from unetseg.inference.blocks import BLOCK_ROWS, CONTEXT_ROWS, BlockLabeler
+from unetseg.inference.overlay import PNG_SUFFIXES, write_png
 from unetseg.inference.postprocess import to_mask
 from unetseg.io.tiff import InputImage, atomic_memmap, native, release_pages
 from unetseg.spec import InputSpec
@@ -46,7 +47,7 @@ class OutputWriter:
         target: the TIFF, *.ome.zarr image, or `IMAGE.zarr/labels/NAME` to write; None keeps
             the output in memory (`close` returns it).
         spec, image: the model's input spec and the opened input.
-        threshold: foreground probability threshold of masks and labels.
+        options: `PredictSettings.label_options`: threshold (of masks too), seed_threshold, min_size.
         stack: an ExitStack that removes partial files if the prediction fails.
         rois, measurements: collectors (`RoiSet`, `Measurements`) fed with each block's objects.
     """
@@ -57,14 +58,15 @@ class OutputWriter:
         target: Path | None,
         spec: InputSpec,
         image: InputImage,
-        threshold: float,
+        options: dict,
         stack: ExitStack,
         rois: Any = None,
         measurements: Any = None,
         block_rows: int = BLOCK_ROWS,
         context: int = CONTEXT_ROWS,
     ):
-        self.kind, self.spec, self.image, self.threshold = kind, spec, image, threshold
+        self.kind, self.spec, self.image, self.options = kind, spec, image, dict(options)
+        self.threshold = self.options.pop("threshold")
         self.target = Path(target) if target is not None else None
         self.rois, self.measurements = rois, measurements
         self.block_rows, self.context = block_rows, context
@@ -75,7 +77,8 @@ class OutputWriter:
         )
         self.next_label = 1
         self.labeler: BlockLabeler | None = None
-        if target is None:
+        self.png = target is not None and self.target.suffix.lower() in PNG_SUFFIXES
+        if target is None or self.png:  # PNGs are written whole by `close`
             self.out = np.zeros(self.shape, dtype)
         elif self.zarr:
             from unetseg.io.zarr import OmeZarrWriter
@@ -110,6 +113,7 @@ class OutputWriter:
                 self.image.width,
                 lambda first, labels: self._paint(z, first, labels),
                 self.threshold,
+                self.options,
                 block_rows=self.block_rows,
                 context=self.context,
                 first_label=self.next_label,
@@ -117,8 +121,9 @@ class OutputWriter:
 
     def band(self, z: int, start: int, stop: int, probs: np.ndarray) -> None:
         """Write (or, for labels, gather) the probabilities (classes, stop - start, W) of rows start..stop."""
-        if self.kind == "mask":
-            self._put(z, slice(start, stop), to_mask(probs, self.threshold, self.spec.targets))
+        if self.kind == "mask":  # uint8 bands are masks already, thresholded on the device
+            mask = probs if probs.dtype == np.uint8 else to_mask(probs, self.threshold, self.spec.targets)
+            self._put(z, slice(start, stop), mask)
         elif self.kind == "prob":
             self._put(z, slice(start, stop), probs[0] if probs.shape[0] == 1 else probs)
         else:
@@ -129,6 +134,10 @@ class OutputWriter:
         if self.labeler is not None:
             self.next_label = self.labeler.finish()
             self.labeler = None
+
+    def plane(self, z: int) -> np.ndarray:
+        """The output of plane z ([classes,] H, W), read back (for overlays)."""
+        return np.asarray(self.out[z] if self.image.stack else self.out[...])
 
     def _paint(self, z: int, first: int, labels: np.ndarray) -> None:
         """Write a block's owned objects (0 elsewhere keeps what earlier blocks wrote) and feed the collectors."""
@@ -144,8 +153,10 @@ class OutputWriter:
     def close(self) -> Path | np.ndarray:
         """Finish the output: rename it into place (TIFF, OME-Zarr), or return the array kept in memory;
         labels are narrowed to uint16 where they fit (not in OME-Zarr, whose arrays are made before)."""
-        if self.target is None:
-            return self.out.astype(np.uint16) if self.kind == "labels" and self.next_label - 1 < 2**16 else self.out
+        if self.target is None or self.png:
+            narrow = self.kind == "labels" and self.next_label - 1 < 2**16
+            out = self.out.astype(np.uint16) if narrow else self.out
+            return write_png(self.target, out) if self.png else out
         if self.zarr:
             return self.store.commit()
         if self.kind == "labels":
@@ -165,7 +176,7 @@ def open_writers(
     targets: dict[str, Path | None],
     spec: InputSpec,
     image: InputImage,
-    threshold: float,
+    options: dict,
     stack: ExitStack,
     rois: Any = None,
     measurements: Any = None,
@@ -180,7 +191,7 @@ def open_writers(
                 targets[kind],
                 spec,
                 image,
-                threshold,
+                options,
                 stack,
                 rois if labels else None,
                 measurements if labels else None,

@@ -1,12 +1,12 @@
 """Prediction of image files and folders with a trained model: orchestration only, files in, outputs out.
 
-Each input is opened (`unetseg.io.tiff.open_image`), read as its model's training read it
-(`to_channels`, then `Normalization` with the range of the whole image, or of each plane of a
-Z stack) and predicted tile by tile (`unetseg.inference.iter_predict_bands`). Uncompressed
-TIFFs are read through a memory map, compressed and tiled TIFFs and OME-Zarr chunk by chunk,
-and every output kind asked for is written from the same bands by `unetseg.outputs` (labels
-block by block), so a 12000 x 12000 image needs memory in proportion to its width. Every
-output is written to a temporary name and renamed, and carries the pixel size of its input.
+Each input is opened (`unetseg.io.tiff.open_image`, `unetseg.io.zarr.open_zarr`), read as its
+model's training read it (`to_channels`, then `Normalization` with the range of the whole image,
+or of each plane of a Z stack) and predicted tile by tile (`unetseg.inference.iter_predict_bands`).
+Uncompressed TIFFs are read through a memory map, compressed and tiled TIFFs and OME-Zarr chunk
+by chunk, and every output kind asked for is written from the same bands by `unetseg.outputs`
+(labels block by block), so a 12000 x 12000 image needs memory in proportion to its width.
+Every output is written to a temporary name and renamed, and carries the pixel size of its input.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference import TilingConfig, iter_predict_bands
+from unetseg.inference.overlay import PNG_SUFFIXES, overlay_path, write_overlay
+from unetseg.inference.postprocess import label_settings, to_mask_tensor
 from unetseg.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -34,10 +36,12 @@ from unetseg.io import (
     image_key,
     is_image_file,
 )
+from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import InputImage, open_image
 from unetseg.io.zarr import ZARR_SUFFIX, is_zarr, open_zarr
 from unetseg.outputs import FORMATS, OUTPUTS, OutputWriter, open_writers
+from unetseg.quality import DomainReport
 from unetseg.spec import InputSpec
 
 __all__ = [
@@ -67,42 +71,71 @@ class PredictSettings:
             "labels" (uint16/uint32 instance labels by `postprocess.to_labels`, made block by
             block, for targets "foreground" and "boundary").
         threshold: foreground probability threshold of "mask" and "labels".
+        seed_threshold: seed class probability that starts an object in "labels".
+        min_size: smallest object, in pixels, kept in "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
+        max_pixels: the most pixels (height x width x planes) an input may claim in its header;
+            larger ones are refused unread (decompression bombs). None: no cap.
+        overlay: also write `<stem>_overlay.png` next to each output: the input with the
+            predicted outlines (the middle plane of a stack) of the first output kind.
         format: "tiff" or "ome-zarr" (see `output_targets`).
         rois: also write an ImageJ ROI set (.zip) of the labels.
         measure: also write a CSV of per-object measurements.
+
+    None for threshold, seed_threshold or min_size means the value the model stores (tuned by
+    `unetseg-tune`, in its input spec's `postprocess`), else `POSTPROCESS_DEFAULTS`.
     """
 
     output: str | tuple[str, ...] = "mask"
-    threshold: float = 0.5
+    threshold: float | None = None
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # inputs claiming more pixels are refused before decoding
+    seed_threshold: float | None = None
+    min_size: int | None = None
+    overlay: bool = False
     format: str = "tiff"
     rois: bool = False
     measure: bool = False
 
     def __post_init__(self):
-        unknown = [kind for kind in self.outputs if kind not in OUTPUTS]
-        if unknown or not self.outputs or len(set(self.outputs)) != len(self.outputs):
+        unknown = [kind for kind in self.kinds if kind not in OUTPUTS]
+        if unknown or not self.kinds or len(set(self.kinds)) != len(self.kinds):
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)} (or several, each once); got {self.output!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold!r}")
+        label_settings(threshold=self.threshold, seed_threshold=self.seed_threshold, min_size=self.min_size)
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        """The output kinds asked for, in order."""
+        return (self.output,) if isinstance(self.output, str) else tuple(self.output)
+
+    @property
     def outputs(self) -> tuple[str, ...]:
-        """The output kinds, in order; ROIs and measurements need labels, which they add."""
-        kinds = (self.output,) if isinstance(self.output, str) else tuple(self.output)
-        return kinds + (("labels",) if (self.rois or self.measure) and "labels" not in kinds else ())
+        """The output kinds written: those asked for, and labels for ROIs and measurements."""
+        return self.kinds + (("labels",) if (self.rois or self.measure) and "labels" not in self.kinds else ())
+
+    def label_options(self, spec: InputSpec) -> dict:
+        """Keyword arguments of `to_labels` (and the threshold of "mask"): defaults, then the model's
+        stored post-processing, then these settings where they are not None."""
+        return label_settings(
+            spec.postprocess, threshold=self.threshold, seed_threshold=self.seed_threshold, min_size=self.min_size
+        )
 
     def check(self, spec: InputSpec) -> None:
         """Raise ValueError when these outputs cannot be made from a model with this input spec."""
         if "labels" in self.outputs and not spec.instances:
-            what = "output 'labels'" if self.output == "labels" or "labels" in self.output else "--rois/--measure"
+            what = "output 'labels'" if "labels" in self.kinds else "--rois/--measure"
             raise ValueError(
                 f"{what} needs a model trained with targets 'foreground' or 'boundary'; "
                 f"this one predicts {spec.classes} classes (targets {spec.targets!r})"
             )
+
+    def check_target(self, target: Path, stack: bool = False) -> None:
+        """Raise ValueError when `target`'s format cannot hold this output (PNG: one 8/16-bit plane)."""
+        if target.suffix.lower() in PNG_SUFFIXES and ("prob" in self.outputs or stack):
+            what = "float probabilities" if "prob" in self.outputs else "a stack"
+            raise ValueError(f"{target}: PNG holds one plane of 8/16-bit masks or labels, not {what}; write .tif")
 
     def engine_options(self) -> dict:
         """Keyword arguments of `iter_predict_bands`."""
@@ -120,26 +153,42 @@ def _predict_planes(
 ) -> None:
     """Predict every plane of `image` once, band by band, handing each band to every writer."""
     normalization = spec.normalization
-    in_channels, classes = spec.in_channels, spec.classes
+    in_channels = spec.in_channels
+    threshold = settings.label_options(spec)["threshold"]
+    # A mask alone is thresholded on the device: uint8 bands cross to the host.
+    device_mask = [writer.kind for writer in writers] == ["mask"]
     for z, plane in enumerate(image.planes):
         value_range = plane_range(plane, in_channels, normalization, path)
         bands = iter_predict_bands(
             model,
             ChannelBands(plane, in_channels, path),
             normalize=partial(normalization.apply, value_range=value_range),
+            band_transform=partial(_device_mask, spec=spec, threshold=threshold) if device_mask else None,
             **settings.engine_options(),
         )
         for writer in writers:
             writer.start_plane(z)
         for start, stop, probs in bands:
-            if probs.shape[0] != classes:
-                raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {classes}")
+            if not device_mask:
+                _check_classes(probs, spec)
             for writer in writers:
                 writer.band(z, start, stop, probs)
             if on_rows is not None:
                 on_rows(stop - start)
         for writer in writers:
             writer.end_plane(z)
+
+
+def _check_classes(probs: Any, spec: InputSpec) -> None:
+    """Raise ValueError when the model's probabilities (classes, ...) do not have the classes of its input spec."""
+    if probs.shape[0] != spec.classes:
+        raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {spec.classes}")
+
+
+def _device_mask(probs: Any, spec: InputSpec, threshold: float) -> Any:
+    """The uint8 mask of a band of probabilities, computed where they are (`to_mask_tensor`)."""
+    _check_classes(probs, spec)
+    return to_mask_tensor(probs, threshold, spec.targets)
 
 
 def predict_image(
@@ -166,8 +215,8 @@ def predict_image(
     else:
         raise ValueError(f"image must be (H, W), (H, W, C), (Z, H, W) or (Z, H, W, C); got shape {image.shape}")
     with ExitStack() as stack:
-        targets = dict.fromkeys(settings.outputs)
-        writers = open_writers(settings.outputs, targets, input_spec, arranged, settings.threshold, stack)
+        options = settings.label_options(input_spec)
+        writers = open_writers(settings.kinds, dict.fromkeys(settings.kinds), input_spec, arranged, options, stack)
         _predict_planes(model, input_spec, arranged, settings, writers)
         results = {writer.kind: writer.close() for writer in writers}
     return results[settings.output] if isinstance(settings.output, str) else results
@@ -176,7 +225,7 @@ def predict_image(
 def output_targets(source: str | Path, target: str | Path, settings: PredictSettings) -> dict[str, Path]:
     """Where each output of `source` goes, by kind ("mask", "prob", "labels", "rois", "measure").
 
-    One output kind: `target` itself (a TIFF), or <stem>.ome.zarr beside it with format
+    One output kind: `target` itself (a TIFF or PNG), or <stem>.ome.zarr beside it with format
     "ome-zarr"; several: <stem>_<kind>.tif / .ome.zarr. For an OME-Zarr input with format
     "ome-zarr", labels and masks go into the input image's labels group (IMAGE.zarr/labels/<kind>),
     where napari finds them with the image. ROIs: <stem>_rois.zip; measurements: <stem>_objects.csv.
@@ -185,8 +234,7 @@ def output_targets(source: str | Path, target: str | Path, settings: PredictSett
     stem = target.name[: -len(target.suffix)] if target.suffix else target.name
     zarr_out = settings.format == "ome-zarr"
     suffix = ".ome" + ZARR_SUFFIX if zarr_out else target.suffix or ".tif"
-    kinds = (settings.output,) if isinstance(settings.output, str) else tuple(settings.output)
-    kinds += tuple(kind for kind in settings.outputs if kind not in kinds)  # labels added for ROIs
+    kinds = settings.outputs
     targets = {}
     for kind in kinds:
         if zarr_out and kind != "prob" and is_zarr(source):
@@ -202,9 +250,9 @@ def output_targets(source: str | Path, target: str | Path, settings: PredictSett
     return targets
 
 
-def open_input(source: str | Path) -> InputImage:
+def open_input(source: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputImage:
     """An image file or an OME-Zarr image (*.zarr folder), opened lazily for prediction."""
-    return open_zarr(source) if is_zarr(source) else open_image(source)
+    return open_zarr(source) if is_zarr(source) else open_image(source, max_pixels)
 
 
 def predict_file(
@@ -214,31 +262,37 @@ def predict_file(
     target: str | Path,
     settings: PredictSettings = PredictSettings(),
     progress: bool = False,
+    domain: DomainReport | None = None,
 ) -> int:
     """Predict an image file (or OME-Zarr image) into outputs of its height and width; returns the pixels predicted.
 
     Every output kind of `settings` is written from one model run, to the places
     `output_targets` gives: masks and probabilities band by band, labels block by block, each
-    into a temporary TIFF (memory-mapped) or OME-Zarr store renamed into place when complete.
-    The input's pixel size is written with the outputs (TIFF: ImageJ metadata, OME for uint32
-    labels; OME-Zarr: the scale of y and x). Stacks are predicted plane by plane, each
-    normalised with its own range, into a ZYX stack. With `settings.rois` / `measure`, the
-    objects of the labels also go to an ImageJ ROI set and a CSV of measurements.
+    into a temporary TIFF (memory-mapped), PNG (masks and labels) or OME-Zarr store renamed into
+    place when complete. The input's pixel size is written with the outputs (TIFF: ImageJ
+    metadata, OME for uint32 labels; OME-Zarr: the scale of y and x). Stacks are predicted plane
+    by plane, each normalised with its own range, into a ZYX stack. With `settings.rois` /
+    `measure`, the objects of the labels also go to an ImageJ ROI set and a CSV of measurements.
 
     Args:
         model, input_spec: from `load_predictor`.
         source: the image file or .zarr folder (see `open_image`, `open_zarr`).
-        target: the output TIFF (see `output_targets` for other formats and several outputs).
+        target: the output TIFF or PNG (see `output_targets` for other formats and several outputs).
         settings: the output kinds, format, threshold and tiling.
         progress: show a progress bar over the rows of the image.
+        domain: collects out-of-domain warnings over many files (one per kind); None warns for this file.
 
     Raises ImageReadError for an input that cannot be read or used, ValueError for a model
     whose output does not match its input spec.
     """
     settings.check(input_spec)
     source = Path(source)
-    image = open_input(source)
+    image = open_input(source, settings.max_pixels)
     targets = output_targets(source, target, settings)
+    for kind in settings.outputs:
+        settings.check_target(targets[kind], image.stack)
+    (domain or DomainReport()).check(source, image.planes[0], input_spec)
+    options = settings.label_options(input_spec)
     rois = measurements = None
     if settings.rois:
         from unetseg.io.rois import RoiSet
@@ -255,10 +309,11 @@ def predict_file(
         ) as bar,
         ExitStack() as stack,
     ):
-        writers = open_writers(
-            settings.outputs, targets, input_spec, image, settings.threshold, stack, rois, measurements
-        )
+        writers = open_writers(settings.outputs, targets, input_spec, image, options, stack, rois, measurements)
         _predict_planes(model, input_spec, image, settings, writers, source, bar.update)
+        if settings.overlay:
+            first, z = writers[0], len(image.planes) // 2
+            write_overlay(overlay_path(first.target), image.planes[z], first.plane(z), first.kind, options["threshold"])
         for writer in writers:
             writer.close()
         if rois is not None:
@@ -274,7 +329,8 @@ def predict_file(
 def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None) -> list[tuple[Path, Path]]:
     """(input file, output TIFF) pairs: INPUT's image files, searched recursively, mirrored under OUTPUT.
 
-    A file INPUT gives one pair: OUTPUT itself when it ends in .tif/.tiff, else OUTPUT/<stem>.tif.
+    A file INPUT gives one pair: OUTPUT itself when it ends in .tif/.tiff or .png, else OUTPUT/<stem>.tif;
+    another image suffix (.jpg...) is refused, as is a file name as OUTPUT of a folder INPUT.
     Hidden files and folders, and anything inside OUTPUT, are not searched. `glob` filters the
     image files by their path relative to INPUT (`PurePath.match`, so "*.tif" matches at any
     depth). Raises ValueError for a missing INPUT, OUTPUT equal to INPUT, no image files, or two
@@ -282,18 +338,29 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     """
     root, output = Path(input), Path(output)
     if root.is_file() or is_zarr(root):
-        if not (is_image_file(root) or is_zarr(root)):
+        if not is_image_file(root):
             raise ValueError(f"INPUT {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        target = output if output.suffix.lower() in TIFF_SUFFIXES else output / f"{image_key(root, root.parent)}.tif"
+        named = output.suffix.lower() in TIFF_SUFFIXES + PNG_SUFFIXES
+        target = output if named else output / f"{image_key(root, root.parent)}.tif"
+        if output.suffix.lower() in IMAGE_SUFFIXES and output.suffix.lower() not in TIFF_SUFFIXES + PNG_SUFFIXES:
+            raise ValueError(f"OUTPUT {output}: outputs are .tif/.tiff, or .png for masks and labels")
         if target.resolve() == root.resolve():
             raise ValueError(f"OUTPUT {target} is the input file; choose another name")
+        if target != output and target.exists() and target.parent.resolve() == root.parent.resolve():
+            raise ValueError(
+                f"OUTPUT {target} exists beside the input and may be one of your images; it is never "
+                "written over: choose another folder, or name the output file"
+            )
         return [(root, target)]
     if not root.is_dir():
         raise ValueError(f"INPUT {root}: no such file or folder")
+    if output.suffix.lower() in IMAGE_SUFFIXES:
+        raise ValueError(f"OUTPUT {output}: a folder INPUT needs an OUTPUT folder, not a file name")
     if output.resolve() == root.resolve():
         raise ValueError(f"OUTPUT {output} is the INPUT folder; outputs would replace inputs, choose another folder")
+    inside = output.resolve().is_relative_to(root.resolve())
     try:
-        files = find_images(root, glob, exclude=output)
+        files = find_images(root, glob, exclude=output if inside else None)
     except DuplicateNameError as error:
         raise ValueError(
             f"{error.first} and {error.second} would both be written to {output / error.key}.tif; rename one"
@@ -301,7 +368,14 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     if not files:
         what = f"matching {glob!r}" if glob else f"({', '.join(IMAGE_SUFFIXES)})"
         raise ValueError(f"INPUT {root}: no image files {what} in this folder or below")
-    return [(path, output / f"{key}.tif") for key, path in files.items()]
+    pairs = [(path, output / f"{key}.tif") for key, path in files.items()]
+    inputs = {path.resolve() for path in (files if glob is None else find_images(root)).values()}
+    clashes = [target for _, target in pairs if target.resolve() in inputs]
+    if clashes:
+        raise ValueError(
+            f"OUTPUT {clashes[0]} is an input file: outputs must not replace inputs, choose another folder"
+        )
+    return pairs
 
 
 @dataclass
@@ -360,19 +434,22 @@ def predict_files(
     `progress` shows bars over files and over the rows of each image (on a terminal).
     """
     settings.check(input_spec)
-    summary = PredictSummary()
+    summary, domain = PredictSummary(), DomainReport()
     for source, target in tqdm(pairs, desc="files", unit="file", disable=None if progress else True):
         if not overwrite and all(path.exists() for path in output_targets(source, target, settings).values()):
             summary.skipped.append(source)
             continue
         started = time.perf_counter()
         try:
-            pixels = predict_file(model, input_spec, source, target, settings, progress)
+            pixels = predict_file(model, input_spec, source, target, settings, progress, domain)
         except Exception as error:  # one broken file must not stop the folder; MemoryError and friends included
             summary.failed[source] = _reason(error, source)
             log.error("%s: %s", source, summary.failed[source])
+            log.debug("%s: traceback", source, exc_info=True)
             continue
         summary.seconds += time.perf_counter() - started
         summary.pixels += pixels
         summary.done.append(source)
+    for line in domain.summary():
+        log.warning("%s", line)
     return summary

@@ -93,10 +93,16 @@ class _LazyPlane:
     def __init__(self, planes: LazyPlanes, z: int):
         self.planes, self.z, self.shape, self.dtype = planes, z, planes.shape[1:], planes.dtype
 
-    def __getitem__(self, rows) -> np.ndarray:
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         if not isinstance(rows, slice):
-            raise IndexError("a lazy plane is read by rows: plane[start:stop]")
-        return self.planes.read(self.z, rows)
+            raise IndexError("a lazy plane is read by rows: plane[start:stop(:step)][, ...]")
+        block = self.planes.read(self.z, rows)
+        return block[(slice(None), *rest)] if rest else block
 
     def __array__(self, dtype=None, copy=None):
         array = self[:]
