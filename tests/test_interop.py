@@ -230,3 +230,31 @@ def test_every_new_flag_is_in_the_help(capsys):
             main(["--help"])
         text = capsys.readouterr().out
         assert all(flag in text for flag in flags), [flag for flag in flags if flag not in text]
+
+
+def test_ngff_04_zarr_v2_image_gets_a_v2_labels_group(predictor, tmp_path):
+    from ome_zarr.format import FormatV04
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr.writer import write_image
+
+    model, spec = predictor
+    image = ((blobs((200, 180)) > 0) * 3000 + 100).astype(np.uint16)
+    source = tmp_path / "old.ome.zarr"
+    group = zarr.open_group(str(source), mode="w", zarr_format=2)
+    scales = [[{"type": "scale", "scale": [1.0, 1.0, 0.3 * 2**k, 0.3 * 2**k]}] for k in range(2)]
+    write_image(
+        image[None, None], group, axes="tcyx", fmt=FormatV04(), scale_factors=[2], coordinate_transformations=scales
+    )
+    opened = open_zarr(source)
+    assert opened.planes.shape == (1, 200, 180, 1) and opened.calibration.resolution == (1 / 0.3, 1 / 0.3)
+    predict_file(
+        model, spec, source, tmp_path / "out.tif", PredictSettings(output=("labels", "mask"), format="ome-zarr")
+    )
+    labels_group = zarr.open_group(str(source / "labels"), mode="r")
+    assert labels_group.metadata.zarr_format == 2 and dict(labels_group.attrs)["labels"] == ["labels", "mask"]
+    (label_node,) = [
+        node for node in Reader(parse_url(str(source)))() if node.load(Label) and "labels/labels" in str(node.zarr)
+    ]
+    assert label_node.metadata["coordinateTransformations"][0][0]["scale"] == [0.3, 0.3]
+    assert same_up_to_renumbering(np.asarray(label_node.data[0]), to_labels((image > 1000)[None].astype(np.float32)))

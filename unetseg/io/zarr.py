@@ -270,7 +270,8 @@ def _with_image_label(group: Any, in_image: bool) -> dict:
 def _add_label_name(image: Path, name: str) -> None:
     """List `name` in the `labels` group of an OME-Zarr image, creating the group's metadata if needed."""
     zarr = _zarr()
-    labels = zarr.open_group(str(image / "labels"), mode="a")
+    zarr_format = zarr.open_group(str(image), mode="r").metadata.zarr_format  # the labels group matches its image
+    labels = zarr.open_group(str(image / "labels"), mode="a", zarr_format=zarr_format)
     listed = _ome_attributes(labels).get("labels", [])
     if name in listed:
         return
