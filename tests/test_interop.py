@@ -14,7 +14,7 @@ from unetseg.inference.blocks import BlockLabeler
 from unetseg.inference.postprocess import to_labels
 from unetseg.io import open_image
 from unetseg.io.zarr import LazyPlanes, open_zarr
-from unetseg.predict import PredictSettings, predict_file
+from unetseg.predict import PredictSettings, predict_file, predict_image
 from unetseg.spec import InputSpec
 
 zarr = pytest.importorskip("zarr")
@@ -258,3 +258,24 @@ def test_ngff_04_zarr_v2_image_gets_a_v2_labels_group(predictor, tmp_path):
     ]
     assert label_node.metadata["coordinateTransformations"][0][0]["scale"] == [0.3, 0.3]
     assert same_up_to_renumbering(np.asarray(label_node.data[0]), to_labels((image > 1000)[None].astype(np.float32)))
+
+
+def test_block_rows_bound_block_memory_by_width():
+    from unetseg.inference.blocks import BLOCK_ROWS, block_rows_for
+
+    assert block_rows_for(2000) == BLOCK_ROWS
+    assert block_rows_for(12000) == 8_000_000 // 12000 - 256
+    assert block_rows_for(200_000) == 128
+
+
+def test_file_labels_made_in_blocks_equal_whole_image_labels(predictor, tmp_path, monkeypatch):
+    import unetseg.inference.blocks as blocks
+
+    model, spec = predictor
+    image = ((blobs((700, 300), seed=3) > 0) * 3000 + 100).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    probs = predict_image(model, spec, image, PredictSettings("prob"))[None]
+    monkeypatch.setattr(blocks, "BLOCK_PIXELS", 300 * (150 + 2 * blocks.CONTEXT_ROWS))  # 150-row blocks
+    assert blocks.block_rows_for(300) == 150
+    predict_file(model, spec, tmp_path / "in.tif", tmp_path / "labels.tif", PredictSettings("labels"))
+    assert same_up_to_renumbering(tifffile.imread(tmp_path / "labels.tif"), to_labels(probs, 0.5))

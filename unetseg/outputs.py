@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from unetseg.inference.blocks import BLOCK_ROWS, CONTEXT_ROWS, BlockLabeler
+from unetseg.inference.blocks import CONTEXT_ROWS, BlockLabeler, block_rows_for
 from unetseg.inference.overlay import PNG_SUFFIXES, write_png
 from unetseg.inference.postprocess import to_mask
 from unetseg.io.tiff import InputImage, atomic_memmap, native, release_pages
@@ -50,6 +50,7 @@ class OutputWriter:
         options: `PredictSettings.label_options`: threshold (of masks too), seed_threshold, min_size.
         stack: an ExitStack that removes partial files if the prediction fails.
         rois, measurements: collectors (`RoiSet`, `Measurements`) fed with each block's objects.
+        block_rows, context: of the labels' blocks (`BlockLabeler`); None: `block_rows_for` the width.
     """
 
     def __init__(
@@ -62,14 +63,15 @@ class OutputWriter:
         stack: ExitStack,
         rois: Any = None,
         measurements: Any = None,
-        block_rows: int = BLOCK_ROWS,
+        block_rows: int | None = None,
         context: int = CONTEXT_ROWS,
     ):
         self.kind, self.spec, self.image, self.options = kind, spec, image, dict(options)
         self.threshold = self.options.pop("threshold")
         self.target = Path(target) if target is not None else None
         self.rois, self.measurements = rois, measurements
-        self.block_rows, self.context = block_rows, context
+        self.block_rows = block_rows or block_rows_for(image.width, context)
+        self.context = context
         self.shape, dtype, self.axes = layout(kind, spec, image)
         self.zarr = target is not None and ".zarr" in (
             self.target.suffix.lower(),

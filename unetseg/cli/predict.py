@@ -43,8 +43,8 @@ outputs (--output):
           multi-class models
   prob    float32 probabilities (classes, H, W); (H, W) for one-class models
   labels  uint16/uint32 instance labels (nuclei) for foreground and boundary models, made in
-          overlapping blocks of 1024 rows (+-128 rows of context) and merged across block
-          borders, so huge images need memory in proportion to their width
+          overlapping blocks of rows (about 8 M pixels with +-128 rows of context, at most 1024
+          rows) and merged across block borders, so huge images need bounded memory
 Masks and probabilities are predicted and written band by band. --rois and --measure add
 labels to the outputs if they are not asked for.
 """

@@ -8,7 +8,8 @@ labels each block with `postprocess.to_labels`, and keeps the objects whose fore
 peaks, watershed, size filter) looks only at a foreground region and its surroundings, so a
 region at most context / 2 rows high gets exactly the labels whole-image processing gives it,
 up to their numbers. Taller regions are cut at block edges (a warning says so). Memory holds
-one block: (classes, block_rows + 2 context, W) probabilities and its labels.
+one block: (classes, block_rows + 2 context, W) probabilities and its labels, with block_rows
+chosen from the width (`block_rows_for`) so that a block holds about 8 M pixels.
 """
 
 from __future__ import annotations
@@ -22,12 +23,23 @@ from scipy import ndimage
 
 from unetseg.inference.postprocess import to_labels
 
-__all__ = ["BLOCK_ROWS", "CONTEXT_ROWS", "BlockLabeler", "owned_objects"]
+__all__ = ["BLOCK_PIXELS", "BLOCK_ROWS", "CONTEXT_ROWS", "BlockLabeler", "block_rows_for", "owned_objects"]
 
 log = logging.getLogger(__name__)
 
-BLOCK_ROWS, CONTEXT_ROWS = 1024, 128  # core rows per block; rows of context above and below it
+BLOCK_ROWS, CONTEXT_ROWS = 1024, 128  # most core rows per block; rows of context above and below it
+BLOCK_PIXELS = 8_000_000  # pixels of a block with its context: (classes, rows, W) float32 and to_labels' arrays
+MIN_BLOCK_ROWS = 128
 EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def block_rows_for(width: int, context: int = CONTEXT_ROWS) -> int:
+    """Core rows per block for an image `width` wide: blocks of about BLOCK_PIXELS, at most BLOCK_ROWS rows.
+
+    Memory stays bounded whatever the width (8 M pixels: 1024 + 256 rows up to 6000 wide, 410 + 256
+    rows at 12000); at least MIN_BLOCK_ROWS rows, so very wide images grow their blocks again.
+    """
+    return int(min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, BLOCK_PIXELS // max(width, 1) - 2 * context)))
 
 
 def owned_objects(
@@ -131,11 +143,12 @@ class BlockLabeler:
             cut_bottom=block_stop < self.height,
         )
         self.cut += cut
-        numbers, inverse = np.unique(owned, return_inverse=True)
-        count = len(numbers) - (numbers[0] == 0)
-        lookup = np.zeros(len(numbers), dtype=np.uint32)
-        lookup[numbers > 0] = np.arange(self.next_label, self.next_label + count, dtype=np.uint32)
-        self.paint(block_start, lookup[inverse.reshape(owned.shape)])
+        numbers = np.unique(owned)  # no return_inverse: it would be an int64 array of the block
+        numbers = numbers[numbers > 0]
+        count = len(numbers)
+        lookup = np.zeros(int(owned.max(initial=0)) + 1, dtype=np.uint32)
+        lookup[numbers] = np.arange(self.next_label, self.next_label + count, dtype=np.uint32)
+        self.paint(block_start, lookup[owned])
         self.next_label += count
         keep_from = max(core_stop - self.context, 0)  # the next block's first row
         self._buffer = self._buffer[:, keep_from - self._buffer_start :].copy()
