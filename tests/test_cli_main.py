@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_module_help_lists_every_subcommand():
     result = subprocess.run([sys.executable, "-m", "unetseg", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for name in ("plan", "train", "predict", "evaluate", "export", "demo"):
+    assert {"train", "predict", "evaluate", "export", "demo"} <= set(COMMANDS)
+    for name in COMMANDS:
         assert f"  {name} " in result.stdout
-    assert set(COMMANDS) == {"plan", "train", "predict", "evaluate", "export", "demo"}
 
 
 def test_unknown_subcommand_is_a_usage_error():
@@ -60,3 +60,13 @@ def test_every_cli_module_runs_as_a_script():
     for module, _ in COMMANDS.values():
         source = (REPO / (module.replace(".", "/") + ".py")).read_text()
         assert 'if __name__ == "__main__":' in source, module
+
+
+def test_prediction_path_imports_no_training_stack():
+    code = (
+        "import sys, unetseg.cli.predict, unetseg.export.onnx; "
+        "print(sorted(m for m in ('lightning', 'torchmetrics', 'segmentation_models_pytorch', 'albumentations') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from unetseg.inference import TilingConfig, iter_predict_bands
 from unetseg.inference.overlay import PNG_SUFFIXES, overlay_path, write_overlay, write_png
-from unetseg.inference.postprocess import to_labels, to_mask
+from unetseg.inference.postprocess import label_settings, to_labels, to_mask_tensor
 from unetseg.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -34,6 +34,7 @@ from unetseg.io import (
     is_image_file,
     write_tiff,
 )
+from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import InputImage, atomic_memmap, open_image, release_pages
 from unetseg.quality import DomainReport
@@ -65,21 +66,37 @@ class PredictSettings:
             H, W), (H, W) for one class) or "labels" (uint16/uint32 instance labels by
             `postprocess.to_labels`, for targets "foreground" and "boundary").
         threshold: foreground probability threshold of "mask" and "labels".
+        seed_threshold: seed class probability that starts an object in "labels".
+        min_size: smallest object, in pixels, kept in "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
+        max_pixels: the most pixels (height x width x planes) an input may claim in its header;
+            larger ones are refused unread (decompression bombs). None: no cap.
         overlay: also write `<stem>_overlay.png` next to each output: the input with the
             predicted outlines (the middle plane of a stack).
+
+    None for threshold, seed_threshold or min_size means the value the model stores (tuned by
+    `unetseg-tune`, in its input spec's `postprocess`), else `POSTPROCESS_DEFAULTS`.
     """
 
     output: str = "mask"
-    threshold: float = 0.5
+    threshold: float | None = None
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # inputs claiming more pixels are refused before decoding
+    seed_threshold: float | None = None
+    min_size: int | None = None
     overlay: bool = False
 
     def __post_init__(self):
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold!r}")
+        label_settings(threshold=self.threshold, seed_threshold=self.seed_threshold, min_size=self.min_size)
+
+    def label_options(self, spec: InputSpec) -> dict:
+        """Keyword arguments of `to_labels` (and the threshold of "mask"): defaults, then the model's
+        stored post-processing, then these settings where they are not None."""
+        return label_settings(
+            spec.postprocess, threshold=self.threshold, seed_threshold=self.seed_threshold, min_size=self.min_size
+        )
 
     def check(self, spec: InputSpec) -> None:
         """Raise ValueError when this output cannot be made from a model with this input spec."""
@@ -100,12 +117,12 @@ class PredictSettings:
         return vars(self.tiling).copy()
 
 
-def _write_overlay(settings: PredictSettings, image: InputImage, out: np.ndarray, target: Path) -> None:
+def _write_overlay(
+    settings: PredictSettings, image: InputImage, out: np.ndarray, target: Path, threshold: float
+) -> None:
     """The input's (middle) plane with the outlines of its prediction, next to the output."""
     z = len(image.planes) // 2
-    write_overlay(
-        overlay_path(target), image.planes[z], out[z] if image.stack else out, settings.output, settings.threshold
-    )
+    write_overlay(overlay_path(target), image.planes[z], out[z] if image.stack else out, settings.output, threshold)
 
 
 def _layout(settings: PredictSettings, spec: InputSpec, image: InputImage) -> tuple[tuple, np.dtype, str]:
@@ -130,30 +147,45 @@ def _predict_planes(
     """Predict every plane of `image` into `out` (planes, [classes,] H, W), band by band."""
     normalization = spec.normalization
     in_channels, classes = spec.in_channels, spec.classes
+    options = settings.label_options(spec)
     for z, plane in enumerate(image.planes):
         value_range = plane_range(plane, in_channels, normalization, path)
+        mask = settings.output == "mask"  # thresholded on the device: uint8 bands cross to the host
         bands = iter_predict_bands(
             model,
             ChannelBands(plane, in_channels, path),
             normalize=partial(normalization.apply, value_range=value_range),
+            band_transform=partial(_device_mask, spec=spec, threshold=options["threshold"]) if mask else None,
             **settings.engine_options(),
         )
         whole = settings.output == "labels"  # labels need the whole plane's probabilities
         probs_plane = np.empty((classes, image.height, image.width), np.float32) if whole else None
         for start, stop, probs in bands:
-            if probs.shape[0] != classes:
-                raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {classes}")
-            if probs_plane is not None:
+            if mask:
+                out[z, start:stop] = probs  # already the uint8 mask
+            elif probs_plane is not None:
+                _check_classes(probs, spec)
                 probs_plane[:, start:stop] = probs
-            elif settings.output == "mask":
-                out[z, start:stop] = to_mask(probs, settings.threshold, spec.targets)
             else:
+                _check_classes(probs, spec)
                 out[z, ..., start:stop, :] = probs[0] if classes == 1 else probs
             release_pages(out)
             if on_rows is not None:
                 on_rows(stop - start)
         if probs_plane is not None:
-            out[z] = to_labels(probs_plane, settings.threshold)
+            out[z] = to_labels(probs_plane, **options)
+
+
+def _check_classes(probs: Any, spec: InputSpec) -> None:
+    """Raise ValueError when the model's probabilities (classes, ...) do not have the classes of its input spec."""
+    if probs.shape[0] != spec.classes:
+        raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {spec.classes}")
+
+
+def _device_mask(probs: Any, spec: InputSpec, threshold: float) -> Any:
+    """The uint8 mask of a band of probabilities, computed where they are (`to_mask_tensor`)."""
+    _check_classes(probs, spec)
+    return to_mask_tensor(probs, threshold, spec.targets)
 
 
 def _smallest_labels(labels: np.ndarray) -> np.ndarray:
@@ -220,7 +252,7 @@ def predict_file(
     """
     settings.check(input_spec)
     source, target = Path(source), Path(target)
-    image = open_image(source)
+    image = open_image(source, settings.max_pixels)
     settings.check_target(target, image.stack)
     (domain or DomainReport()).check(source, image.planes[0], input_spec)
     shape, dtype, axes = _layout(settings, input_spec, image)
@@ -242,9 +274,9 @@ def predict_file(
                     model, input_spec, image, settings, out if image.stack else out[None], source, bar.update
                 )
                 if settings.overlay:
-                    _write_overlay(settings, image, out, target)
+                    _write_overlay(settings, image, out, target, settings.label_options(input_spec)["threshold"])
         if settings.overlay and not isinstance(out, np.memmap):
-            _write_overlay(settings, image, out, target)
+            _write_overlay(settings, image, out, target, settings.label_options(input_spec)["threshold"])
     return planes * image.height * image.width
 
 
@@ -270,6 +302,11 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
             raise ValueError(f"OUTPUT {output}: outputs are .tif/.tiff, or .png for masks and labels")
         if target.resolve() == root.resolve():
             raise ValueError(f"OUTPUT {target} is the input file; choose another name")
+        if target != output and target.exists() and target.parent.resolve() == root.parent.resolve():
+            raise ValueError(
+                f"OUTPUT {target} exists beside the input and may be one of your images; it is never "
+                "written over: choose another folder, or name the output file"
+            )
         return [(root, target)]
     if not root.is_dir():
         raise ValueError(f"INPUT {root}: no such file or folder")
@@ -277,8 +314,9 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
         raise ValueError(f"OUTPUT {output}: a folder INPUT needs an OUTPUT folder, not a file name")
     if output.resolve() == root.resolve():
         raise ValueError(f"OUTPUT {output} is the INPUT folder; outputs would replace inputs, choose another folder")
+    inside = output.resolve().is_relative_to(root.resolve())
     try:
-        files = find_images(root, glob, exclude=output)
+        files = find_images(root, glob, exclude=output if inside else None)
     except DuplicateNameError as error:
         raise ValueError(
             f"{error.first} and {error.second} would both be written to {output / error.key}.tif; rename one"
@@ -286,7 +324,14 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     if not files:
         what = f"matching {glob!r}" if glob else f"({', '.join(IMAGE_SUFFIXES)})"
         raise ValueError(f"INPUT {root}: no image files {what} in this folder or below")
-    return [(path, output / f"{key}.tif") for key, path in files.items()]
+    pairs = [(path, output / f"{key}.tif") for key, path in files.items()]
+    inputs = {path.resolve() for path in (files if glob is None else find_images(root)).values()}
+    clashes = [target for _, target in pairs if target.resolve() in inputs]
+    if clashes:
+        raise ValueError(
+            f"OUTPUT {clashes[0]} is an input file: outputs must not replace inputs, choose another folder"
+        )
+    return pairs
 
 
 @dataclass
@@ -356,6 +401,7 @@ def predict_files(
         except Exception as error:  # one broken file must not stop the folder; MemoryError and friends included
             summary.failed[source] = _reason(error, source)
             log.error("%s: %s", source, summary.failed[source])
+            log.debug("%s: traceback", source, exc_info=True)
             continue
         summary.seconds += time.perf_counter() - started
         summary.pixels += pixels

@@ -10,7 +10,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unetseg.io import IMAGE_SUFFIXES, DuplicateNameError, ImageReadError, find_images, is_image_file, read_labels
+from unetseg.io import (
+    IMAGE_SUFFIXES,
+    DuplicateNameError,
+    ImageReadError,
+    atomic_output,
+    find_images,
+    is_image_file,
+    read_labels,
+)
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.metrics import CONNECTIVITY, DSB_THRESHOLDS, MATCH_THRESHOLD, SCORE_KEYS, segmentation_scores, summarize
 
@@ -31,7 +39,9 @@ DESCRIPTION = f"""\
 Score predicted masks (PRED) against ground-truth masks (GT). Each is a folder, searched
 recursively, or a single file. Files are paired by sub-folder and name without suffix, so
 pred/a/img1.tif scores against gt/a/img1.png. Masks may be binary (0/1, 0/255) or instance
-labels; binary masks are split into 4-connected components for the object scores.
+labels (8 to 64 bits, kept exact); binary masks are split into 4-connected components for the
+object scores. ZYX TIFF stacks (as unetseg-predict writes them) are scored as 3D volumes.
+JPEG masks are refused: lossy compression changes label values.
 
 Per image and as the mean over images: foreground Dice and IoU (label > 0); object precision,
 recall and F1 (a match is IoU > {MATCH_THRESHOLD}); the 2018 Data Science Bowl score, the mean
@@ -108,7 +118,7 @@ def _read_pair(name: str, pred_path: Path, gt_path: Path, evaluation: Evaluation
     labels, errors = [], []
     for path in (pred_path, gt_path):
         try:
-            labels.append(read_labels(path))
+            labels.append(read_labels(path, stack=True))
         except ImageReadError as error:
             errors.append(str(error))
             print(f"error: unreadable: {error}", file=sys.stderr)
@@ -146,7 +156,16 @@ def evaluate(pred_files: dict[str, Path], gt_files: dict[str, Path]) -> Evaluati
                 file=sys.stderr,
             )
             continue
-        evaluation.scores[name] = {"pred": str(pred_path), "gt": str(gt_path), **segmentation_scores(pred, gt)}
+        try:
+            scores = segmentation_scores(pred, gt)
+        except (ValueError, MemoryError) as error:  # one bad pair must not lose the report of the others
+            message = f"{pred_path} against {gt_path}: cannot score ({type(error).__name__}: {error})"
+            evaluation.unreadable.append(
+                {"image": name, "pred": str(pred_path), "gt": str(gt_path), "errors": [message]}
+            )
+            print(f"error: {message}", file=sys.stderr)
+            continue
+        evaluation.scores[name] = {"pred": str(pred_path), "gt": str(gt_path), **scores}
     for name, pred_path in sorted(pred_files.items()):
         if name not in gt_files:
             evaluation.predictions_without_gt.append({"image": name, "pred": str(pred_path)})
@@ -201,8 +220,8 @@ def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Pat
         "problems": evaluation.problems(),
         "images": evaluation.scores,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    with atomic_output(path, suffix=".tmp.json") as temporary:
+        temporary.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, evaluation: Evaluation) -> None:
@@ -217,8 +236,7 @@ def write_csv(path: Path, evaluation: Evaluation) -> None:
         rows += [
             {"image": item["image"], "status": status, "pred": item.get("pred"), "gt": item.get("gt")} for item in items
         ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_output(path, suffix=".tmp.csv") as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["image", "status", "pred", "gt", *SCORE_KEYS])
         writer.writeheader()
         writer.writerows(rows)

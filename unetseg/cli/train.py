@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from unetseg.logs import setup_logging, verbosity_level
 from unetseg.spec import output_classes
@@ -17,6 +18,7 @@ from unetseg.training.callbacks import FinalCheckpoint, HistoryCSVLogger, Metric
 from unetseg.training.data import SegmentationDataModule
 from unetseg.training.module import SegmentationModule
 from unetseg.training.report import RunReport
+from unetseg.training.safety import AtomicCheckpointIO, FiniteLoss, NonFiniteTrainingError
 
 PROG = "unetseg-train"
 log = logging.getLogger("unetseg.train")
@@ -103,7 +105,8 @@ def default_loggers(root: str) -> list:
 
 class TrainCLI(LightningCLI):
     """LightningCLI whose default loggers write into trainer.default_root_dir (the run folder), whose
-    network takes its channels and classes from the data, and whose progress bar shows only on a terminal."""
+    network takes its channels and classes from the data, whose checkpoints are written atomically in
+    the run folder (`AtomicCheckpointIO`), and whose progress bar shows only on a terminal."""
 
     def add_arguments_to_parser(self, parser) -> None:
         # Stated once, under data: the network follows (a value given for the network is overridden).
@@ -118,7 +121,15 @@ class TrainCLI(LightningCLI):
             kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir") or "runs/default")
         if not sys.stderr.isatty():
             kwargs["enable_progress_bar"] = False  # in a log file a bar is thousands of carriage returns
-        return super().instantiate_trainer(**kwargs)
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]  # checkpoints written atomically in the run folder
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.checkpoint_callbacks:  # any config, e.g. one from unetseg-plan
+            # A resumed or restarted run replaces best.ckpt / last.ckpt, never leaves a stale one beside best-v1.ckpt.
+            callback._enable_version_counter = False
+        return trainer
 
 
 def split_verbosity(argv: list[str]) -> tuple[list[str], int, int]:
@@ -128,12 +139,13 @@ def split_verbosity(argv: list[str]) -> tuple[list[str], int, int]:
     return [arg for arg in argv if arg not in ("-v", "-vv", "--verbose", "-q", "--quiet")], verbose, quiet
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> int:
     """Train from a YAML config: `unetseg-train [fit] --config tiny|configs/unet.yaml [--data.root DIR ...]`.
 
     `fit` is implied when the first argument is an option; --config takes a file or the name of
     a config shipped in the package (`unetseg/configs/`), so it works from any folder. A problem
-    with the data or the options ends with one line naming it (exit status 2; `-v` shows the traceback).
+    with the data or the options, or a diverged training, ends with one line naming it and returns 1
+    (`-v` shows the traceback).
     """
     argv, verbose, quiet = split_verbosity(list(sys.argv[1:] if args is None else args))
     if not argv or argv[0] in ("-h", "--help"):
@@ -149,18 +161,19 @@ def main(args: list[str] | None = None) -> None:
             SegmentationModule,
             SegmentationDataModule,
             trainer_defaults={
-                "callbacks": [MetricsHistory(), FinalCheckpoint(), RunReport()],
+                "callbacks": [MetricsHistory(), FinalCheckpoint(), RunReport(), FiniteLoss()],
                 "enable_model_summary": False,  # the run report names the network and its size
             },
             save_config_kwargs={"overwrite": True},
             args=argv,
         )
-    except ValueError as error:  # data, option or checkpoint problems (CheckpointError is one)
+    except (ValueError, OSError, NonFiniteTrainingError) as error:  # data, options, checkpoints, divergence
         if level <= logging.DEBUG:
             raise
         log.error("%s", error)
-        raise SystemExit(2) from None
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
