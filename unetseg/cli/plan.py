@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("data", type=Path, metavar="DATA", help="folder with images/ and masks/")
     parser.add_argument("--budget", default="1h", help="training time to fill: 20m, 1h, 1h30m (default 1h)")
-    parser.add_argument("--out", type=Path, metavar="FILE.yaml", help="config to write (default: DATA's name.yaml, here)")
+    parser.add_argument("--out", type=Path, metavar="FILE.yaml", help="the config to write (default: DATA's name.yaml)")
     parser.add_argument("--run-dir", metavar="DIR", help="the run folder of the training (default: runs/DATA)")
     parser.add_argument(
         "--widths",
