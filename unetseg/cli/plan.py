@@ -18,7 +18,7 @@ DESCRIPTION = """\
 Plan a training run from the data and this machine. DATA holds images/ and masks/, paired by
 name (as unetseg-train reads them). The folder is read once: image sizes, channels, dtype and
 intensity range; mask kind (binary, instance labels or classes), object sizes and how many
-objects touch. From these come the tile size (4 x the large objects), the depth (receptive
+objects touch. From these come the tile size (2 x the large objects), the depth (receptive
 field >= 2 x the largest objects), the targets (boundary when instances touch) and the
 channels. A few training steps of each candidate width and batch are timed on this machine,
 and the widest network that sees enough tiles within --budget is kept; the epochs fill the
