@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from unetseg import SegmentationDataModule, UNet
-from unetseg.losses import SegmentationLoss
-from unetseg.transforms import Augmentation
+from unetseg.training.augment import Augmentation
+from unetseg.training.losses import SegmentationLoss
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

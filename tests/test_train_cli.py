@@ -254,3 +254,22 @@ def test_fit_help_lists_unetseg_networks_not_torch_nn(capsys):
     assert "known subclasses: unetseg.UNet, unetseg.SMPUnet" in " ".join(out.split())
     assert "torch.nn.Conv2d" not in out and "timm" not in out
     assert len(out.splitlines()) < 1000  # was 2108 with every torch.nn and timm class
+
+
+@pytest.mark.parametrize(
+    "native, config, expected",
+    [
+        (True, {}, "bf16-mixed"),
+        (False, {}, "32-true"),
+        (True, {"accelerator": "cpu", "precision": None}, "bf16-mixed"),
+        (True, {"precision": "32-true"}, None),  # the config's choice stands
+        (False, {"precision": "bf16-mixed"}, None),
+    ],
+)
+def test_precision_is_chosen_per_machine_unless_the_config_sets_it(monkeypatch, native, config, expected):
+    from unetseg.cli.train import automatic_precision
+    from unetseg.inference import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert automatic_precision(config) == expected

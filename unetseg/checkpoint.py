@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unetseg.inference.postprocess import label_settings
 from unetseg.io.files import atomic_output
 from unetseg.models import build_net, net_state_dict
 from unetseg.spec import InputSpec
@@ -186,7 +187,8 @@ def load_predictor(path: str | Path, device: str | torch.device | None = None) -
 
     .ckpt/.pt/.pth are training checkpoints (see `read_checkpoint`); .onnx files written by
     unetseg-export run through ONNX Runtime (`unetseg.export.onnx.OnnxPredictor`) with the spec
-    stored in the file. Raises CheckpointError naming the file when it cannot be used.
+    stored in the file, and so do bioimage.io packages (.zip) written by unetseg-export. Raises
+    CheckpointError naming the file when it cannot be used.
     """
     path = Path(path)
     if not path.is_file():
@@ -194,6 +196,14 @@ def load_predictor(path: str | Path, device: str | torch.device | None = None) -
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         model, spec = _load_onnx(path)
+    elif suffix == ".zip":  # a bioimage.io package written by unetseg-export: its ONNX weights and stored spec
+        try:
+            from unetseg.export.bioimageio import load_package
+
+            model, spec = load_package(path)
+        except (ImportError, ValueError, OSError) as error:
+            message = str(error).removeprefix(f"{path}: ")
+            raise CheckpointError(f"{path}: cannot load the bioimage.io package ({message})") from None
     elif suffix in CHECKPOINT_SUFFIXES:
         model, spec, _ = load_net(path)
         if spec is None:
@@ -203,7 +213,7 @@ def load_predictor(path: str | Path, device: str | torch.device | None = None) -
             )
     else:
         raise CheckpointError(
-            f"{path}: unknown model file type {suffix!r}; expected {', '.join(CHECKPOINT_SUFFIXES)} or .onnx"
+            f"{path}: unknown model file type {suffix!r}; expected {', '.join(CHECKPOINT_SUFFIXES)}, .onnx or .zip"
         )
     if device is not None:
         model = model.to(device)
@@ -290,8 +300,6 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
 def store_postprocess(source: str | Path, target: str | Path, postprocess: dict) -> Path:
     """Write `source` to `target` (may be the same file) with `postprocess` as its input spec's
     post-processing settings (what `unetseg-tune` found); everything else is kept as it is."""
-    from unetseg.inference.postprocess import label_settings
-
     label_settings(postprocess)  # ValueError for unknown or out-of-range settings
     checkpoint = read_checkpoint(source)
     spec = (checkpoint.get("hyper_parameters") or {}).get("input_spec")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from unetseg.quality import intensity_summary
 from unetseg.spec import InputSpec, output_classes
 from unetseg.synthetic import default_dataset
 from unetseg.training.augment import Augmentation, build_transform
-from unetseg.training.targets import border_weight_map, make_target
+from unetseg.training.targets import border_weight_map, compact_target, make_target
 
 
 @dataclass
@@ -98,6 +99,11 @@ class TileDataset(Dataset):
     pixel with probability `foreground_oversampling` (nnU-Net samples a third this way).
     Grid tiles cover each image once, the last row and column shifted to stay inside; images
     smaller than a tile give one smaller tile, so validation never scores padding.
+
+    The target and the border weight map of each image are computed once, here, and cut and
+    augmented with the image (albumentations moves them as extra masks, nearest-neighbour),
+    so a tile costs a crop and its augmentation; weights near a tile's edge also see the
+    instances just outside it.
     """
 
     def __init__(
@@ -121,6 +127,15 @@ class TileDataset(Dataset):
         self.border_weights, self.border_w0, self.border_sigma = border_weights, border_w0, border_sigma
         self.grid = None if length else [(i, y, x) for i, s in enumerate(samples) for y, x in tile_grid(s, tile_size)]
         self.length = length or len(self.grid)
+        # (target, weight or None) per image; threads, as the distance transforms release the GIL.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            self.maps = list(pool.map(self.image_targets, samples))
+
+    def image_targets(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
+        """The whole image's target (compact integer type) and border weight map (float32, or None)."""
+        target = compact_target(make_target(sample.labels, self.targets))
+        weight = border_weight_map(sample.labels, self.border_w0, self.border_sigma) if self.border_weights else None
+        return target, weight
 
     def __len__(self) -> int:
         return self.length
@@ -130,34 +145,42 @@ class TileDataset(Dataset):
             # Drawn from torch's generator, which DataLoader seeds per worker and per epoch; the
             # rank is mixed in because Lightning seeds every DDP process alike.
             rng = np.random.default_rng([int(torch.randint(2**62, ())), process_rank()])
-            sample, y, x = self.random_tile(rng)
+            sample_index, y, x = self.random_tile(rng)
         else:
             sample_index, y, x = self.grid[index]
-            sample, rng = self.samples[sample_index], None
-        size = self.tile_size
-        image = sample.image[:, y : y + size, x : x + size]
-        labels = sample.labels[y : y + size, x : x + size]
-        image = self.normalization.apply(image, sample.value_range)  # (C, h, w) float32
+            rng = None
+        sample, (target, weight) = self.samples[sample_index], self.maps[sample_index]
+        window = slice(y, y + self.tile_size), slice(x, x + self.tile_size)
+        image = self.normalization.apply(sample.image[(slice(None), *window)], sample.value_range)  # (C, h, w) float32
+        target = target[window]
+        weight = weight[window] if weight is not None else None
+        labels = sample.labels[window].astype(np.int32) if self.instance_labels else None
         if self.transform is not None:
             self.transform.set_random_seed(int(rng.integers(2**31)))
-            out = self.transform(image=np.moveaxis(image, 0, -1), mask=labels.astype(np.int32))
-            image, labels = np.moveaxis(out["image"], -1, 0), out["mask"]
+            masks = [mask for mask in (target, weight, labels) if mask is not None]
+            out = self.transform(image=np.moveaxis(image, 0, -1), masks=masks)
+            image, moved = np.moveaxis(out["image"], -1, 0), iter(out["masks"])
+            target = next(moved)
+            weight = next(moved) if weight is not None else None
+            labels = next(moved) if labels is not None else None
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "target": torch.from_numpy(make_target(labels, self.targets)),
+            "target": torch.from_numpy(np.asarray(target, dtype=np.int64)),
             "name": sample.name,  # which image a tile came from, for messages about a batch
         }
-        if self.instance_labels:  # for instance scores (DSB) of whole validation images
-            item["labels"] = torch.from_numpy(labels.astype(np.int32))
-        if self.border_weights:
-            item["weight"] = torch.from_numpy(border_weight_map(labels, self.border_w0, self.border_sigma))
+        if labels is not None:  # for instance scores (DSB) of whole validation images
+            item["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int32))
+        if weight is not None:
+            item["weight"] = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
         return item
 
-    def random_tile(self, rng: np.random.Generator) -> tuple[Sample, int, int]:
+    def random_tile(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """(sample index, top, left) of a random tile."""
         if self.sample_weights is None:
-            sample = self.samples[rng.integers(len(self.samples))]
+            index = int(rng.integers(len(self.samples)))
         else:
-            sample = self.samples[rng.choice(len(self.samples), p=self.sample_weights)]
+            index = int(rng.choice(len(self.samples), p=self.sample_weights))
+        sample = self.samples[index]
         height, width = sample.labels.shape
         size = self.tile_size
         if len(sample.foreground) and rng.random() < self.foreground_oversampling:
@@ -166,7 +189,7 @@ class TileDataset(Dataset):
             x = int(np.clip(cx - size // 2, 0, width - size))
         else:
             y, x = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
-        return sample, y, x
+        return index, y, x
 
 
 def process_rank() -> int:

@@ -23,6 +23,7 @@ from unetseg.checkpoint import (
     resolve_model,
 )
 from unetseg.inference.postprocess import to_labels
+from unetseg.inference.precision import channels_last
 from unetseg.metrics import instance_scores
 from unetseg.models import UNet, build_net, describe_net
 from unetseg.spec import InputSpec
@@ -52,7 +53,7 @@ class SegmentationModule(pl.LightningModule):
         pretrained: a checkpoint, or the name of a shipped model ("nuclei"), whose network
             weights start this training (fine-tuning); the network must have the same shape.
         instance_metrics: when validation batches carry instance "labels" (whole images, one
-            per batch) and the network gives instances (1 or 3 classes), log `val/dsb` (the
+            per batch) and the network gives instances (1, 3 or 4 classes), log `val/dsb` (the
             DSB score) and `val/f1` (F1 at IoU 0.5) of `to_labels` at its default settings:
             what to select checkpoints by (`monitor: val/dsb`).
 
@@ -137,6 +138,8 @@ class SegmentationModule(pl.LightningModule):
         return self.net(image)
 
     def on_fit_start(self) -> None:
+        if channels_last(self.device):  # NHWC convolutions: faster in oneDNN (CPU) and on tensor cores
+            self.net.to(memory_format=torch.channels_last)
         spec: InputSpec | None = getattr(self.trainer.datamodule, "input_spec", None)
         if spec is None:
             return
@@ -153,6 +156,11 @@ class SegmentationModule(pl.LightningModule):
             )
         self.hparams["input_spec"] = spec.to_dict()
 
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if channels_last(self.device) and batch["image"].ndim == 4:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
+
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         logits = self.net(batch["image"])
         loss = self.loss(logits, batch["target"], batch.get("weight"))
@@ -167,9 +175,9 @@ class SegmentationModule(pl.LightningModule):
         self.val_metrics.update(predicted > 0, target > 0)
         if self.val_class_dice is not None:
             self.val_class_dice.update(predicted, target)
-        if self.hparams.instance_metrics and "labels" in batch and self.classes in (1, 3):
+        if self.hparams.instance_metrics and "labels" in batch and self.classes in (1, 3, 4):
             probs = torch.sigmoid(logits) if self.classes == 1 else torch.softmax(logits, dim=1)
-            probs = probs.float().cpu().numpy()
+            probs = probs.detach().float().cpu().numpy()
             for image_probs, labels in zip(probs, batch["labels"].cpu().numpy()):
                 scores = instance_scores(to_labels(image_probs), labels)
                 self.val_instances.append((scores["dsb_score"], scores["f1"]))
