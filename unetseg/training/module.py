@@ -139,7 +139,7 @@ class SegmentationModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         if channels_last(self.device):  # NHWC convolutions: faster in oneDNN (CPU) and on tensor cores
-            self.net.to(memory_format=torch.channels_last)
+            self.net.to(memory_format=torch.channels_last)  # NCHW inputs follow the weights from the first conv
         spec: InputSpec | None = getattr(self.trainer.datamodule, "input_spec", None)
         if spec is None:
             return
@@ -155,11 +155,6 @@ class SegmentationModule(pl.LightningModule):
                 f"{spec.classes}; set the network's classes to {spec.classes}"
             )
         self.hparams["input_spec"] = spec.to_dict()
-
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        if channels_last(self.device) and batch["image"].ndim == 4:
-            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-        return batch
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         logits = self.net(batch["image"])
