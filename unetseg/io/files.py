@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
@@ -20,14 +20,26 @@ class DuplicateNameError(ValueError):
         self.first, self.second, self.key = first, second, key
 
 
+def image_suffix(path: Path) -> str:
+    """A file's suffix in lower case, ".nii.gz" counted as one (NIfTI volumes are often gzipped)."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def image_stem(path: Path) -> str:
+    """A file's name without its (image) suffix: `brain.nii.gz` -> `brain`."""
+    return path.name[: len(path.name) - len(image_suffix(path))] if image_suffix(path) else path.name
+
+
 def is_image_file(path: Path) -> bool:
     """True for a file whose suffix is one we can read."""
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    return path.is_file() and image_suffix(path) in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 def image_key(path: Path, root: Path) -> str:
-    """A file's name for pairing: its path under `root` without suffix (`sub/cell_01`)."""
-    return path.relative_to(root).with_suffix("").as_posix()
+    """A file's name for pairing: its path under `root` without suffix (`sub/cell_01`, `ct/brain` for brain.nii.gz)."""
+    relative = path.relative_to(root)
+    return (relative.parent / image_stem(path)).as_posix()
 
 
 def find_images(root: str | Path, glob: str | None = None, exclude: str | Path | None = None) -> dict[str, Path]:

@@ -8,7 +8,7 @@ import numpy as np
 import tifffile
 from skimage import io as skio
 
-from unetseg.io.files import TIFF_SUFFIXES
+from unetseg.io.files import TIFF_SUFFIXES, image_suffix
 
 
 class ImageReadError(ValueError):
@@ -16,12 +16,20 @@ class ImageReadError(ValueError):
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as stored: (H, W), (H, W, C) or a (Z, H, W[, C]) stack, original dtype."""
+    """Read an image file as stored: (H, W), (H, W, C) or a (Z, H, W[, C]) stack, original dtype.
+
+    NIfTI volumes come as (Z, Y, X) (see `unetseg.io.nifti`), a single slice as (Y, X).
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty")
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        from unetseg.io.nifti import read_nifti  # nibabel is an optional extra
+
+        volume = read_nifti(path)
+        return volume[0] if len(volume) == 1 else volume
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             array = tifffile.imread(path)
