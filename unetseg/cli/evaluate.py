@@ -10,7 +10,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unetseg.io import IMAGE_SUFFIXES, DuplicateNameError, ImageReadError, find_images, is_image_file, read_labels
+from unetseg.io import IMAGE_SUFFIXES, DuplicateNameError, ImageReadError, find_images, is_image_file
+from unetseg.io.files import image_stem
+from unetseg.io.volumes import read_mask
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.metrics import CONNECTIVITY, DSB_THRESHOLDS, MATCH_THRESHOLD, SCORE_KEYS, segmentation_scores, summarize
 
@@ -32,6 +34,8 @@ Score predicted masks (PRED) against ground-truth masks (GT). Each is a folder, 
 recursively, or a single file. Files are paired by sub-folder and name without suffix, so
 pred/a/img1.tif scores against gt/a/img1.png. Masks may be binary (0/1, 0/255) or instance
 labels; binary masks are split into 4-connected components for the object scores.
+Volumes (ZYX TIFF stacks, NIfTI .nii/.nii.gz) are scored in 3-D: objects are matched by their
+voxel IoU, and binary masks split into 6-connected components.
 
 Per image and as the mean over images: foreground Dice and IoU (label > 0); object precision,
 recall and F1 (a match is IoU > {MATCH_THRESHOLD}); the 2018 Data Science Bowl score, the mean
@@ -83,7 +87,7 @@ def find_masks(root: Path, role: str) -> dict[str, Path]:
     if root.is_file():
         if not is_image_file(root):
             raise UsageError(f"{role} {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        return {root.stem: root}
+        return {image_stem(root): root}
     if not root.is_dir():
         raise UsageError(f"{role} {root}: no such file or folder")
     try:
@@ -108,7 +112,7 @@ def _read_pair(name: str, pred_path: Path, gt_path: Path, evaluation: Evaluation
     labels, errors = [], []
     for path in (pred_path, gt_path):
         try:
-            labels.append(read_labels(path))
+            labels.append(read_mask(path))
         except ImageReadError as error:
             errors.append(str(error))
             print(f"error: unreadable: {error}", file=sys.stderr)

@@ -93,7 +93,13 @@ def read_volume(path: str | Path) -> InputVolume:
 def read_volume_labels(path: str | Path) -> np.ndarray:
     """A volume mask as (Z, Y, X) int32: binary, instance labels or class indices (TIFF stack or NIfTI)."""
     path = Path(path)
-    mask = np.asarray(read_image(path) if not is_nifti(path) else native(open_nifti(path).voxels[:]))
+    return _volume_labels(
+        np.asarray(read_image(path) if not is_nifti(path) else native(open_nifti(path).voxels[:])), path
+    )
+
+
+def _volume_labels(mask: np.ndarray, path: Path) -> np.ndarray:
+    """A read volume mask checked and as int32 (Z, Y, X)."""
     if mask.ndim == 2:
         mask = mask[None]
     if mask.ndim != 3:
@@ -147,3 +153,21 @@ def volume_range(voxels: Any, in_channels: int, normalization: Normalization, pa
     view = VolumeChannels(voxels, in_channels, path)
     channels, depth, height, width = view.shape
     return value_range(view.iter_bands(), (channels, depth * height, width), normalization.low, normalization.high)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask of an image (H, W) or of a volume (Z, Y, X), int32: what `unetseg-evaluate` scores.
+
+    NIfTI files and TIFFs holding a stack are volumes (`read_volume_labels`); anything else is
+    read by `read_labels`, so colour-coded 2-D masks keep their checks.
+    """
+    from unetseg.io.images import read_labels
+
+    path = Path(path)
+    if is_nifti(path):
+        return read_volume_labels(path)
+    if image_suffix(path) in TIFF_SUFFIXES:
+        array = read_image(path)
+        if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
+            return _volume_labels(array, path)
+    return read_labels(path)
