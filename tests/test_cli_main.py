@@ -60,3 +60,13 @@ def test_every_cli_module_runs_as_a_script():
     for module, _ in COMMANDS.values():
         source = (REPO / (module.replace(".", "/") + ".py")).read_text()
         assert 'if __name__ == "__main__":' in source, module
+
+
+def test_prediction_path_imports_no_training_stack():
+    code = (
+        "import sys, unetseg.cli.predict, unetseg.export.onnx; "
+        "print(sorted(m for m in ('lightning', 'torchmetrics', 'segmentation_models_pytorch', 'albumentations') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
