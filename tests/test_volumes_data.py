@@ -7,6 +7,7 @@ import tifffile
 import torch
 
 from unetseg.io import ImageReadError, Normalization
+from unetseg.synthetic import make_nuclei_volumes
 from unetseg.training.augment import Augmentation
 from unetseg.training.data import SegmentationDataModule
 from unetseg.training.volumes import (
@@ -17,7 +18,6 @@ from unetseg.training.volumes import (
     load_volume_sample,
     patch_grid,
 )
-from unetseg.synthetic import make_nuclei_volumes
 
 pytest.importorskip("nibabel")
 NO_AUGMENTATION = Augmentation(flip=0, rotate90=0, brightness_contrast=0, gamma=0, noise=0, blur=0)
