@@ -33,8 +33,12 @@ from unetseg.io import (
     is_image_file,
     write_tiff,
 )
+from unetseg.io.files import image_stem
+from unetseg.io.nifti import is_nifti
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import InputImage, atomic_memmap, open_image, release_pages
+from unetseg.io.volumes import InputVolume
+from unetseg.predict_volumes import VolumeTiling, model_spatial_dims, output_suffix, predict_volume, predict_volume_file
 from unetseg.spec import InputSpec
 
 __all__ = [
@@ -64,11 +68,13 @@ class PredictSettings:
             `postprocess.to_labels`, for targets "foreground" and "boundary").
         threshold: foreground probability threshold of "mask" and "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
+        volume: tile size and overlap (Z, Y, X) of 3-D models (`unetseg.predict_volumes`).
     """
 
     output: str = "mask"
     threshold: float = 0.5
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    volume: VolumeTiling = field(default_factory=VolumeTiling)
 
     def __post_init__(self):
         if self.output not in OUTPUTS:
@@ -158,6 +164,14 @@ def predict_image(
     """
     settings.check(input_spec)
     image = np.asarray(image)
+    if model_spatial_dims(model) == 3:  # a volume (Z, Y, X[, C]) in 3-D tiles
+        if image.ndim not in (3, 4):
+            raise ValueError(f"a 3-D model predicts volumes (Z, Y, X) or (Z, Y, X, C); got shape {image.shape}")
+        classes = input_spec.classes if settings.output == "prob" and input_spec.classes > 1 else 0
+        shape = (image.shape[0], *([classes] if classes else []), *image.shape[1:3])
+        dtype = {"mask": np.uint8, "prob": np.float32, "labels": np.uint32}[settings.output]
+        out = predict_volume(model, input_spec, InputVolume(image), settings, np.zeros(shape, dtype))
+        return _smallest_labels(out) if settings.output == "labels" else out
     if image.ndim == 2 or image.ndim == 3 and image.shape[-1] <= 4:
         arranged = InputImage(image[None])
     elif image.ndim in (3, 4):
@@ -198,6 +212,8 @@ def predict_file(
     """
     settings.check(input_spec)
     source, target = Path(source), Path(target)
+    if is_nifti(source) or model_spatial_dims(model) == 3:
+        return predict_volume_file(model, input_spec, source, target, settings, progress)
     image = open_image(source)
     shape, dtype, axes = _layout(settings, input_spec, image)
     planes = len(image.planes)
@@ -223,9 +239,11 @@ def predict_file(
 
 
 def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None) -> list[tuple[Path, Path]]:
-    """(input file, output TIFF) pairs: INPUT's image files, searched recursively, mirrored under OUTPUT.
+    """(input file, output file) pairs: INPUT's image files, searched recursively, mirrored under OUTPUT.
 
-    A file INPUT gives one pair: OUTPUT itself when it ends in .tif/.tiff, else OUTPUT/<stem>.tif.
+    Outputs are TIFF, except for NIfTI inputs, whose outputs are NIfTI of the same suffix.
+    A file INPUT gives one pair: OUTPUT itself when it ends in .tif/.tiff/.nii/.nii.gz, else
+    OUTPUT/<stem>.tif (.nii.gz for a NIfTI input).
     Hidden files and folders, and anything inside OUTPUT, are not searched. `glob` filters the
     image files by their path relative to INPUT (`PurePath.match`, so "*.tif" matches at any
     depth). Raises ValueError for a missing INPUT, OUTPUT equal to INPUT, no image files, or two
@@ -235,7 +253,8 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     if root.is_file():
         if not is_image_file(root):
             raise ValueError(f"INPUT {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        target = output if output.suffix.lower() in TIFF_SUFFIXES else output / f"{root.stem}.tif"
+        named = output.suffix.lower() in TIFF_SUFFIXES or is_nifti(output)
+        target = output if named else output / f"{image_stem(root)}{output_suffix(root)}"
         if target.resolve() == root.resolve():
             raise ValueError(f"OUTPUT {target} is the input file; choose another name")
         return [(root, target)]
@@ -252,7 +271,7 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     if not files:
         what = f"matching {glob!r}" if glob else f"({', '.join(IMAGE_SUFFIXES)})"
         raise ValueError(f"INPUT {root}: no image files {what} in this folder or below")
-    return [(path, output / f"{key}.tif") for key, path in files.items()]
+    return [(path, output / f"{key}{output_suffix(path)}") for key, path in files.items()]
 
 
 @dataclass

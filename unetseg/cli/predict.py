@@ -13,10 +13,12 @@ from unetseg.checkpoint import CheckpointError, load_predictor
 from unetseg.inference.tiling import BLENDS, TilingConfig
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.predict import OUTPUTS, PredictSettings, plan_outputs, predict_files, shard
+from unetseg.predict_volumes import VolumeTiling
 from unetseg.weights import MODELS, model_path
 
 log = logging.getLogger("unetseg.cli.predict")
 DEFAULTS = TilingConfig()
+VOLUME_DEFAULTS = VolumeTiling()
 
 PROG = "unetseg-predict"
 DEVICES = ("auto", "cpu", "cuda")
@@ -28,6 +30,9 @@ Reads PNG, JPEG, BMP and TIFF (8/16-bit, float; grey, RGB, RGBA) and ZYX TIFF st
 are predicted plane by plane. Images are converted and normalised exactly as the checkpoint's
 training data were (channels, percentiles of the whole image or plane). The pixel size of
 TIFF inputs (resolution, ImageJ unit and spacing, OME physical size) is copied to the outputs.
+Volumes: a 3-D model (UNet spatial_dims 3) predicts ZYX TIFF stacks and NIfTI (.nii, .nii.gz)
+in 3-D tiles (--volume-tile, --volume-overlap); NIfTI outputs are NIfTI with the input's
+affine and header, labels come from a 3-D watershed.
 
 outputs (--output):
   mask    uint8: 0/255 foreground for one-class and boundary models, the class index for
@@ -53,6 +58,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def zyx(text: str) -> tuple[int, int, int]:
+    """argparse type: Z,Y,X non-negative integers, or one integer for every axis."""
+    parts = text.split(",")
+    if len(parts) not in (1, 3) or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X (e.g. 16,128,128) or one integer, got {text}")
+    values = tuple(int(part) for part in parts)
+    return values * 3 if len(values) == 1 else values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BLENDS,
         default=DEFAULTS.blend,
         help=f"how overlapping tiles are merged (default {DEFAULTS.blend})",
+    )
+    parser.add_argument(
+        "--volume-tile",
+        type=zyx,
+        default=VOLUME_DEFAULTS.tile_size,
+        metavar="Z,Y,X",
+        help=f"3-D tiles of a 3-D model, in voxels (default {','.join(map(str, VOLUME_DEFAULTS.tile_size))})",
+    )
+    parser.add_argument(
+        "--volume-overlap",
+        type=zyx,
+        default=VOLUME_DEFAULTS.overlap,
+        metavar="Z,Y,X",
+        help=f"voxels shared by neighbouring 3-D tiles (default {','.join(map(str, VOLUME_DEFAULTS.overlap))})",
     )
     parser.add_argument("--tta", action="store_true", help="average the 8 flips and rotations of each tile")
     parser.add_argument("--output", choices=OUTPUTS, default="mask", help="what to write (default mask)")
@@ -147,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         tiling = TilingConfig(
             tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, blend=args.blend, tta=args.tta
         )
-        settings = PredictSettings(output=args.output, threshold=args.threshold, tiling=tiling)
+        volume = VolumeTiling(args.volume_tile, args.volume_overlap)
+        settings = PredictSettings(output=args.output, threshold=args.threshold, tiling=tiling, volume=volume)
         index, count = resolve_shard(args.shard)
         pairs = shard(plan_outputs(args.input, args.output_path, args.glob), index, count)
         device = resolve_device(args.device)

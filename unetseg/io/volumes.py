@@ -76,7 +76,8 @@ def open_volume(path: str | Path) -> InputVolume:
     path = Path(path)
     if is_nifti(path):
         nifti = open_nifti(path)
-        return InputVolume(nifti.voxels, nifti.spacing, nifti.unit, spacing_calibration(nifti.spacing, None), nifti)
+        calibration = spacing_calibration(nifti.spacing, nifti.unit)
+        return InputVolume(nifti.voxels, nifti.spacing, nifti.unit, calibration, nifti)
     if image_suffix(path) not in TIFF_SUFFIXES:
         raise ImageReadError(f"{path}: a volume must be a TIFF stack or a NIfTI file (.nii, .nii.gz)")
     image = open_image(path)
