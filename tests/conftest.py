@@ -7,12 +7,21 @@ import pytest
 import tifffile
 import torch
 
+import unetseg.inference.precision
 import unetseg.synthetic
 from unetseg.cli.train import main as train_main
 from unetseg.synthetic import make_nuclei_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def float32_by_default():
+    """The suite gives the same numbers on every CPU: automatic precision is float32 unless a test turns bf16 on."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(unetseg.inference.precision, "cpu_has_native_bf16", lambda: False)
+        yield
 
 
 @pytest.fixture(autouse=True)

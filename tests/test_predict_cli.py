@@ -9,9 +9,11 @@ import tifffile
 import torch
 from skimage import io as skio
 
+import unetseg.cli.predict
 import unetseg.weights
 from unetseg.cli.predict import build_parser, main
 from unetseg.models import UNet
+from unetseg.predict import PredictSummary
 from unetseg.synthetic import nuclei_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,3 +229,21 @@ def test_help_names_every_option():
         "exit status",
     ):
         assert option in text
+
+
+@pytest.mark.parametrize("precision, amp", [("auto", None), ("fp32", False), ("bf16", True)])
+def test_precision_option_reaches_the_tiling(tmp_path, checkpoint, monkeypatch, precision, amp):
+    seen = {}
+
+    def fake_predict_files(model, spec, pairs, settings, **kwargs):
+        seen["amp"] = settings.tiling.amp
+        return PredictSummary()
+
+    monkeypatch.setattr(unetseg.cli.predict, "predict_files", fake_predict_files)
+    image = tmp_path / "one.png"
+    skio.imsave(image, (nuclei((40, 40)) * 255).astype(np.uint8), check_contrast=False)
+    argv = [str(image), str(tmp_path / "out"), "--checkpoint", str(checkpoint), "--precision", precision]
+    assert main(argv + TILING) == 0
+    assert seen["amp"] is amp
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([str(image), "out", "--model", "nuclei", "--precision", "fp16"])

@@ -42,14 +42,23 @@ def test_pad_indices_refuses_unknown_mode_and_empty_axis():
 @pytest.mark.parametrize("length", [1, 10, 31, 32, 33, 100, 1000])
 @pytest.mark.parametrize("tile_size, overlap", [(32, 0), (32, 8), (32, 31), (64, 7)])
 def test_tile_starts_cover_the_padded_axis_with_at_least_the_overlap(length, tile_size, overlap):
-    before, after = padding(length, tile_size, overlap)
-    assert before == overlap // 2 and after >= overlap // 2
+    before, after = padding(length, tile_size)
+    assert before + after == max(0, tile_size - length) and 0 <= after - before <= 1  # only short axes, evenly
     padded_length = before + length + after
     assert padded_length >= tile_size
     starts = tile_starts(padded_length, tile_size, overlap)
     assert starts[0] == 0 and starts[-1] == padded_length - tile_size
     steps = np.diff(starts)
     assert np.all(steps > 0) and np.all(steps <= tile_size - overlap)
+    # The fewest tiles: n tiles sharing at least `overlap` span at most tile_size + (n - 1) (tile_size - overlap).
+    assert tile_size + (len(starts) - 2) * (tile_size - overlap) < padded_length or len(starts) == 1
+
+
+def test_grid_of_a_1024_image_has_as_few_tiles_as_monai():
+    before, after = padding(1024, 256)
+    assert (before, after) == (0, 0)  # no mirrored context: 5 x 5 tiles, not 6 x 6
+    np.testing.assert_array_equal(tile_starts(1024, 256, 64), [0, 192, 384, 576, 768])
+    assert padding(200, 256) == (28, 28)
 
 
 def test_tile_starts_step_is_tile_minus_overlap_and_last_tile_is_moved_back():
@@ -72,7 +81,7 @@ def test_gaussian_window_is_symmetric_with_sigma_an_eighth_of_the_tile():
 @pytest.mark.parametrize("blend", BLENDS)
 @pytest.mark.parametrize("length", [5, 70, 301])
 def test_axis_weights_sum_to_one_at_every_position(blend, length):
-    before, after = padding(length, 32, 10)
+    before, after = padding(length, 32)
     padded_length = before + length + after
     starts = tile_starts(padded_length, 32, 10)
     weights = axis_weights(padded_length, starts, 32, blend)
@@ -90,7 +99,7 @@ def test_mean_weights_are_one_over_the_tile_count():
 @pytest.mark.parametrize("tile_size, overlap", [(32, 6), (32, 7), (32, 8), (16, 15), (64, 0)])
 @pytest.mark.parametrize("length", [3, 50, 123])
 def test_center_weights_give_each_position_to_one_tile_with_half_the_overlap_of_context(tile_size, overlap, length):
-    before, after = padding(length, tile_size, overlap)
+    before, after = padding(length, tile_size)
     padded_length = before + length + after
     starts = tile_starts(padded_length, tile_size, overlap)
     weights = axis_weights(padded_length, starts, tile_size, "center")
@@ -98,9 +107,12 @@ def test_center_weights_give_each_position_to_one_tile_with_half_the_overlap_of_
     np.testing.assert_array_equal(covered_sum(padded_length, starts, weights), 1.0)
     owner = center_owner(padded_length, starts, tile_size)
     image_positions = np.arange(before, before + length)
-    left = image_positions - starts[owner[image_positions]]
-    right = starts[owner[image_positions]] + tile_size - 1 - image_positions
-    assert min(left.min(), right.min()) >= overlap // 2
+    first = starts[owner[image_positions]]
+    left = image_positions - first
+    right = first + tile_size - 1 - image_positions
+    # Half the overlap of context on both sides, except where the owner tile ends at the border, as the image does.
+    assert np.all((left >= overlap // 2) | (first == 0))
+    assert np.all((right >= overlap // 2) | (first + tile_size == padded_length))
 
 
 def test_center_owner_splits_the_overlap_in_the_middle():

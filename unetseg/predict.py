@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference import TilingConfig, iter_predict_bands
-from unetseg.inference.postprocess import to_labels, to_mask
+from unetseg.inference.postprocess import to_labels, to_mask_tensor
 from unetseg.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -119,28 +119,42 @@ def _predict_planes(
     in_channels, classes = spec.in_channels, spec.classes
     for z, plane in enumerate(image.planes):
         value_range = plane_range(plane, in_channels, normalization, path)
+        mask = settings.output == "mask"  # thresholded on the device: uint8 bands cross to the host
         bands = iter_predict_bands(
             model,
             ChannelBands(plane, in_channels, path),
             normalize=partial(normalization.apply, value_range=value_range),
+            band_transform=partial(_device_mask, spec=spec, threshold=settings.threshold) if mask else None,
             **settings.engine_options(),
         )
         whole = settings.output == "labels"  # labels need the whole plane's probabilities
         probs_plane = np.empty((classes, image.height, image.width), np.float32) if whole else None
         for start, stop, probs in bands:
-            if probs.shape[0] != classes:
-                raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {classes}")
-            if probs_plane is not None:
+            if mask:
+                out[z, start:stop] = probs  # already the uint8 mask
+            elif probs_plane is not None:
+                _check_classes(probs, spec)
                 probs_plane[:, start:stop] = probs
-            elif settings.output == "mask":
-                out[z, start:stop] = to_mask(probs, settings.threshold, spec.targets)
             else:
+                _check_classes(probs, spec)
                 out[z, ..., start:stop, :] = probs[0] if classes == 1 else probs
             release_pages(out)
             if on_rows is not None:
                 on_rows(stop - start)
         if probs_plane is not None:
             out[z] = to_labels(probs_plane, settings.threshold)
+
+
+def _check_classes(probs: Any, spec: InputSpec) -> None:
+    """Raise ValueError when the model's probabilities (classes, ...) do not have the classes of its input spec."""
+    if probs.shape[0] != spec.classes:
+        raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {spec.classes}")
+
+
+def _device_mask(probs: Any, spec: InputSpec, threshold: float) -> Any:
+    """The uint8 mask of a band of probabilities, computed where they are (`to_mask_tensor`)."""
+    _check_classes(probs, spec)
+    return to_mask_tensor(probs, threshold, spec.targets)
 
 
 def _smallest_labels(labels: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ VOLUME_DEFAULTS = VolumeTiling()
 
 PROG = "unetseg-predict"
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = {"auto": None, "fp32": False, "bf16": True}  # --precision -> TilingConfig.amp
 
 DESCRIPTION = """\
 Segment INPUT, an image file or a folder searched recursively, into OUTPUT: one TIFF per
@@ -126,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=float, default=0.5, metavar="P", help="foreground probability threshold (default 0.5)"
     )
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
+    parser.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="auto",
+        help="auto: bfloat16 autocast on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX), float32 "
+        "elsewhere; bf16 forces it (float16 on GPUs without bfloat16), fp32 turns it off (default auto)",
+    )
     parser.add_argument("--glob", metavar="PATTERN", help='only inputs whose path matches, e.g. "*.tif"')
     parser.add_argument("--overwrite", action="store_true", help="predict again files whose output exists")
     parser.add_argument(
@@ -173,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbosity_level(args.verbose, args.quiet))
     try:
         tiling = TilingConfig(
-            tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, blend=args.blend, tta=args.tta
+            tile_size=args.tile_size,
+            overlap=args.overlap,
+            batch_size=args.batch_size,
+            blend=args.blend,
+            tta=args.tta,
+            amp=PRECISIONS[args.precision],
         )
         volume = VolumeTiling(args.volume_tile, args.volume_overlap)
         settings = PredictSettings(output=args.output, threshold=args.threshold, tiling=tiling, volume=volume)

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from unetseg.inference.fold import inference_copy
+from unetseg.inference.precision import autocast_dtype, channels_last
 from unetseg.inference.tiling import TilingConfig, axis_weights, pad_indices, padding, tile_starts
 
-__all__ = ["autocast_dtype", "iter_predict_bands", "predict_tiled", "select_device"]
+__all__ = ["autocast_dtype", "iter_predict_bands", "predict_tiled", "select_device", "to_host"]
 
 DEFAULT = TilingConfig()
 
@@ -50,22 +52,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.index is None or b.index is None or a.index == b.index
 
 
-def autocast_dtype(device: torch.device, amp: bool | None = None) -> torch.dtype | None:
-    """The autocast dtype for `device`, or None for plain float32.
-
-    amp=None turns mixed precision on for CUDA only. On CUDA it is bfloat16 where the GPU
-    supports it (no overflow, no scaling needed), else float16; elsewhere bfloat16, the type
-    CPU autocast supports.
-    """
-    if amp is None:
-        amp = device.type == "cuda"
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
-
-
 @dataclass(frozen=True)
 class _AxisPlan:
     """Tiling of one image axis: padding, tile starts, normalised blend weights, source index map."""
@@ -80,7 +66,7 @@ class _AxisPlan:
 
 def _plan_axis(length: int, tile_size: int, overlap: int, blend: str, pad_mode: str) -> _AxisPlan:
     """Geometry of one axis from `unetseg.inference.tiling`."""
-    before, after = padding(length, tile_size, overlap)
+    before, after = padding(length, tile_size)
     padded_length = before + length + after
     starts = tile_starts(padded_length, tile_size, overlap)
     return _AxisPlan(
@@ -146,8 +132,10 @@ class _BandPredictor:
         tta: bool,
         device: torch.device,
         dtype: torch.dtype | None,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ):
         self.model = model
+        self.memory_format = memory_format
         self.rows = rows
         self.cols = cols
         self.tile_size = tile_size
@@ -161,6 +149,7 @@ class _BandPredictor:
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         """Probabilities (N, K, T, T), float32, of a batch of tiles (N, C, T, T)."""
         inputs = _dihedral_views(tiles) if self.tta else tiles
+        inputs = inputs.contiguous(memory_format=self.memory_format)
         precision = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
         with precision:
             logits = self.model(inputs)
@@ -169,7 +158,7 @@ class _BandPredictor:
                 f"the model must return logits (N, classes, {self.tile_size}, {self.tile_size}) for tiles "
                 f"{tuple(inputs.shape)}; it returned {tuple(logits.shape)}"
             )
-        logits = logits.float()  # accumulate in float32 whatever autocast computed in
+        logits = logits.float().contiguous()  # accumulate in float32, (N, K, T, T), whatever autocast ran in
         probs = logits.sigmoid_() if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
         return _merge_dihedral(probs) if self.tta else probs
 
@@ -227,6 +216,8 @@ def iter_predict_bands(
     normalize: Callable[[Any], Any] | None = None,
     device: str | torch.device | None = None,
     amp: bool | None = DEFAULT.amp,
+    compile: bool = DEFAULT.compile,
+    band_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Predict an image band by band: yields (row_start, row_stop, probs) with probs (classes, rows, W) float32.
 
@@ -234,18 +225,22 @@ def iter_predict_bands(
     at a time, so a huge image needs memory in proportion to its width.
 
     Args:
-        model: an nn.Module returning logits (N, classes, h, w) for (N, C, h, w); put in eval
-            mode while predicting, its training flag restored afterwards. One output channel
-            gives sigmoid probabilities, several a softmax.
+        model: an nn.Module returning logits (N, classes, h, w) for (N, C, h, w). It runs as a
+            copy in eval mode with BatchNorm folded into its convolutions, channels-last on CPU
+            and CUDA (`unetseg.inference.fold.inference_copy`); the model itself is not changed.
+            One output channel gives sigmoid probabilities, several a softmax.
         image: (C, H, W) of any size, anything sliced as `image[:, start:stop]` (numpy,
             `numpy.memmap`/`tifffile.memmap`, torch tensor, zarr); read one band at a time.
-        tile_size, overlap, batch_size, blend, pad_mode, tta, amp: see `TilingConfig`.
+        tile_size, overlap, batch_size, blend, pad_mode, tta, amp, compile: see `TilingConfig`.
         normalize: applied to each raw band (C, rows, W) before tiling, e.g.
             `lambda band: Normalization().apply(band, value_range)` with a range computed once
             for the whole image; None takes the image as already normalised.
         device: where tiles are run and stitched; None means the model's device.
+        band_transform: applied on the device to each finished band of probabilities (classes,
+            rows, W) before it is copied to the host, e.g. a threshold to a uint8 mask, so only
+            the smallest type crosses to the host; bands are then what it returns.
     """
-    TilingConfig(tile_size, overlap, batch_size, blend, pad_mode, tta, amp)  # checks every setting
+    TilingConfig(tile_size, overlap, batch_size, blend, pad_mode, tta, amp, compile)  # checks every setting
     shape = tuple(image.shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"image must have shape (C, H, W) with C, H, W >= 1; got shape {shape}")
@@ -253,13 +248,19 @@ def iter_predict_bands(
     device = select_device(model, device)
     rows = _plan_axis(height, tile_size, overlap, blend, pad_mode)
     cols = _plan_axis(width, tile_size, overlap, blend, pad_mode)
-    predictor = _BandPredictor(model, rows, cols, tile_size, batch_size, tta, device, autocast_dtype(device, amp))
+    layout = channels_last(device)
+    was_training = model.training
+    network = inference_copy(model, channels_last=layout, compile=compile)
+    converted = network is not model  # a network without conv weights (ONNX Runtime) takes tiles as they are
+    memory_format = torch.channels_last if converted and layout else torch.contiguous_format
+    predictor = _BandPredictor(
+        network, rows, cols, tile_size, batch_size, tta, device, autocast_dtype(device, amp), memory_format
+    )
     # Enough tile rows per band to fill a batch, so narrow images still run full batches.
     rows_per_band = max(1, math.ceil(batch_size / len(cols.starts)))
     tile_row_count = len(rows.starts)
+    pinned = pinned_transfer(device)
 
-    was_training = model.training
-    model.eval()
     try:
         carry = None
         for first in range(0, tile_row_count, rows_per_band):
@@ -274,9 +275,32 @@ def iter_predict_bands(
             if start < stop:
                 offset = rows.before - top  # band row of image row 0
                 probs = total[:, start + offset : stop + offset, cols.before : cols.before + width]
-                yield start, stop, probs.cpu().numpy()  # a view on CPU: `total` is never written again
+                if band_transform is not None:
+                    with torch.inference_mode():
+                        probs = band_transform(probs)
+                yield start, stop, to_host(probs, pinned)  # `total` is never written again: a view is safe
     finally:
         model.train(was_training)
+
+
+def pinned_transfer(device: torch.device) -> bool:
+    """True when bands should come back through page-locked host memory: from CUDA, where it is twice as fast."""
+    return device.type == "cuda"
+
+
+def to_host(tensor: torch.Tensor, pinned: bool = False) -> np.ndarray:
+    """A tensor as a numpy array on the host: a view of CPU tensors, else a copy (through pinned memory if `pinned`).
+
+    Pinned memory is only available with CUDA; without it the same code path copies through
+    ordinary memory, so it is exercised on any machine.
+    """
+    if tensor.device.type == "cpu" and not pinned:
+        return tensor.numpy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned and torch.cuda.is_available())
+    host.copy_(tensor, non_blocking=host.is_pinned())
+    if tensor.device.type == "cuda":
+        torch.cuda.current_stream(tensor.device).synchronize()  # the non-blocking copy must land before numpy reads
+    return host.numpy()
 
 
 def predict_tiled(
@@ -292,6 +316,7 @@ def predict_tiled(
     normalize: Callable[[Any], Any] | None = None,
     device: str | torch.device | None = None,
     amp: bool | None = DEFAULT.amp,
+    compile: bool = DEFAULT.compile,
     out: Any = None,
 ) -> np.ndarray:
     """Predict a whole (C, H, W) image tile by tile; returns probabilities (classes, H, W), float32.
@@ -313,6 +338,7 @@ def predict_tiled(
         normalize=normalize,
         device=device,
         amp=amp,
+        compile=compile,
     )
     for start, stop, probs in bands:
         expected = (probs.shape[0], height, width)

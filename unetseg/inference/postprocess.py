@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import ndimage
 from skimage.feature import peak_local_max
 from skimage.measure import label as connected_components
@@ -85,3 +86,11 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     lookup = np.zeros(len(sizes), dtype=np.int64)
     lookup[keep] = np.arange(1, keep.sum() + 1)
     return lookup[labels]
+
+
+def to_mask_tensor(probs: torch.Tensor, threshold: float = 0.5, targets: str | None = None) -> torch.Tensor:
+    """`to_mask` on the device the probabilities are on: (classes, H, W) -> uint8 (H, W), 4x fewer bytes to copy."""
+    if probs.shape[0] == 1 or targets == "boundary":
+        foreground = foreground_probability(probs, "boundary" if targets == "boundary" else "foreground")
+        return (foreground > threshold).to(torch.uint8).mul_(255)
+    return probs.argmax(dim=0).to(torch.uint8)

@@ -37,15 +37,19 @@ class TilingConfig:
 
     Args:
         tile_size: side of the square tiles given to the model (a size the model accepts).
-        overlap: pixels shared by neighbouring tiles; image borders get overlap // 2 mirrored
-            context, so a model whose receptive field radius is at most overlap // 2 gives the
-            whole-image result exactly with blend="center".
+        overlap: least number of pixels shared by neighbouring tiles; the grid has the fewest
+            tiles that cover the image with it, flush with the borders, so a model whose receptive
+            field radius is at most overlap // 2 gives the whole-image result exactly with
+            blend="center".
         batch_size: tiles per forward pass (tta makes the model batch 8 times larger).
         blend: "gaussian" (importance window, sigma tile_size / 8), "mean", or "center" (each
             pixel from the tile where it lies most centrally: the U-Net overlap-tile strategy).
         pad_mode: "reflect", "symmetric" or "edge" padding of the borders (as `numpy.pad`).
         tta: average the probabilities of the 8 flips and quarter turns of each tile.
-        amp: autocast (bfloat16, or float16 on GPUs without it); None decides per device.
+        amp: autocast (bfloat16, or float16 on GPUs without it); None decides per device: on
+            for CUDA and for CPUs with native bfloat16 (`unetseg.inference.precision`).
+        compile: run the network through `torch.compile` (off: on the CPU it measured no gain
+            worth its compile time; see BENCHMARKS.md).
     """
 
     tile_size: int = 256
@@ -55,28 +59,36 @@ class TilingConfig:
     pad_mode: str = "reflect"
     tta: bool = False
     amp: bool | None = None
+    compile: bool = False
 
     def __post_init__(self):
         check_tiling(self.tile_size, self.overlap, self.blend, self.pad_mode)
+        if self.amp not in (None, True, False):
+            raise ValueError(f"amp must be None (per device), True or False, got {self.amp!r}")
+        if self.compile not in (True, False):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
 
 
-def padding(length: int, tile_size: int, overlap: int) -> tuple[int, int]:
-    """(before, after) padding of an axis: overlap // 2 of context each side, more after if shorter than a tile.
+def padding(length: int, tile_size: int) -> tuple[int, int]:
+    """(before, after) padding of an axis: none when it holds a tile, else up to one tile, split evenly.
 
-    The context makes border pixels as central in their tile as interior ones (the U-Net
-    overlap-tile strategy); an axis shorter than one tile is padded up to a full tile.
+    Tiles are laid flush with the image borders (as MONAI and nnU-Net), so no tile is spent on
+    mirrored context: a border pixel sees the network's own border handling, exactly as in a
+    forward pass over the whole image. Only an axis shorter than a tile is padded.
     """
-    margin = overlap // 2
-    return margin, max(margin, tile_size - length - margin)
+    missing = max(0, tile_size - length)
+    return missing // 2, missing - missing // 2
 
 
 def tile_starts(padded_length: int, tile_size: int, overlap: int) -> np.ndarray:
     """Start of each tile along a padded axis: a step of tile_size - overlap, the last tile flush with the end.
 
-    Moving the last tile back (rather than padding further) keeps every tile inside real or
-    mirrored data; it only overlaps its neighbour by more than `overlap`.
+    That is the fewest tiles that cover the axis with neighbours sharing at least `overlap`
+    pixels: ceil((padded_length - tile_size) / (tile_size - overlap)) + 1. Moving the last tile
+    back (rather than padding further) keeps every tile inside the image; it only overlaps its
+    neighbour by more than `overlap`.
     """
     if padded_length < tile_size:
         raise ValueError(f"padded_length ({padded_length}) must be at least tile_size ({tile_size})")

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from unetseg.inference import predict_tiled
+from unetseg.inference.engine import pinned_transfer, to_host
+from unetseg.inference.fold import fold_batchnorm, inference_copy
+from unetseg.models import UNet
+
+
+def trained_statistics(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters, then eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                size = module.num_features
+                module.running_mean.copy_(torch.randn(size, generator=generator) * 0.5)
+                module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(size, generator=generator))
+                module.bias.copy_(torch.randn(size, generator=generator))
+    return net.eval()
+
+
+@pytest.mark.parametrize("block", ["plain", "residual"])
+def test_folded_unet_equals_the_unfolded_one(block):
+    net = trained_statistics(UNet(in_channels=2, classes=3, depth=2, width=4, block=block))
+    image = torch.randn(2, 2, 40, 36)
+    folded = inference_copy(net)
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in folded.modules())
+    assert sum(isinstance(module, nn.BatchNorm2d) for module in net.modules()) > 0  # the original keeps its own
+    with torch.no_grad():
+        expected, got = net(image), folded(image)
+    assert expected.abs().max() > 1  # the statistics matter
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_folding_needs_eval_mode_and_counts_what_it_folds():
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3))
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(net)
+    assert fold_batchnorm(net.eval()) == 1  # the lone BatchNorm after the ReLU stays
+    assert isinstance(net[1], nn.Identity) and isinstance(net[3], nn.BatchNorm2d)
+
+
+def test_the_prediction_copy_is_cached_and_rebuilt_when_weights_change():
+    net = trained_statistics(UNet(in_channels=1, classes=1, depth=2, width=4))
+    first = inference_copy(net, channels_last=True)
+    assert inference_copy(net, channels_last=True) is first
+    assert first.head.weight.is_contiguous(memory_format=torch.channels_last)
+    assert inference_copy(net) is not first  # another layout, another copy
+    with torch.no_grad():
+        net.head.bias.add_(1.0)  # an in-place update, as an optimiser step
+    second = inference_copy(net)
+    torch.testing.assert_close(second.head.bias, net.head.bias)
+    net.train()
+    inference_copy(net)
+    assert net.training  # never switched to eval
+
+
+def test_networks_without_conv_weights_run_unchanged():
+    identity = nn.Identity().train()
+    assert inference_copy(identity) is identity and not identity.training
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_predict_tiled_matches_the_unfolded_network(amp):
+    net = trained_statistics(UNet(in_channels=1, classes=1, depth=2, width=4))
+    image = np.random.default_rng(0).normal(size=(1, 64, 64)).astype(np.float32)
+    probs = predict_tiled(net, image, tile_size=64, overlap=16, amp=amp)  # one tile: the whole image
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        expected = torch.sigmoid(net(torch.from_numpy(image)[None]).float())[0].numpy()
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=2e-2 if amp else 1e-5)
+
+
+def test_band_transform_runs_on_the_device_and_yields_its_type():
+    net = trained_statistics(UNet(in_channels=1, classes=1, depth=2, width=4))
+    image = np.random.default_rng(0).normal(size=(1, 70, 50)).astype(np.float32)
+    probs = predict_tiled(net, image, tile_size=32, overlap=8, amp=False)
+    from unetseg.inference import iter_predict_bands
+
+    bands = iter_predict_bands(
+        net, image, tile_size=32, overlap=8, amp=False, band_transform=lambda p: (p[0] > 0.5).to(torch.uint8)
+    )
+    mask = np.concatenate([band for _, _, band in bands])
+    assert mask.dtype == np.uint8 and mask.shape == (70, 50)
+    np.testing.assert_array_equal(mask, (probs[0] > 0.5).astype(np.uint8))
+
+
+def test_pinned_transfer_is_chosen_for_cuda_and_its_path_runs_on_the_cpu():
+    assert pinned_transfer(torch.device("cuda", 0)) and not pinned_transfer(torch.device("cpu"))
+    tensor = torch.arange(12.0).reshape(3, 4)
+    copied = to_host(tensor[:, 1:], pinned=True)  # the CUDA path: a fresh host buffer, filled by copy_
+    np.testing.assert_array_equal(copied, tensor[:, 1:].numpy())
+    tensor += 1
+    assert copied[0, 0] == 1.0  # a copy, not a view
+    view = to_host(tensor, pinned=False)
+    assert np.shares_memory(view, tensor.numpy())

@@ -1,0 +1,97 @@
+"""Which precision and memory layout a device runs a U-Net fastest in without losing accuracy.
+
+bfloat16 keeps float32's exponent range, so autocast to it needs no loss scaling and costs
+about 1e-3 in logits; it is only faster where the hardware computes it natively: CPUs with
+AVX512-BF16 or AMX (oneDNN kernels), Arm CPUs with BF16, and CUDA GPUs. Elsewhere it is
+emulated and slower than float32, so `amp=None` keeps float32 there.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "autocast_dtype",
+    "channels_last",
+    "cpu_flags",
+    "cpu_has_native_bf16",
+    "detect_native_bf16",
+    "native_bf16",
+    "trainer_precision",
+]
+
+log = logging.getLogger(__name__)
+
+# /proc/cpuinfo flags of native bfloat16 arithmetic: x86 AVX512-BF16 and AMX, Arm BF16.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty where it is unreadable."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512-BF16, AMX or Arm BF16); asked once per process."""
+    return detect_native_bf16()
+
+
+def detect_native_bf16() -> bool:
+    """`cpu_has_native_bf16` uncached: torch's CPU capability names AMX where it is present; AVX512-BF16 is only
+    visible in the kernel's CPU flags."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    native = "AMX" in capability or "BF16" in capability or bool(cpu_flags() & BF16_CPU_FLAGS)
+    log.debug("CPU capability %s, native bfloat16: %s", capability, native)
+    return native
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True when `device` runs bfloat16 faster than float32: a CUDA GPU with bfloat16 or a CPU with it natively."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
+def autocast_dtype(device: torch.device, amp: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype for `device`, or None for plain float32.
+
+    amp=None turns mixed precision on where it is fast: on CUDA GPUs, and on CPUs with native
+    bfloat16 (see `native_bf16`). On CUDA it is bfloat16 where the GPU supports it (no
+    overflow, no scaling needed), else float16; elsewhere bfloat16, the type CPU autocast supports.
+    """
+    if amp is None:
+        amp = device.type == "cuda" or native_bf16(device)
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def channels_last(device: torch.device) -> bool:
+    """True where convolutions run faster on NHWC tensors: CUDA (tensor cores) and CPUs (oneDNN)."""
+    return device.type in ("cuda", "cpu")
+
+
+def trainer_precision(accelerator: str = "auto") -> str:
+    """Lightning's `trainer.precision` for an accelerator: "bf16-mixed" where bfloat16 is native, else "32-true"."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if native_bf16(torch.device("cuda")) else "32-true"
+    if accelerator in ("auto", "cpu"):
+        return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    return "32-true"
