@@ -105,6 +105,9 @@ def test_a_2d_model_predicts_a_nifti_volume_plane_by_plane(tmp_path):
     probs = open_nifti(tmp_path / "v_out.nii.gz").voxels[:]
     planes = [predict_image(Bright3D(dims=2), SPEC, plane, settings) for plane in volume]
     np.testing.assert_allclose(probs, np.stack(planes), atol=1e-6)
+    predict_file(Bright3D(dims=2), SPEC, tmp_path / "v.nii.gz", tmp_path / "m.nii.gz", PredictSettings())
+    masks = [predict_image(Bright3D(dims=2), SPEC, plane, PredictSettings()) for plane in volume]
+    np.testing.assert_array_equal(open_nifti(tmp_path / "m.nii.gz").voxels[:], np.stack(masks))
 
 
 def test_predict_image_of_a_3d_model_is_the_tiled_volume(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from unetseg.inference import predict_tiled
 from unetseg.inference.tiling import BLENDS, PAD_MODES
 from unetseg.inference.volume import iter_predict_slabs, per_axis, predict_volume_tiled
 from unetseg.models import UNet
@@ -101,6 +102,13 @@ def test_gaussian_and_mean_blends_are_close_to_the_whole_volume(blend):
     assert np.abs(interior(probs) - interior(whole_volume_probs(model, volume))).max() < (
         2e-2 if blend == "gaussian" else 1e-1
     )
+
+
+def test_predict_tiled_takes_volumes_to_the_slab_engine():
+    model = conv_stack()
+    volume = random_volume(2, 12, 20, 18)
+    kwargs = dict(tile_size=(8, 16, 16), overlap=(2, 6, 6), blend="center")
+    np.testing.assert_array_equal(predict_tiled(model, volume, **kwargs), predict_volume_tiled(model, volume, **kwargs))
 
 
 def test_slabs_are_ordered_cover_every_plane_once_and_equal_the_whole_prediction():

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference import iter_predict_bands
-from unetseg.inference.postprocess import to_labels, to_mask
+from unetseg.inference.postprocess import to_labels, to_mask_tensor
 from unetseg.inference.volume import iter_predict_slabs, per_axis
 from unetseg.io.files import image_suffix
 from unetseg.io.nifti import is_nifti, write_nifti
@@ -70,10 +70,13 @@ def _layout(output: str, classes: int) -> tuple[tuple[str, ...], np.dtype]:
 
 
 def _slabs(model, spec: InputSpec, volume: InputVolume, settings, path) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(z_start, z_stop, probs (classes, planes, Y, X)) over the volume, by a 3-D or a 2-D model."""
+    """(z_start, z_stop, probs (classes, planes, Y, X)) over the volume, by a 3-D or a 2-D model; for
+    output "mask" the uint8 mask (planes, Y, X), thresholded on the device."""
     tiling = settings.tiling
     common = dict(batch_size=tiling.batch_size, blend=tiling.blend, pad_mode=tiling.pad_mode, tta=tiling.tta)
-    common["amp"] = tiling.amp
+    common.update(amp=tiling.amp, compile=tiling.compile)
+    if settings.output == "mask":  # thresholded on the device: uint8 slabs cross to the host
+        common["band_transform"] = partial(_device_mask, spec=spec, threshold=settings.threshold)
     normalization = spec.normalization
     if model_spatial_dims(model) == 3:
         value_range = volume_range(volume.voxels, spec.in_channels, normalization, path)
@@ -98,8 +101,17 @@ def _slabs(model, spec: InputSpec, volume: InputVolume, settings, path) -> Itera
             normalize=partial(normalization.apply, value_range=value_range),
             **common,
         )
-        probs = np.concatenate([band for _, _, band in bands], axis=1)
-        yield z, z + 1, probs[:, None]
+        if settings.output == "mask":  # uint8 bands (rows, X)
+            yield z, z + 1, np.concatenate([band for _, _, band in bands], axis=0)[None]
+        else:
+            yield z, z + 1, np.concatenate([band for _, _, band in bands], axis=1)[:, None]
+
+
+def _device_mask(probs, spec: InputSpec, threshold: float):
+    """The uint8 mask of a slab (classes, planes, Y, X) of probabilities, computed where they are."""
+    if probs.shape[0] != spec.classes:
+        raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {spec.classes}")
+    return to_mask_tensor(probs, threshold, spec.targets)
 
 
 def predict_volume(
@@ -120,12 +132,12 @@ def predict_volume(
     classes, output = spec.classes, settings.output
     probs_volume = np.empty((classes, *volume.shape), np.float32) if output == "labels" else None
     for start, stop, probs in _slabs(model, spec, volume, settings, path):
-        if probs.shape[0] != classes:
+        if output == "mask":
+            out[start:stop] = probs  # already the uint8 mask (planes, Y, X)
+        elif probs.shape[0] != classes:
             raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {classes}")
-        if probs_volume is not None:
+        elif probs_volume is not None:
             probs_volume[:, start:stop] = probs
-        elif output == "mask":
-            out[start:stop] = to_mask(probs, settings.threshold, spec.targets)
         else:
             out[start:stop] = probs[0] if classes == 1 else np.moveaxis(probs, 0, 1)
         release_pages(out)

@@ -28,8 +28,11 @@ from unetseg.inference.engine import (
     _plan_axis,
     _take,
     autocast_dtype,
+    pinned_transfer,
     select_device,
+    to_host,
 )
+from unetseg.inference.fold import inference_copy
 from unetseg.inference.tiling import TilingConfig, check_tiling
 
 __all__ = ["iter_predict_slabs", "per_axis", "predict_volume_tiled"]
@@ -124,6 +127,8 @@ def iter_predict_slabs(
     normalize: Callable[[Any], Any] | None = None,
     device: str | torch.device | None = None,
     amp: bool | None = DEFAULT.amp,
+    compile: bool = DEFAULT.compile,
+    band_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Predict a volume slab by slab: yields (z_start, z_stop, probs) with probs (classes, planes, Y, X) float32.
 
@@ -131,21 +136,24 @@ def iter_predict_slabs(
     at a time.
 
     Args:
-        model: a 3-D network returning logits (N, classes, z, y, x) for (N, C, z, y, x).
+        model: a 3-D network returning logits (N, classes, z, y, x) for (N, C, z, y, x); run as
+            `unetseg.inference.fold.inference_copy` makes it (eval mode; the model is not changed).
         volume: (C, Z, Y, X), anything sliced as `volume[:, start:stop]` (numpy, memory maps,
             `unetseg.io.volumes.VolumeChannels`).
         tile_size, overlap: an int for every axis, or one per axis (Z, Y, X): thick-slice data
             want short tiles along Z. The rules of `TilingConfig` hold per axis (border context
             overlap // 2; `center` is exact when the receptive field radius fits in it).
-        batch_size, blend, pad_mode, amp: as `TilingConfig`.
+        batch_size, blend, pad_mode, amp, compile: as `TilingConfig`.
         tta: average the 8 in-plane flips and quarter turns (needs tiles square in Y, X).
         normalize: applied to each raw slab (C, planes, Y, X) before tiling.
         device: where tiles are run and stitched; None means the model's device.
+        band_transform: applied on the device to each finished slab (classes, planes, Y, X)
+            before it is copied to the host (e.g. a threshold to a uint8 mask).
     """
     tiles, overlaps = per_axis(tile_size, "tile_size"), per_axis(overlap, "overlap")
     for size, margin in zip(tiles, overlaps):
         check_tiling(size, margin, blend, pad_mode)
-    TilingConfig(batch_size=batch_size, blend=blend, pad_mode=pad_mode, tta=tta, amp=amp)  # the other settings
+    TilingConfig(batch_size=batch_size, blend=blend, pad_mode=pad_mode, tta=tta, amp=amp, compile=compile)
     if tta and tiles[1] != tiles[2]:
         raise ValueError(f"tta turns tiles a quarter: needs tile_size square in Y and X, got {tiles}")
     shape = tuple(volume.shape)
@@ -155,12 +163,14 @@ def iter_predict_slabs(
     plans = [
         _plan_axis(length, size, margin, blend, pad_mode) for length, size, margin in zip(shape[1:], tiles, overlaps)
     ]
-    predictor = _SlabPredictor(model, plans, tiles, batch_size, tta, device, autocast_dtype(device, amp))
+    was_training = model.training
+    # Channels-last and BatchNorm folding are 2-D layouts: a 3-D network runs as it is (in eval mode).
+    network = inference_copy(model, channels_last=False, compile=compile)
+    predictor = _SlabPredictor(network, plans, tiles, batch_size, tta, device, autocast_dtype(device, amp))
+    pinned = pinned_transfer(device)
     depth, length = plans[0], shape[1]
     layers_per_slab = max(1, math.ceil(batch_size / (len(plans[1].starts) * len(plans[2].starts))))
     layer_count = len(depth.starts)
-    was_training = model.training
-    model.eval()
     try:
         carry = None
         for first in range(0, layer_count, layers_per_slab):
@@ -179,7 +189,10 @@ def iter_predict_slabs(
                     plans[1].before : plans[1].before + shape[2],
                     plans[2].before : plans[2].before + shape[3],
                 ]
-                yield start, stop, probs.cpu().numpy()
+                if band_transform is not None:
+                    with torch.inference_mode():
+                        probs = band_transform(probs)
+                yield start, stop, to_host(probs, pinned)  # `total` is never written again: a view is safe
     finally:
         model.train(was_training)
 
