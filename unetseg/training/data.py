@@ -232,7 +232,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         if spatial_dims == 3 and border_weights:
             raise ValueError("border_weights is 2-D only; set it false for spatial_dims 3")
         self.spatial_dims = spatial_dims
-        self.patch_size = tuple(patch_size) if patch_size is not None else (tile_size,) * 3
+        self.patch_size = list(patch_size) if patch_size is not None else [tile_size] * 3
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         if in_channels not in (1, 3):
