@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -123,6 +124,27 @@ def run_variant(block: str, norm: str, blocks_per_level: int, batches, val_tiles
     return row
 
 
+def measure_speed(rows: list[dict], batches, args, steps: int = 8) -> None:
+    """Add CPU milliseconds per training step (process time, after 2 warm-up steps) to each row.
+
+    Process time counts only this process's work, so unlike wall-clock steps/s it holds up on a
+    machine shared with other jobs.
+    """
+    for row in rows:
+        torch.manual_seed(0)
+        net = UNet(in_channels=1, classes=1, depth=args.depth, width=args.width, block=row["block"], norm=row["norm"],
+                   blocks_per_level=row["blocks_per_level"], layers=args.dense_layers)
+        loss_fn = SegmentationLoss(classes=1)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+        for index, (image, target) in enumerate(batches[: steps + 2]):
+            if index == 2:
+                started = time.process_time()
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(net(image), target).backward()
+            optimizer.step()
+        row["cpu_ms_per_step"] = (time.process_time() - started) / steps * 1e3
+
+
 def nested_cost(width: int = 32, depth: int = 4, tile_size: int = 256) -> list[dict]:
     """Parameters and FLOPs of concat vs nested (UNet++) skips, and dense blocks, at the default size."""
     rows = []
@@ -179,17 +201,20 @@ def write_report(path: Path, result: dict) -> None:
         "plain and residual blocks) and growth width/2, doubled per level. Final loss: mean of the last "
         f"{args['last']} steps. Dice: foreground pixels pooled over {result['val_tiles']} fixed "
         f"{args['val_tile_size']}x{args['val_tile_size']} tiles of the held-out images. Activations: bytes autograd "
-        "saves for backward in one training forward of a 128x128 tile.",
+        "saves for backward in one training forward of a 128x128 tile. CPU ms / step: process time of one "
+        f"training step of {args['batch_size']} tiles (mean of 8, after 2 warm-up steps, one thread); steps/s (wall) "
+        "is that of the training run itself, on a machine shared with other jobs, so read it as noisy.",
         "",
         "| block | norm | blocks/level | 3x3 convs on the path | final loss | val Dice | params | "
-        "GFLOPs / 128² | activations MB / 128² | steps/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "GFLOPs / 128² | activations MB / 128² | CPU ms / step | steps/s (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         convs = 2 * r["blocks_per_level"] * (2 * args["depth"] + 1)
+        cpu = f"{r['cpu_ms_per_step']:.0f}" if "cpu_ms_per_step" in r else "—"
         lines.append(f"| {r['block']} | {r['norm']} | {r['blocks_per_level']} | {convs} | {r['final_loss']:.3f} | "
                      f"{r['val_dice']:.3f} | {r['params'] / 1e3:.0f} k | {r['gflops_128']:.3f} | "
-                     f"{r['activation_mb_128']:.1f} | {r['steps_per_s']:.2f} |")
+                     f"{r['activation_mb_128']:.1f} | {cpu} | {r['steps_per_s']:.2f} |")
     lines += ["", "![loss and Dice against depth](degradation.png)", "",
               "## What nested (UNet++) skips and dense blocks cost",
               "",
@@ -225,16 +250,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks-per-level", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from degradation.json")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="add CPU ms per step to the rows of an existing degradation.json, then rewrite the report")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        result = json.loads((out / "degradation.json").read_text())
-        plot(result["rows"], out / "degradation.png")
-        write_report(out / "degradation.md", result)
+        finish(json.loads((out / "degradation.json").read_text()), out)
         return
     torch.set_num_threads(args.threads)
+    command = "OMP_NUM_THREADS=1 python -m experiments.degradation " + " ".join(sys.argv[1:] if argv is None else argv)
     started = time.time()
     data = SegmentationDataModule(root=args.data, in_channels=1, targets="foreground", tile_size=args.tile_size,
                                   val_tile_size=args.val_tile_size, batch_size=args.batch_size,
@@ -243,8 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     data.setup("fit")
     batches, val_tiles = draw_batches(data, args.steps), validation_tiles(data, args.val_tiles)
     log.info("data ready in %.0f s: %d batches, %d val tiles", time.time() - started, len(batches), len(val_tiles))
-    command = "OMP_NUM_THREADS=1 python -m experiments.degradation " + " ".join(argv if argv is not None else
-                                                                                 __import__("sys").argv[1:])
+    if args.speed_only:
+        result = json.loads((out / "degradation.json").read_text())
+        measure_speed(result["rows"], batches, args)
+        result["command"] += f" && {command.strip()}"
+        finish(result, out)
+        return
     result = {"command": command.strip(), "args": vars(args), "rows": [], "train_images": len(data.split["train"]),
               "val_images": len(data.split["val"]), "val_tiles": len(val_tiles),
               "machine": f"{platform.machine()} with {os.cpu_count()} CPU cores ({args.threads} torch thread(s)), "
@@ -259,11 +289,17 @@ def main(argv: list[str] | None = None) -> None:
                 result["seconds"] = time.time() - started
                 (out / "degradation.json").write_text(json.dumps(result, indent=1))  # partial results survive
     result["nested_cost"] = nested_cost()
+    measure_speed(result["rows"], batches, args)
     result["seconds"] = time.time() - started
+    finish(result, out)
+
+
+def finish(result: dict, out: Path) -> None:
+    """Write degradation.json, the plot and the report."""
     (out / "degradation.json").write_text(json.dumps(result, indent=1))
     plot(result["rows"], out / "degradation.png")
     write_report(out / "degradation.md", result)
-    log.info("wrote %s in %.1f min", out / "degradation.md", result["seconds"] / 60)
+    log.info("wrote %s (run took %.1f min)", out / "degradation.md", result["seconds"] / 60)
 
 
 if __name__ == "__main__":

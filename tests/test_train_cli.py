@@ -101,6 +101,13 @@ def test_checkpoint_rebuilds_the_network_and_input_spec(tiny_run):
         norm="batch",
         upsample="transpose",
         dropout=0.0,
+        blocks_per_level=1,
+        growth=None,
+        layers=4,
+        deep_supervision=False,
+        spatial_dims=2,
+        pool=None,
+        spacing=None,
     )
     spec = model.hparams["input_spec"]
     assert spec["in_channels"] == 1
@@ -193,7 +200,9 @@ def test_fast_dev_run_of_the_smp_baseline(capture_cli, shared_dataset, tmp_path)
 def test_network_classes_must_match_the_targets(shared_dataset, tmp_path):
     with pytest.raises(ValueError) as error:
         train.main(
-            tiny_args(shared_dataset, tmp_path / "run", "--data.targets", "boundary", "--trainer.fast_dev_run", "true")
+            tiny_args(
+                shared_dataset, tmp_path / "run", "--data.targets", "boundary", "--trainer.fast_dev_run", "true", "-v"
+            )
         )
     message = str(error.value)
     assert "outputs 1 channel" in message and "targets='boundary'" in message and "need 3" in message

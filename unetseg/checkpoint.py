@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unetseg.io.files import atomic_output
 from unetseg.models import build_net, net_state_dict
 from unetseg.spec import InputSpec
 
@@ -28,9 +29,12 @@ __all__ = [
     "load_net",
     "load_net_weights",
     "load_predictor",
+    "non_finite_weights",
     "read_checkpoint",
     "resolve_model",
+    "save_checkpoint",
     "slim_checkpoint",
+    "store_postprocess",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,12 +134,35 @@ def checked_net_description(description: Any, path: str | Path) -> dict:
     return {"class_path": ALLOWED_NETS[class_path], "init_args": init_args}
 
 
+def non_finite_weights(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or infinite values."""
+    return [
+        name
+        for name, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+
+
+def check_finite_weights(state_dict: dict, path: str | Path) -> None:
+    """Refuse a checkpoint whose weights hold NaN or Inf: it would predict empty masks without a word."""
+    broken = non_finite_weights(state_dict)
+    if broken:
+        raise CheckpointError(
+            f"{path}: refused: {len(broken)} weight tensor(s) hold NaN or infinite values ({', '.join(broken[:3])}"
+            f"{', ...' if len(broken) > 3 else ''}); the training that wrote it diverged"
+        )
+
+
 def load_net(path: str | Path) -> tuple[nn.Module, InputSpec | None, dict]:
-    """(network with its trained weights, input spec or None, hyperparameters) of a training checkpoint."""
+    """(network with its trained weights, input spec or None, hyperparameters) of a training checkpoint.
+
+    Refuses (CheckpointError) networks that are not allowed or out of bounds, and non-finite weights.
+    """
     checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters")
-    if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
+    if not isinstance(hparams, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a unetseg checkpoint (no state_dict, or no hyper_parameters)")
+    check_finite_weights(checkpoint["state_dict"], path)
     description = checked_net_description(hparams.get("net"), path)
     spec = None
     if hparams.get("input_spec"):
@@ -199,8 +226,9 @@ def load_net_weights(net: nn.Module, source: str | Path) -> None:
     """Copy the network weights of a checkpoint (a path or a shipped model name) into `net` (fine-tuning)."""
     path = resolve_model(source)
     checkpoint = read_checkpoint(path)
-    if "state_dict" not in checkpoint:
+    if not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a unetseg checkpoint (no state_dict)")
+    check_finite_weights(checkpoint["state_dict"], path)
     try:
         net.load_state_dict(net_state_dict(checkpoint["state_dict"]))
     except RuntimeError as error:
@@ -225,5 +253,30 @@ def slim_checkpoint(source: str | Path, target: str | Path, half: bool = True) -
         if key in checkpoint
     }
     slim["state_dict"] = state
-    torch.save(slim, target)
+    save_checkpoint(slim, target)
     return Path(target)
+
+
+def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
+    """`torch.save` atomically: into a temporary file beside `path`, flushed to disk (fsync), then renamed.
+
+    Never a copy across filesystems, so a kill or a full disk leaves the previous file whole.
+    """
+    with atomic_output(path, suffix=".tmp.ckpt") as temporary:
+        torch.save(checkpoint, temporary)
+    return Path(path)
+
+
+def store_postprocess(source: str | Path, target: str | Path, postprocess: dict) -> Path:
+    """Write `source` to `target` (may be the same file) with `postprocess` as its input spec's
+    post-processing settings (what `unetseg-tune` found); everything else is kept as it is."""
+    from unetseg.inference.postprocess import label_settings
+
+    label_settings(postprocess)  # ValueError for unknown or out-of-range settings
+    checkpoint = read_checkpoint(source)
+    spec = (checkpoint.get("hyper_parameters") or {}).get("input_spec")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{source}: has no input_spec to store post-processing settings in")
+    spec = InputSpec.from_dict({**spec, "postprocess": dict(postprocess)}).to_dict()  # checks it round-trips
+    checkpoint["hyper_parameters"]["input_spec"] = spec
+    return save_checkpoint(checkpoint, target)  # never a half-written model file

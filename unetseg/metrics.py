@@ -129,7 +129,7 @@ def _contingency(gt_labels: np.ndarray, pred_labels: np.ndarray) -> sparse.csr_a
     gt_index, n_gt = _sequential(gt_labels)
     pred_index, n_pred = _sequential(pred_labels)
     shape = (n_gt + 1, n_pred + 1)
-    codes = gt_index.astype(np.int64) * shape[1] + pred_index
+    codes = gt_index.astype(np.int64) * shape[1] + pred_index.astype(np.int64)  # uint64 + int64 would be float
     if shape[0] * shape[1] <= max(4 * codes.size, 1 << 16):
         counts = np.bincount(codes, minlength=shape[0] * shape[1])
         codes = np.flatnonzero(counts)

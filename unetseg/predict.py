@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference import TilingConfig, iter_predict_bands
-from unetseg.inference.postprocess import to_labels, to_mask_tensor
+from unetseg.inference.postprocess import label_settings, to_labels, to_mask_tensor
 from unetseg.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -34,6 +34,7 @@ from unetseg.io import (
     write_tiff,
 )
 from unetseg.io.files import image_stem
+from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.io.nifti import is_nifti
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import InputImage, atomic_memmap, open_image, release_pages
@@ -67,20 +68,36 @@ class PredictSettings:
             H, W), (H, W) for one class) or "labels" (uint16/uint32 instance labels by
             `postprocess.to_labels`, for targets "foreground" and "boundary").
         threshold: foreground probability threshold of "mask" and "labels".
+        seed_threshold: seed class probability that starts an object in "labels".
+        min_size: smallest object, in pixels, kept in "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
         volume: tile size and overlap (Z, Y, X) of 3-D models (`unetseg.predict_volumes`).
+        max_pixels: the most pixels (height x width x planes) an input may claim in its header;
+            larger ones are refused unread (decompression bombs). None: no cap.
+
+    None for threshold, seed_threshold or min_size means the value the model stores (tuned by
+    `unetseg-tune`, in its input spec's `postprocess`), else `POSTPROCESS_DEFAULTS`.
     """
 
     output: str = "mask"
-    threshold: float = 0.5
+    threshold: float | None = None
     tiling: TilingConfig = field(default_factory=TilingConfig)
     volume: VolumeTiling = field(default_factory=VolumeTiling)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # inputs claiming more pixels are refused before decoding
+    seed_threshold: float | None = None
+    min_size: int | None = None
 
     def __post_init__(self):
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold!r}")
+        label_settings(threshold=self.threshold, seed_threshold=self.seed_threshold, min_size=self.min_size)
+
+    def label_options(self, spec: InputSpec) -> dict:
+        """Keyword arguments of `to_labels` (and the threshold of "mask"): defaults, then the model's
+        stored post-processing, then these settings where they are not None."""
+        return label_settings(
+            spec.postprocess, threshold=self.threshold, seed_threshold=self.seed_threshold, min_size=self.min_size
+        )
 
     def check(self, spec: InputSpec) -> None:
         """Raise ValueError when this output cannot be made from a model with this input spec."""
@@ -117,6 +134,7 @@ def _predict_planes(
     """Predict every plane of `image` into `out` (planes, [classes,] H, W), band by band."""
     normalization = spec.normalization
     in_channels, classes = spec.in_channels, spec.classes
+    options = settings.label_options(spec)
     for z, plane in enumerate(image.planes):
         value_range = plane_range(plane, in_channels, normalization, path)
         mask = settings.output == "mask"  # thresholded on the device: uint8 bands cross to the host
@@ -124,7 +142,7 @@ def _predict_planes(
             model,
             ChannelBands(plane, in_channels, path),
             normalize=partial(normalization.apply, value_range=value_range),
-            band_transform=partial(_device_mask, spec=spec, threshold=settings.threshold) if mask else None,
+            band_transform=partial(_device_mask, spec=spec, threshold=options["threshold"]) if mask else None,
             **settings.engine_options(),
         )
         whole = settings.output == "labels"  # labels need the whole plane's probabilities
@@ -142,7 +160,7 @@ def _predict_planes(
             if on_rows is not None:
                 on_rows(stop - start)
         if probs_plane is not None:
-            out[z] = to_labels(probs_plane, settings.threshold)
+            out[z] = to_labels(probs_plane, **options)
 
 
 def _check_classes(probs: Any, spec: InputSpec) -> None:
@@ -228,7 +246,7 @@ def predict_file(
     source, target = Path(source), Path(target)
     if is_nifti(source) or model_spatial_dims(model) == 3:
         return predict_volume_file(model, input_spec, source, target, settings, progress)
-    image = open_image(source)
+    image = open_image(source, settings.max_pixels)
     shape, dtype, axes = _layout(settings, input_spec, image)
     planes = len(image.planes)
     with tqdm(
@@ -271,13 +289,19 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
         target = output if named else output / f"{image_stem(root)}{output_suffix(root)}"
         if target.resolve() == root.resolve():
             raise ValueError(f"OUTPUT {target} is the input file; choose another name")
+        if target != output and target.exists() and target.parent.resolve() == root.parent.resolve():
+            raise ValueError(
+                f"OUTPUT {target} exists beside the input and may be one of your images; it is never "
+                "written over: choose another folder, or name the output file"
+            )
         return [(root, target)]
     if not root.is_dir():
         raise ValueError(f"INPUT {root}: no such file or folder")
     if output.resolve() == root.resolve():
         raise ValueError(f"OUTPUT {output} is the INPUT folder; outputs would replace inputs, choose another folder")
+    inside = output.resolve().is_relative_to(root.resolve())
     try:
-        files = find_images(root, glob, exclude=output)
+        files = find_images(root, glob, exclude=output if inside else None)
     except DuplicateNameError as error:
         raise ValueError(
             f"{error.first} and {error.second} would both be written to {output / error.key}.tif; rename one"
@@ -285,7 +309,14 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     if not files:
         what = f"matching {glob!r}" if glob else f"({', '.join(IMAGE_SUFFIXES)})"
         raise ValueError(f"INPUT {root}: no image files {what} in this folder or below")
-    return [(path, output / f"{key}{output_suffix(path)}") for key, path in files.items()]
+    pairs = [(path, output / f"{key}{output_suffix(path)}") for key, path in files.items()]
+    inputs = {path.resolve() for path in (files if glob is None else find_images(root)).values()}
+    clashes = [target for _, target in pairs if target.resolve() in inputs]
+    if clashes:
+        raise ValueError(
+            f"OUTPUT {clashes[0]} is an input file: outputs must not replace inputs, choose another folder"
+        )
+    return pairs
 
 
 @dataclass
@@ -355,6 +386,7 @@ def predict_files(
         except Exception as error:  # one broken file must not stop the folder; MemoryError and friends included
             summary.failed[source] = _reason(error, source)
             log.error("%s: %s", source, summary.failed[source])
+            log.debug("%s: traceback", source, exc_info=True)
             continue
         summary.seconds += time.perf_counter() - started
         summary.pixels += pixels

@@ -76,7 +76,8 @@ def _slabs(model, spec: InputSpec, volume: InputVolume, settings, path) -> Itera
     common = dict(batch_size=tiling.batch_size, blend=tiling.blend, pad_mode=tiling.pad_mode, tta=tiling.tta)
     common.update(amp=tiling.amp, compile=tiling.compile)
     if settings.output == "mask":  # thresholded on the device: uint8 slabs cross to the host
-        common["band_transform"] = partial(_device_mask, spec=spec, threshold=settings.threshold)
+        threshold = settings.label_options(spec)["threshold"]
+        common["band_transform"] = partial(_device_mask, spec=spec, threshold=threshold)
     normalization = spec.normalization
     if model_spatial_dims(model) == 3:
         value_range = volume_range(volume.voxels, spec.in_channels, normalization, path)
@@ -125,11 +126,12 @@ def predict_volume(
 ) -> Any:
     """Predict `volume` into `out`: (Z, Y, X) masks or labels, (Z, Y, X) or (Z, C, Y, X) probabilities.
 
-    `settings` is a `unetseg.predict.PredictSettings` (output, threshold, tiling; its `volume`
-    tiling for 3-D models). Labels are made from the whole probability volume by the 3-D
+    `settings` is a `unetseg.predict.PredictSettings` (output, post-processing, tiling; its
+    `volume` tiling for 3-D models). Labels are made from the whole probability volume by the 3-D
     watershed of `to_labels`, with the voxel spacing where the file gives all of it.
     """
     classes, output = spec.classes, settings.output
+    options = settings.label_options(spec)  # threshold, seed threshold, smallest object: stored or given
     probs_volume = np.empty((classes, *volume.shape), np.float32) if output == "labels" else None
     for start, stop, probs in _slabs(model, spec, volume, settings, path):
         if output == "mask":
@@ -145,7 +147,7 @@ def predict_volume(
             on_planes(stop - start)
     if probs_volume is not None:
         spacing = volume.spacing if all(volume.spacing) else None
-        out[...] = to_labels(probs_volume, settings.threshold, spacing=spacing)
+        out[...] = to_labels(probs_volume, spacing=spacing, **options)
     return out
 
 

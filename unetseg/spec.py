@@ -15,10 +15,11 @@ import numpy as np
 
 from unetseg.io.normalize import Normalization
 
-TARGETS = ("foreground", "boundary", "classes")
-# Output channels of each target kind; "classes" has as many as the masks' classes.
-TARGET_CLASSES = {"foreground": 1, "boundary": 3}
-INSTANCE_TARGETS = ("foreground", "boundary")  # targets from which instance labels can be made
+TARGETS = ("foreground", "boundary", "distance", "classes")
+# Output channels of each target kind; "classes" has as many as the masks' classes. "distance" is
+# "boundary" plus a fourth class, each object's centre (its inner half by distance to its boundary).
+TARGET_CLASSES = {"foreground": 1, "boundary": 3, "distance": 4}
+INSTANCE_TARGETS = ("foreground", "boundary", "distance")  # targets from which instance labels can be made
 
 
 def output_classes(targets: str, classes: int | None = None) -> int:
@@ -36,10 +37,12 @@ def foreground_probability(probs: np.ndarray, targets: str) -> np.ndarray:
     """(classes, ...) probabilities -> the probability of foreground (any object), shape (...).
 
     One class: the sigmoid itself; boundary (background / interior / edge): interior + edge;
-    several classes: 1 - background.
+    distance: interior + edge + centre; several classes: 1 - background.
     """
     if targets == "boundary":
         return probs[1] + probs[2]
+    if targets == "distance":
+        return probs[1] + probs[2] + probs[3]
     if probs.shape[0] == 1:
         return probs[0]
     return 1.0 - probs[0]

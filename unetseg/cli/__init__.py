@@ -10,6 +10,7 @@ COMMANDS = {
     "train": ("unetseg.cli.train", "train a network from a YAML config (LightningCLI)"),
     "predict": ("unetseg.cli.predict", "segment image files or folders with a trained model"),
     "evaluate": ("unetseg.cli.evaluate", "score predicted masks against ground truth"),
+    "tune": ("unetseg.cli.tune", "search a model's instance post-processing on annotated images, store it"),
     "export": ("unetseg.cli.export", "export a checkpoint to ONNX"),
     "demo": ("unetseg.cli.demo", "train on the embedded dataset, predict, print where everything is"),
 }

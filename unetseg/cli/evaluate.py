@@ -33,9 +33,10 @@ DESCRIPTION = f"""\
 Score predicted masks (PRED) against ground-truth masks (GT). Each is a folder, searched
 recursively, or a single file. Files are paired by sub-folder and name without suffix, so
 pred/a/img1.tif scores against gt/a/img1.png. Masks may be binary (0/1, 0/255) or instance
-labels; binary masks are split into 4-connected components for the object scores.
-Volumes (ZYX TIFF stacks, NIfTI .nii/.nii.gz) are scored in 3-D: objects are matched by their
-voxel IoU, and binary masks split into 6-connected components.
+labels (8 to 64 bits, kept exact); binary masks are split into 4-connected components for the
+object scores. ZYX TIFF stacks and NIfTI volumes (.nii, .nii.gz) are scored in 3-D: objects
+are matched by voxel IoU, binary masks split into 6-connected components.
+JPEG masks are refused: lossy compression changes label values.
 
 Per image and as the mean over images: foreground Dice and IoU (label > 0); object precision,
 recall and F1 (a match is IoU > {MATCH_THRESHOLD}); the 2018 Data Science Bowl score, the mean
@@ -150,7 +151,16 @@ def evaluate(pred_files: dict[str, Path], gt_files: dict[str, Path]) -> Evaluati
                 file=sys.stderr,
             )
             continue
-        evaluation.scores[name] = {"pred": str(pred_path), "gt": str(gt_path), **segmentation_scores(pred, gt)}
+        try:
+            scores = segmentation_scores(pred, gt)
+        except (ValueError, MemoryError) as error:  # one bad pair must not lose the report of the others
+            message = f"{pred_path} against {gt_path}: cannot score ({type(error).__name__}: {error})"
+            evaluation.unreadable.append(
+                {"image": name, "pred": str(pred_path), "gt": str(gt_path), "errors": [message]}
+            )
+            print(f"error: {message}", file=sys.stderr)
+            continue
+        evaluation.scores[name] = {"pred": str(pred_path), "gt": str(gt_path), **scores}
     for name, pred_path in sorted(pred_files.items()):
         if name not in gt_files:
             evaluation.predictions_without_gt.append({"image": name, "pred": str(pred_path)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from unetseg.export import (
@@ -41,9 +42,9 @@ logit difference from PyTorch is printed.
 
 EPILOG = f"""\
 exit status: 0 exported and checked; 1 the exported model differs from PyTorch by more than
-{TOLERANCE:g} (the file is kept, for inspection); 2 usage errors (a missing or unreadable
-checkpoint, an unknown format, a suffix that doesn't match it, an output folder that can't be
-created).
+{TOLERANCE:g} or gives NaN (the file is kept, for inspection); 2 usage errors (a missing,
+unreadable or refused checkpoint: weights holding NaN or Inf, a network that is not unetseg's;
+an unknown format, a suffix that doesn't match it, an output folder that can't be created).
 """
 
 
@@ -75,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         format = check_format(args.format, args.out)  # before the slow load
         net, input_spec = load_checkpoint_net(args.checkpoint)
         out = export_net(net, args.out, format, input_spec=input_spec, opset=args.opset)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (OSError, ValueError, ImportError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
         return 2
     sizes = check_sizes(net)
     difference = max_abs_difference(out, net, sizes)
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         f"max |exported - PyTorch| logit difference: {difference:.2g} on inputs of "
         f"{' and '.join(f'{height}x{width}' for height, width in sizes)}"
     )
-    if difference > TOLERANCE:
+    if not difference <= TOLERANCE:  # NaN and Inf fail too
         print(
             f"{PROG}: error: the exported model differs from PyTorch by {difference:.2g} > {TOLERANCE:g}",
             file=sys.stderr,

@@ -11,6 +11,7 @@ import torch
 
 from unetseg.checkpoint import CheckpointError, load_predictor
 from unetseg.inference.tiling import BLENDS, TilingConfig
+from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.predict import OUTPUTS, PredictSettings, plan_outputs, predict_files, shard
 from unetseg.predict_volumes import VolumeTiling
@@ -19,6 +20,7 @@ from unetseg.weights import MODELS, model_path
 log = logging.getLogger("unetseg.cli.predict")
 DEFAULTS = TilingConfig()
 VOLUME_DEFAULTS = VolumeTiling()
+MIN_TILE, MAX_TILE = 16, 8192  # smaller tiles are all padding; a batch of 8 larger ones is > 2 GB per channel
 
 PROG = "unetseg-predict"
 DEVICES = ("auto", "cpu", "cuda")
@@ -70,6 +72,14 @@ def zyx(text: str) -> tuple[int, int, int]:
     return values * 3 if len(values) == 1 else values
 
 
+def tile_size(text: str) -> int:
+    """argparse type: a tile side from MIN_TILE to MAX_TILE (larger tiles allocate gigabytes per batch)."""
+    value = positive_int(text)
+    if not MIN_TILE <= value <= MAX_TILE:
+        raise argparse.ArgumentTypeError(f"must be from {MIN_TILE} to {MAX_TILE}, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of unetseg-predict."""
     parser = argparse.ArgumentParser(
@@ -82,10 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", metavar="NAME", help=f"a model shipped with unetseg: {', '.join(MODELS)}")
     parser.add_argument(
         "--tile-size",
-        type=positive_int,
+        type=tile_size,
         default=DEFAULTS.tile_size,
         metavar="PIXELS",
-        help=f"side of the square tiles (default {DEFAULTS.tile_size})",
+        help=f"side of the square tiles, {MIN_TILE} to {MAX_TILE} (default {DEFAULTS.tile_size})",
     )
     parser.add_argument(
         "--overlap",
@@ -124,7 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="average the 8 flips and rotations of each tile")
     parser.add_argument("--output", choices=OUTPUTS, default="mask", help="what to write (default mask)")
     parser.add_argument(
-        "--threshold", type=float, default=0.5, metavar="P", help="foreground probability threshold (default 0.5)"
+        "--threshold",
+        type=float,
+        metavar="P",
+        help="foreground probability threshold (default: the model's tuned value, see unetseg-tune, else 0.5)",
+    )
+    parser.add_argument(
+        "--seed-threshold",
+        type=float,
+        metavar="P",
+        help="--output labels: seed (interior) probability that starts an object (default: tuned, else --threshold)",
+    )
+    parser.add_argument(
+        "--min-size",
+        type=int,
+        metavar="PIXELS",
+        help="--output labels: smallest object kept (default: tuned, else 15)",
     )
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
     parser.add_argument(
@@ -136,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--glob", metavar="PATTERN", help='only inputs whose path matches, e.g. "*.tif"')
     parser.add_argument("--overwrite", action="store_true", help="predict again files whose output exists")
+    parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="refuse, unread, inputs whose header claims more pixels (height x width x planes) than this: "
+        f"decompression bombs (default {DEFAULT_MAX_PIXELS:_}, a 30000 x 30000 image passes)",
+    )
     parser.add_argument(
         "--shard",
         metavar="K/N",
@@ -189,15 +222,24 @@ def main(argv: list[str] | None = None) -> int:
             amp=PRECISIONS[args.precision],
         )
         volume = VolumeTiling(args.volume_tile, args.volume_overlap)
-        settings = PredictSettings(output=args.output, threshold=args.threshold, tiling=tiling, volume=volume)
+        settings = PredictSettings(
+            output=args.output,
+            threshold=args.threshold,
+            tiling=tiling,
+            max_pixels=args.max_pixels,
+            seed_threshold=args.seed_threshold,
+            min_size=args.min_size,
+            volume=volume,
+        )
         index, count = resolve_shard(args.shard)
         pairs = shard(plan_outputs(args.input, args.output_path, args.glob), index, count)
         device = resolve_device(args.device)
         checkpoint = args.checkpoint if args.checkpoint is not None else model_path(args.model)
         model, spec = load_predictor(checkpoint, device)
         settings.check(spec)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
+    except (ValueError, OSError, CheckpointError) as error:
         log.error("%s", error)
+        log.debug("traceback", exc_info=True)
         return 2
     share = f" (share {index}/{count})" if count > 1 else ""
     if not args.quiet:

@@ -9,11 +9,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from unetseg.logs import quiet_dependencies
 from unetseg.training.callbacks import SaveCurves
 from unetseg.training.data import SegmentationDataModule
 from unetseg.training.module import SegmentationModule
+from unetseg.training.safety import AtomicCheckpointIO, FiniteLoss, HistoryCSVLogger, NonFiniteTrainingError
+
+VERBOSE_FLAGS = ("-v", "--verbose")
 
 
 def packaged_configs() -> dict[str, Path]:
@@ -49,9 +53,12 @@ def resolve_configs(argv: list[str]) -> list[str]:
     return resolved
 
 
-def default_loggers(root: str) -> list:
-    """CSV always, TensorBoard too when it is installed, all writing into one run folder."""
-    loggers = [CSVLogger(root, name="", version="")]
+def default_loggers(root: str, resume: bool = False) -> list:
+    """CSV always, TensorBoard too when it is installed, all writing into one run folder.
+
+    A resumed run keeps the metrics.csv rows written before its checkpoint.
+    """
+    loggers = [(HistoryCSVLogger if resume else CSVLogger)(root, name="", version="")]
     try:
         import tensorboard  # noqa: F401
     except ImportError:
@@ -60,33 +67,49 @@ def default_loggers(root: str) -> list:
 
 
 class TrainCLI(LightningCLI):
-    """LightningCLI whose default loggers write into trainer.default_root_dir (the run folder)."""
+    """LightningCLI whose default loggers write into trainer.default_root_dir (the run folder), and whose
+    checkpoints are written atomically there (`AtomicCheckpointIO`)."""
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir") or "runs/default")
+            root = trainer_config.get("default_root_dir") or "runs/default"
+            kwargs["logger"] = default_loggers(root, resume=bool(self._get(self.config, "ckpt_path")))
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]  # checkpoints written atomically in the run folder
         return super().instantiate_trainer(**kwargs)
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> int:
     """Train from a YAML config: `unetseg-train [fit] --config tiny|configs/unet.yaml [--data.root DIR ...]`.
 
     `fit` is implied when the first argument is an option; --config takes a file or the name of
-    a config shipped in the package (`unetseg/configs/`), so it works from any folder.
+    a config shipped in the package (`unetseg/configs/`), so it works from any folder. Data
+    errors and a diverged training print one error line and return 1; `-v` shows the traceback.
     """
-    argv = resolve_configs(sys.argv[1:] if args is None else args)
+    argv = sys.argv[1:] if args is None else list(args)
+    verbose = any(arg in VERBOSE_FLAGS for arg in argv)
+    argv = resolve_configs([arg for arg in argv if arg not in VERBOSE_FLAGS])
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["fit", *argv]
     quiet_dependencies()
-    TrainCLI(
-        SegmentationModule,
-        SegmentationDataModule,
-        trainer_defaults={"callbacks": [SaveCurves()]},
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    try:
+        TrainCLI(
+            SegmentationModule,
+            SegmentationDataModule,
+            trainer_defaults={"callbacks": [SaveCurves(), FiniteLoss()]},
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
+    except (ValueError, OSError, NonFiniteTrainingError) as error:
+        if verbose:
+            raise
+        print(f"unetseg-train: error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,9 @@
-"""From probabilities to masks and instance labels (thresholds, distance transform, watershed)."""
+"""From probabilities to masks and instance labels (thresholds, seeds, watershed).
+
+The settings of `to_labels` that a model can store (tuned by `unetseg-tune`, kept in its input
+spec under `postprocess`) are POSTPROCESS_DEFAULTS' keys; `label_settings` merges the defaults,
+the model's stored values and the user's overrides, in that order.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,33 @@ from skimage.segmentation import watershed
 
 from unetseg.spec import foreground_probability
 
+# Settings of `to_labels` that a model may store; these values when it stores none.
+POSTPROCESS_DEFAULTS = {"threshold": 0.5, "seed_threshold": None, "min_size": 15}
+
+
+def label_settings(stored: dict | None = None, **overrides) -> dict:
+    """The `to_labels` settings: POSTPROCESS_DEFAULTS, then a model's `stored` values, then the
+    `overrides` that are not None. Unknown stored keys raise ValueError naming them."""
+    stored = dict(stored or {})
+    unknown = sorted(stored.keys() - POSTPROCESS_DEFAULTS.keys())
+    if unknown:
+        raise ValueError(f"unknown post-processing settings {unknown}; known: {sorted(POSTPROCESS_DEFAULTS)}")
+    settings = {**POSTPROCESS_DEFAULTS, **stored}
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    for key in ("threshold", "seed_threshold"):
+        if settings[key] is not None and not 0.0 <= settings[key] <= 1.0:
+            raise ValueError(f"{key} must be between 0 and 1, got {settings[key]!r}")
+    if int(settings["min_size"]) < 0:
+        raise ValueError(f"min_size must be >= 0, got {settings['min_size']!r}")
+    settings["min_size"] = int(settings["min_size"])
+    return settings
+
 
 def to_mask(probs: np.ndarray, threshold: float = 0.5, targets: str | None = None) -> np.ndarray:
-    """(classes, H, W) probabilities -> uint8 mask: 0/255 foreground for one class and for targets "boundary",
-    the argmax class index for several classes."""
-    if probs.shape[0] == 1 or targets == "boundary":
-        foreground = foreground_probability(probs, "boundary" if targets == "boundary" else "foreground")
+    """(classes, H, W) probabilities -> uint8 mask: 0/255 foreground for one class and for the instance
+    targets "boundary" and "distance", the argmax class index for several classes."""
+    if probs.shape[0] == 1 or targets in ("boundary", "distance"):
+        foreground = foreground_probability(probs, targets if targets in ("boundary", "distance") else "foreground")
         return np.where(foreground > threshold, 255, 0).astype(np.uint8)
     return probs.argmax(axis=0).astype(np.uint8)
 
@@ -36,19 +62,25 @@ def to_labels(
     maxima splits touching objects (the classic Otsu-and-watershed recipe, on a learnt mask).
     Three classes (background, interior, edge, as `targets: boundary` trains): interiors are
     the seeds, and a watershed on the interior probability grows them into the foreground.
+    Four classes (background, interior, edge, centre, as `targets: distance` trains): centres
+    (the inner half of each object by distance to its boundary) are the seeds, and the
+    watershed runs on the expected distance level (interior counts half, centre fully).
     Objects smaller than `min_size` pixels are removed and labels renumbered 1..n.
-    `seed_threshold` (default: `threshold`) is the interior probability that makes a seed.
+    `seed_threshold` (default: `threshold`) is the seed class probability that makes a seed.
     `spacing` (one value per axis, e.g. voxel size (Z, Y, X)) makes the distance transform and
     the peak neighbourhood physical, so thick slices are not taken for thin ones; `min_distance`
     is then counted in the finest axis's pixels. Volumes use face connectivity, as images do.
     """
-    if probs.shape[0] == 3:
-        foreground = foreground_probability(probs, "boundary") > threshold
+    classes = probs.shape[0]
+    if classes in (3, 4):
+        foreground = foreground_probability(probs, "boundary" if classes == 3 else "distance") > threshold
         seed_threshold = threshold if seed_threshold is None else seed_threshold
-        seeds = connected_components((probs[1] > seed_threshold) & foreground, connectivity=1)
+        seed_probability = probs[1] if classes == 3 else probs[3]
+        relief = probs[1] if classes == 3 else probs[3] + 0.5 * probs[1]
+        seeds = connected_components((seed_probability > seed_threshold) & foreground, connectivity=1)
         seeds = remove_small(seeds, max(1, min_size // 3))
-        labels = watershed(-probs[1], markers=seeds, mask=foreground)
-    elif probs.shape[0] == 1:
+        labels = watershed(-relief, markers=seeds, mask=foreground)
+    elif classes == 1:
         foreground = probs[0] > threshold
         distance = ndimage.distance_transform_edt(foreground, sampling=spacing)
         peaks = peak_local_max(
@@ -63,7 +95,8 @@ def to_labels(
         labels = watershed(-distance, markers=markers, mask=foreground)
     else:
         raise ValueError(
-            f"instance labels need 1 (foreground) or 3 (background/interior/edge) classes, got {probs.shape[0]}"
+            "instance labels need 1 (foreground), 3 (background/interior/edge) or 4 (and centre) classes, "
+            f"got {classes}"
         )
     labels = remove_small(labels, min_size)
     return labels.astype(np.uint16 if labels.max() < 2**16 else np.uint32)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path, PurePosixPath
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
+
+log = logging.getLogger(__name__)
 
 
 class DuplicateNameError(ValueError):
@@ -56,7 +61,12 @@ def find_images(root: str | Path, glob: str | None = None, exclude: str | Path |
     files: dict[str, Path] = {}
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts) or not is_image_file(path):
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.is_symlink() and not path.exists():
+            log.warning("%s: skipped: a broken or looping symbolic link", path)
+            continue
+        if not is_image_file(path):
             continue
         if excluded is not None and path.resolve().is_relative_to(excluded):
             continue
@@ -69,14 +79,51 @@ def find_images(root: str | Path, glob: str | None = None, exclude: str | Path |
     return files
 
 
+def temporary_names(path: Path, suffix: str) -> re.Pattern:
+    """The names `atomic_output` gives the temporary files of `path` (mkstemp adds 8 random characters)."""
+    return re.compile(re.escape(f".{path.stem}.") + r"[a-z0-9_]{8}" + re.escape(suffix))
+
+
+def remove_stale_temporaries(path: str | Path, suffix: str = ".tmp.tif") -> list[Path]:
+    """Delete temporary files of `path` left by a killed run (SIGKILL skips every cleanup); returns them."""
+    path = Path(path)
+    pattern = temporary_names(path, suffix)
+    candidates = path.parent.glob(glob_escape(f".{path.stem}.") + "*" + glob_escape(suffix))
+    stale = [entry for entry in candidates if pattern.fullmatch(entry.name)]
+    for entry in stale:
+        entry.unlink(missing_ok=True)
+        log.info("%s: removed a temporary file left by an interrupted run", entry)
+    return stale
+
+
+def sync_rename(temporary: str | Path, path: str | Path) -> None:
+    """Flush a finished file to disk, rename it over `path`, and flush the folder, so the rename survives a crash."""
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    try:
+        folder = os.open(Path(path).parent, os.O_RDONLY)
+    except OSError:  # some systems cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
+
+
 @contextmanager
 def atomic_output(path: str | Path, suffix: str = ".tmp.tif") -> Iterator[Path]:
     """A temporary file in `path`'s folder, renamed to `path` when the block succeeds, deleted if it fails.
 
-    An interrupted write never leaves a half-written file under the final name.
+    An interrupted write never leaves a half-written file under the final name: the file is
+    written beside its target (never copied across filesystems), flushed to disk (fsync) and
+    renamed. Temporary files of `path` left by a killed run are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path, suffix)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
@@ -84,7 +131,7 @@ def atomic_output(path: str | Path, suffix: str = ".tmp.tif") -> Iterator[Path]:
         umask = os.umask(0)  # reading the umask means setting it
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual mode
-        os.replace(temporary, path)
+        sync_rename(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

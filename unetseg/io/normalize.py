@@ -7,7 +7,8 @@ The one percentile rule of unetseg lives here: training (`Normalization.range`) 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import numpy as np
 
 from unetseg.io.images import to_channels
 from unetseg.io.tiff import native, release_pages
+
+log = logging.getLogger(__name__)
 
 # Float (and wide integer) images with more values than this are subsampled by whole rows, to
 # about PERCENTILE_SAMPLES values; 8/16-bit images always use an exact histogram.
@@ -150,6 +153,36 @@ def read_band(plane: Any, start: int, rows: int, in_channels: int, path: str | P
 def plane_range(
     plane: Any, in_channels: int, normalization: Normalization, path: str | Path = "image", chunk_pixels: int = 1 << 22
 ) -> tuple[float, float]:
-    """`normalization.range(to_channels(plane, in_channels))`, the range training used, taken band by band."""
+    """`normalization.range(to_channels(plane, in_channels))`, the range training used, taken band by band.
+
+    Warns once, naming `path`, when the plane holds NaN or infinite values (see `warn_non_finite`).
+    """
     bands = ChannelBands(plane, in_channels, path)
-    return value_range(bands.iter_bands(chunk_pixels), bands.shape, normalization.low, normalization.high)
+    non_finite = [0]
+
+    def counted(pairs: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
+        for start, band in pairs:
+            non_finite[0] += count_non_finite(band)
+            yield start, band
+
+    result = value_range(counted(bands.iter_bands(chunk_pixels)), bands.shape, normalization.low, normalization.high)
+    warn_non_finite(path, non_finite[0], int(np.prod(bands.shape)))
+    return result
+
+
+def count_non_finite(array: np.ndarray) -> int:
+    """Number of NaN and infinite values of an array (0 for integer types)."""
+    array = np.asarray(array)
+    return int(array.size - np.count_nonzero(np.isfinite(array))) if array.dtype.kind in "fc" else 0
+
+
+def warn_non_finite(path: str | Path, count: int, size: int) -> None:
+    """One warning line naming the file when it holds non-finite values, and what they become."""
+    if count:
+        log.warning(
+            "%s: %d of %d values are NaN or infinite; they are left out of the normalisation percentiles, "
+            "and NaN and -Inf read as the low percentile (0), +Inf as the high one (1)",
+            path,
+            count,
+            size,
+        )

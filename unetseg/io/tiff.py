@@ -8,7 +8,11 @@ physical sizes) is read from inputs and written to outputs, so masks overlay in 
 
 from __future__ import annotations
 
+import errno
+import logging
+import math
 import mmap
+import os
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +24,9 @@ import numpy as np
 import tifffile
 
 from unetseg.io.files import TIFF_SUFFIXES, atomic_output
-from unetseg.io.images import ImageReadError, read_image
+from unetseg.io.images import DEFAULT_MAX_PIXELS, ImageReadError, check_pixels, read_image
+
+log = logging.getLogger(__name__)
 
 IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)  # what an ImageJ hyperstack can hold
 CHANNEL_AXES, PLANE_AXES = "SC", "ZTQI"  # tifffile axis letters: samples/channels; slices/frames/pages
@@ -73,7 +79,20 @@ def _ratio(value) -> float:
 
 
 def read_calibration(tif: tifffile.TiffFile) -> Calibration:
-    """The calibration of an open TIFF: resolution tags and ImageJ unit/spacing, or OME physical sizes."""
+    """The calibration of an open TIFF: resolution tags and ImageJ unit/spacing, or OME physical sizes.
+
+    Unusable metadata (a pixel size that is not a positive number) is ignored with a warning:
+    it must not make a readable image unreadable.
+    """
+    try:
+        return _read_calibration(tif)
+    except (ValueError, TypeError, ArithmeticError, KeyError, IndexError) as error:
+        log.warning("%s: pixel size metadata ignored, it cannot be used (%s)", tif.filename, error)
+        return Calibration()
+
+
+def _read_calibration(tif: tifffile.TiffFile) -> Calibration:
+    """`read_calibration` without the guard."""
     tags = tif.pages.first.tags
     resolution = None
     if "XResolution" in tags and "YResolution" in tags:
@@ -86,6 +105,8 @@ def read_calibration(tif: tifffile.TiffFile) -> Calibration:
     if ome.get("PhysicalSizeX"):
         size_x = float(ome["PhysicalSizeX"])
         size_y = float(ome.get("PhysicalSizeY", size_x))
+        if not (size_x > 0 and size_y > 0 and np.isfinite(size_x) and np.isfinite(size_y)):
+            raise ValueError(f"OME PhysicalSizeX/Y {size_x}, {size_y} are not positive numbers")
         ome_unit = ome.get("PhysicalSizeXUnit", "µm")  # the OME schema's default
         resolution, resolution_unit = (1 / size_x, 1 / size_y), 1
         unit = IMAGEJ_UNITS.get(ome_unit, ome_unit)
@@ -126,12 +147,13 @@ class InputImage:
         return int(self.planes.shape[2])
 
 
-def open_image(path: str | Path) -> InputImage:
+def open_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputImage:
     """Open an image file for prediction: PNG/JPEG/BMP/TIFF, grey or RGB(A), 2D or a ZYX TIFF stack.
 
     TIFF axes come from its ImageJ or OME metadata when it has them; otherwise a 3D array whose
     last axis has at most 4 entries holds channels (H, W, C) and any other is a stack (Z, H, W).
-    Raises ImageReadError naming the file for anything that is not such an image.
+    Raises ImageReadError naming the file for anything that is not such an image, or that
+    claims more than `max_pixels` pixels in its header (checked before decoding; None: no cap).
     """
     path = Path(path)
     if not path.is_file():
@@ -139,7 +161,7 @@ def open_image(path: str | Path) -> InputImage:
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty")
     if path.suffix.lower() not in TIFF_SUFFIXES:
-        image = read_image(path)  # PNG, JPEG and BMP hold one 2D image
+        image = read_image(path, max_pixels)  # PNG, JPEG and BMP hold one 2D image
         if image.ndim not in (2, 3):
             raise ImageReadError(f"{path}: cannot use an image of shape {image.shape}; expected (H, W) or (H, W, C)")
         return InputImage(image[None])
@@ -149,8 +171,12 @@ def open_image(path: str | Path) -> InputImage:
             shape, axes, dtype, offset = tuple(series.shape), series.axes, series.dtype, series.dataoffset
             described = tif.is_imagej or tif.is_ome
             calibration = read_calibration(tif)
+            channels = math.prod(side for side, axis in zip(shape, axes) if axis in CHANNEL_AXES)
+            if not described and _generic_axes(shape, axes) == "YXS":
+                channels = shape[-1]
     except Exception as error:  # tifffile raises its own, struct, value and index errors on broken files
         raise ImageReadError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
+    check_pixels(path, shape, channels, max_pixels)
     array = None
     if offset is not None and dtype.kind in "uif":  # uncompressed and contiguous: map, don't read
         needed = offset + int(np.prod(shape)) * dtype.itemsize
@@ -161,7 +187,7 @@ def open_image(path: str | Path) -> InputImage:
         except ValueError:  # a layout tifffile does not map after all; read it instead
             array = None
     if array is None:
-        array = read_image(path)
+        array = read_image(path, max_pixels)
     if array.shape != shape:
         raise ImageReadError(f"{path}: read shape {array.shape} differs from the stored {shape}")
     planes, stack, plane_axis = _arrange(array, axes if described else _generic_axes(shape, axes), path)
@@ -210,9 +236,28 @@ def atomic_memmap(path: Path, shape: tuple, dtype: np.dtype, **kwargs) -> Iterat
     """A TIFF memory map on a temporary file in `path`'s folder, renamed to `path` when the block succeeds."""
     with atomic_output(path) as temporary:
         out = tifffile.memmap(temporary, shape=shape, dtype=dtype, **kwargs)
+        allocate(temporary)
         yield out
         out.flush()
         del out
+
+
+def allocate(path: Path) -> None:
+    """Reserve disk blocks for the whole of a (sparse) file, so a full disk is an OSError now.
+
+    Writing through a memory map into a sparse file on a full disk is not an error the program
+    can catch: the kernel kills it with SIGBUS. Filesystems that cannot preallocate are left as they are.
+    """
+    with open(path, "r+b") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return
+            failure = OSError(f"cannot reserve {size:,} bytes on disk for the output ({error.strerror})")
+            failure.errno = error.errno
+            raise failure from None
 
 
 def release_pages(array: np.ndarray) -> None:

@@ -92,7 +92,8 @@ def read_volume(path: str | Path) -> InputVolume:
 
 
 def read_volume_labels(path: str | Path) -> np.ndarray:
-    """A volume mask as (Z, Y, X) int32: binary, instance labels or class indices (TIFF stack or NIfTI)."""
+    """A volume mask as (Z, Y, X) integers (int32 where they fit): binary, instance labels or class indices,
+    from a TIFF stack or NIfTI."""
     path = Path(path)
     return _volume_labels(
         np.asarray(read_image(path) if not is_nifti(path) else native(open_nifti(path).voxels[:])), path
@@ -100,18 +101,14 @@ def read_volume_labels(path: str | Path) -> np.ndarray:
 
 
 def _volume_labels(mask: np.ndarray, path: Path) -> np.ndarray:
-    """A read volume mask checked and as int32 (Z, Y, X)."""
+    """A read volume mask checked, (Z, Y, X), its labels kept exact (int32 where they fit)."""
+    from unetseg.io.images import _exact_labels
+
     if mask.ndim == 2:
         mask = mask[None]
     if mask.ndim != 3:
         raise ImageReadError(f"{path}: a volume mask must be (Z, Y, X); this one has shape {mask.shape}")
-    if mask.dtype.kind == "f":
-        if not np.all(np.isfinite(mask)) or np.any(mask != np.round(mask)) or mask.min() < 0:
-            raise ImageReadError(f"{path}: a float mask must hold non-negative whole numbers")
-        mask = mask.astype(np.int64)
-    if mask.size and mask.min() < 0:
-        raise ImageReadError(f"{path}: a mask must not hold negative values")
-    return mask.astype(np.int32, copy=False)
+    return _exact_labels(mask, path)
 
 
 def volume_to_channels(voxels: np.ndarray, in_channels: int, path: str | Path = "volume") -> np.ndarray:
@@ -157,18 +154,9 @@ def volume_range(voxels: Any, in_channels: int, normalization: Normalization, pa
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A mask of an image (H, W) or of a volume (Z, Y, X), int32: what `unetseg-evaluate` scores.
-
-    NIfTI files and TIFFs holding a stack are volumes (`read_volume_labels`); anything else is
-    read by `read_labels`, so colour-coded 2-D masks keep their checks.
-    """
+    """A mask of an image (H, W) or of a volume (Z, Y, X), integer labels kept exact: what `unetseg-evaluate`
+    scores. NIfTI files are volumes; anything else is read by `read_labels` (TIFF stacks included)."""
     from unetseg.io.images import read_labels
 
     path = Path(path)
-    if is_nifti(path):
-        return read_volume_labels(path)
-    if image_suffix(path) in TIFF_SUFFIXES:
-        array = read_image(path)
-        if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
-            return _volume_labels(array, path)
-    return read_labels(path)
+    return read_volume_labels(path) if is_nifti(path) else read_labels(path, stack=True)

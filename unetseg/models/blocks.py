@@ -27,7 +27,8 @@ def make_norm(norm: str, channels: int, spatial_dims: int = 2) -> nn.Module:
     if norm == "batch":
         return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims](channels)
     if norm == "group":
-        return nn.GroupNorm(min(8, channels), channels) if channels % min(8, channels) == 0 else nn.GroupNorm(1, channels)
+        groups = min(8, channels)
+        return nn.GroupNorm(groups if channels % groups == 0 else 1, channels)
     if norm == "instance":
         return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims](channels, affine=True)
     return nn.Identity()

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetseg.models.blocks import (BLOCK_TYPES, BLOCKS, NORMS, SPATIAL_DIMS, check_choice, conv_type,  # noqa: F401
-                                   make_norm)
+from unetseg.models.blocks import BLOCK_TYPES, BLOCKS, NORMS, SPATIAL_DIMS, check_choice, conv_type
 
 SKIPS = ("concat", "add", "none", "nested")
 UPSAMPLES = ("transpose", "bilinear")

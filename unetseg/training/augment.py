@@ -1,4 +1,5 @@
-"""Albumentations pipelines built from a typed, YAML-friendly augmentation config."""
+"""Albumentations pipelines built from a typed, YAML-friendly augmentation config, and the colour
+transforms (HED stain jitter, intensity inversion) that albumentations lacks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from dataclasses import dataclass
 
 import albumentations as A
 import cv2
+import numpy as np
+from skimage.color import hed_from_rgb, rgb_from_hed
 
 
 @dataclass
@@ -29,9 +32,18 @@ class Augmentation:
     brightness_limit: float = 0.2
     contrast_limit: float = 0.2
     gamma_limit: tuple[int, int] = (70, 150)  # percent, as albumentations' RandomGamma
+    # Colour: what lets one model read fluorescence, grey brightfield and H&E alike.
+    hue_saturation: float = 0.0  # hue and saturation shifts (RGB tiles only)
+    stain: float = 0.0  # HED stain jitter (Tellez et al. 2018; RGB tiles only)
+    grey: float = 0.0  # convert to grey, kept in every channel
+    invert: float = 0.0  # 1 - image: dark nuclei on a bright field become bright on dark, and back
+    hue_limit: int = 20  # degrees
+    saturation_limit: float = 0.3  # as a fraction
+    stain_sigma: float = 0.05  # HED channels scaled by U(1 - s, 1 + s) and shifted by U(-s, s)
 
     def __post_init__(self):
-        for name in ("flip", "rotate90", "elastic", "grid_distortion", "brightness_contrast", "gamma", "noise", "blur"):
+        names = ("flip", "rotate90", "elastic", "grid_distortion", "brightness_contrast", "gamma", "noise", "blur")
+        for name in names + ("hue_saturation", "stain", "grey", "invert"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"augmentation.{name} is a probability in [0, 1], got {value!r}")
@@ -60,4 +72,65 @@ def build_transform(config: Augmentation | None) -> A.Compose | None:
         steps.append(A.GaussNoise(std_range=config.noise_std, p=config.noise))
     if config.blur:
         steps.append(A.GaussianBlur(blur_limit=(3, 5), p=config.blur))
+    # Colour last, on tiles already clipped to [0, 1] by the intensity transforms.
+    if config.stain:
+        steps.append(StainJitter(config.stain_sigma, p=config.stain))
+    if config.hue_saturation:
+        saturation = round(100 * config.saturation_limit)
+        steps.append(RGBOnly(A.HueSaturationValue(config.hue_limit, saturation, 0, p=1.0), p=config.hue_saturation))
+    if config.grey:
+        steps.append(Grey(p=config.grey))
+    if config.invert:
+        steps.append(Invert(p=config.invert))
     return A.Compose(steps) if steps else None
+
+
+class Invert(A.ImageOnlyTransform):
+    """1 - image, for float images in [0, 1]."""
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        return (1.0 - img).astype(np.float32)
+
+
+class Grey(A.ImageOnlyTransform):
+    """The mean of the channels, in every channel (a no-op on one-channel tiles)."""
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        return np.repeat(img.mean(axis=-1, keepdims=True), img.shape[-1], axis=-1).astype(np.float32)
+
+
+class RGBOnly(A.ImageOnlyTransform):
+    """Apply `transform` to three-channel tiles only (grey models have no hue)."""
+
+    def __init__(self, transform: A.ImageOnlyTransform, p: float = 0.5):
+        super().__init__(p=p)
+        self.transform = transform
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        if img.shape[-1] != 3:
+            return img
+        self.transform.set_random_seed(int(self.random_generator.integers(2**31)))
+        return np.clip(self.transform(image=img)["image"], 0.0, 1.0).astype(np.float32)
+
+
+class StainJitter(A.ImageOnlyTransform):
+    """HED stain augmentation: haematoxylin, eosin and DAB optical densities each scaled by
+    U(1 - sigma, 1 + sigma) and shifted by U(-sigma, sigma) (Tellez et al. 2018). RGB tiles only."""
+
+    def __init__(self, sigma: float = 0.05, p: float = 0.5):
+        super().__init__(p=p)
+        self.sigma = sigma
+
+    def get_params(self) -> dict:
+        return {
+            "scale": self.random_generator.uniform(1 - self.sigma, 1 + self.sigma, 3),
+            "shift": self.random_generator.uniform(-self.sigma, self.sigma, 3),
+        }
+
+    def apply(self, img: np.ndarray, scale: np.ndarray = None, shift: np.ndarray = None, **params) -> np.ndarray:
+        if img.shape[-1] != 3:
+            return img
+        # skimage's stain matrices without rgb2hed's clipping of negative stains, which is lossy.
+        density = -np.log(np.clip(img, 1.0 / 255, 1.0))  # optical density per RGB channel
+        hed = density @ hed_from_rgb * scale + shift  # shift in optical density units
+        return np.clip(np.exp(-(hed @ rgb_from_hed)), 0.0, 1.0).astype(np.float32)

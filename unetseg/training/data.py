@@ -15,6 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unetseg.io import ImageReadError, Normalization, find_images, image_key, read_image, read_labels, to_channels
+from unetseg.io.normalize import count_non_finite, warn_non_finite
+from unetseg.metrics import as_instances
+from unetseg.modality import cluster_weights, image_features, modality_names
 from unetseg.spec import InputSpec, output_classes
 from unetseg.synthetic import default_dataset, default_volume_dataset
 from unetseg.training.augment import Augmentation, build_transform
@@ -77,6 +80,7 @@ def load_sample(
             f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but its image "
             f"{image_path.name} is {image.shape[1]}x{image.shape[2]}"
         )
+    warn_non_finite(image_path, count_non_finite(image), image.size)
     return Sample(name or image_path.stem, image, labels, normalization.range(image), foreground_coordinates(labels))
 
 
@@ -107,8 +111,11 @@ class TileDataset(Dataset):
         border_weights: bool = False,
         border_w0: float = 10.0,
         border_sigma: float = 5.0,
+        sample_weights: np.ndarray | None = None,
+        instance_labels: bool = False,
     ):
         self.samples, self.normalization, self.tile_size, self.targets = samples, normalization, tile_size, targets
+        self.sample_weights, self.instance_labels = sample_weights, instance_labels
         self.transform, self.foreground_oversampling = transform, foreground_oversampling
         self.border_weights, self.border_w0, self.border_sigma = border_weights, border_w0, border_sigma
         self.grid = None if length else [(i, y, x) for i, s in enumerate(samples) for y, x in tile_grid(s, tile_size)]
@@ -138,12 +145,17 @@ class TileDataset(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "target": torch.from_numpy(make_target(labels, self.targets)),
         }
+        if self.instance_labels:  # for instance scores (DSB) of whole validation images
+            item["labels"] = torch.from_numpy(labels.astype(np.int32))
         if self.border_weights:
             item["weight"] = torch.from_numpy(border_weight_map(labels, self.border_w0, self.border_sigma))
         return item
 
     def random_tile(self, rng: np.random.Generator) -> tuple[Sample, int, int]:
-        sample = self.samples[rng.integers(len(self.samples))]
+        if self.sample_weights is None:
+            sample = self.samples[rng.integers(len(self.samples))]
+        else:
+            sample = self.samples[rng.choice(len(self.samples), p=self.sample_weights)]
         height, width = sample.labels.shape
         size = self.tile_size
         if len(sample.foreground) and rng.random() < self.foreground_oversampling:
@@ -192,6 +204,12 @@ class SegmentationDataModule(pl.LightningDataModule):
         augmentation: probabilities of each augmentation (see `Augmentation`).
         foreground_oversampling: probability that a tile is centred on a foreground pixel.
         border_weights: add the U-Net paper's weight map (w0, sigma in pixels) to each tile.
+            Binary masks (0/1, 0/255) are split into connected components first, so the map
+            weighs the gaps between touching objects there too.
+        modality_balance: group training images by brightness and colourfulness
+            (`unetseg.modality`: fluorescence, grey brightfield, colour) and draw group g in
+            proportion to n_g ** (1 - modality_balance): 0 draws images evenly (groups by their
+            size), 1 draws the groups evenly, 0.5 by the square root of their size.
         num_workers: DataLoader workers; None picks min(4, CPUs - 1).
         seed: seed of the train/validation split.
         spatial_dims: 2 for images, 3 for volumes (3-D TIFF stacks, NIfTI) trained in 3-D patches
@@ -224,6 +242,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         seed: int = 0,
         spatial_dims: int = 2,
         patch_size: list[int] | None = None,
+        modality_balance: float = 0.0,
     ):
         super().__init__()
         output_classes(targets, classes)  # checks targets and classes
@@ -237,6 +256,14 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}")
+        for option, value in (("tile_size", tile_size), ("val_tile_size", val_tile_size), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{option} must be a positive integer, got {value!r}")
+        if not isinstance(tiles_per_epoch, int) or tiles_per_epoch < batch_size:
+            raise ValueError(
+                f"data.tiles_per_epoch must be at least data.batch_size ({batch_size}) so an epoch has a batch, "
+                f"got {tiles_per_epoch!r}"
+            )
         # No save_hyperparameters(): checkpoints stay plain data (weights_only loading); the
         # run folder's config.yaml and the module's input_spec record what matters.
         self.root, self.images, self.masks, self.in_channels = root, images, masks, in_channels
@@ -247,7 +274,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.foreground_oversampling, self.border_weights = foreground_oversampling, border_weights
         self.border_w0, self.border_sigma, self.seed = border_w0, border_sigma, seed
         self.num_workers = max(0, min(4, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
+        self.modality_balance = modality_balance
+        cluster_weights([0], modality_balance)  # checks modality_balance
         self.split: dict[str, list[str]] | None = None
+        self.modalities: dict[str, str] = {}  # training image name -> its modality group
 
     @property
     def output_classes(self) -> int:
@@ -275,6 +305,8 @@ class SegmentationDataModule(pl.LightningDataModule):
                 load = load_volume_sample if volumes else load_sample
                 samples[name] = load(image_path, mask_path, self.in_channels, self.normalization, name)
                 self.check_mask_values(samples[name].labels, mask_path)
+                if self.targets != "classes":  # binary masks -> one instance per connected object
+                    samples[name].labels = as_instances(samples[name].labels)
             except ImageReadError as error:
                 problems.append(str(error))
         if problems:
@@ -295,6 +327,11 @@ class SegmentationDataModule(pl.LightningDataModule):
             self.write_split()
             return
         train = [pad_sample(samples[name], self.tile_size) for name in self.split["train"]]
+        weights = None
+        if self.modality_balance > 0:
+            groups = modality_names(np.stack([image_features(sample.image) for sample in train]))
+            self.modalities = dict(zip(self.split["train"], groups))
+            weights = cluster_weights(np.unique(groups, return_inverse=True)[1], self.modality_balance)
         val = [samples[name] for name in self.split["val"]]
         common = dict(
             normalization=self.normalization,
@@ -309,9 +346,11 @@ class SegmentationDataModule(pl.LightningDataModule):
             length=self.tiles_per_epoch,
             transform=build_transform(self.augmentation),
             foreground_oversampling=self.foreground_oversampling,
+            sample_weights=weights,
             **common,
         )
-        self.val_set = TileDataset(val, tile_size=self.val_tile_size, **common)
+        instances = self.targets != "classes"
+        self.val_set = TileDataset(val, tile_size=self.val_tile_size, instance_labels=instances, **common)
         self.write_split()
 
     def make_split(self, names: list[str]) -> dict[str, list[str]]:

@@ -3,20 +3,25 @@ checkpoint rebuild its network and repeat its input normalisation."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, MulticlassF1Score
 
-from unetseg.checkpoint import checked_net_description, load_net_weights, read_checkpoint
+from unetseg.checkpoint import checked_net_description, load_net_weights, non_finite_weights, read_checkpoint
+from unetseg.inference.postprocess import to_labels
+from unetseg.metrics import instance_scores
 from unetseg.models import build_net, describe_net
 from unetseg.spec import InputSpec
 from unetseg.training.losses import SegmentationLoss
 
 SCHEDULERS = ("cosine", "plateau", "none")
+log = logging.getLogger(__name__)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -35,6 +40,10 @@ class SegmentationModule(pl.LightningModule):
             time and saved in checkpoints. Leave it empty.
         pretrained: a checkpoint, or the name of a shipped model ("nuclei"), whose network
             weights start this training (fine-tuning); the network must have the same shape.
+        instance_metrics: when validation batches carry instance "labels" (whole images, one
+            per batch) and the network gives instances (1 or 3 classes), log `val/dsb` (the
+            DSB score) and `val/f1` (F1 at IoU 0.5) of `to_labels` at its default settings:
+            what to select checkpoints by (`monitor: val/dsb`).
 
     Batches are dicts with "image" (N, C, H, W), "target" (N, H, W) and optionally "weight"
     (N, H, W), the per-pixel cross-entropy weights (the U-Net border weight map).
@@ -50,6 +59,7 @@ class SegmentationModule(pl.LightningModule):
         patience: int = 5,
         input_spec: dict | None = None,
         pretrained: str | None = None,
+        instance_metrics: bool = True,
     ):
         super().__init__()
         if scheduler not in SCHEDULERS:
@@ -64,6 +74,7 @@ class SegmentationModule(pl.LightningModule):
         # Dice and IoU of the foreground (any class > 0): what matters for nuclei and binary tasks.
         self.val_metrics = MetricCollection({"dice": BinaryF1Score(), "iou": BinaryJaccardIndex()}, prefix="val/")
         self.val_class_dice = MulticlassF1Score(self.classes, average="macro") if self.classes > 1 else None
+        self.val_instances: list[tuple[float, float]] = []  # (DSB score, F1) per validation image
 
     @staticmethod
     def infer_classes(net: nn.Module) -> int:
@@ -80,6 +91,8 @@ class SegmentationModule(pl.LightningModule):
         """Rebuild the module, its network included, from a checkpoint: tensors and plain data only, and only
         networks unetseg allows (see `unetseg.checkpoint`). Keyword arguments override saved hyperparameters."""
         checkpoint = read_checkpoint(checkpoint_path)
+        if non_finite_weights(checkpoint.get("state_dict", {})):
+            log.warning("%s: some weights are NaN or infinite; the training that wrote it diverged", checkpoint_path)
         hparams = {
             key: value for key, value in checkpoint.get("hyper_parameters", {}).items() if not key.startswith("_")
         }  # LightningCLI's "_instantiator"
@@ -119,6 +132,12 @@ class SegmentationModule(pl.LightningModule):
         self.val_metrics.update(predicted > 0, target > 0)
         if self.val_class_dice is not None:
             self.val_class_dice.update(predicted, target)
+        if self.hparams.instance_metrics and "labels" in batch and self.classes in (1, 3):
+            probs = torch.sigmoid(logits) if self.classes == 1 else torch.softmax(logits, dim=1)
+            probs = probs.float().cpu().numpy()
+            for image_probs, labels in zip(probs, batch["labels"].cpu().numpy()):
+                scores = instance_scores(to_labels(image_probs), labels)
+                self.val_instances.append((scores["dsb_score"], scores["f1"]))
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
@@ -126,6 +145,10 @@ class SegmentationModule(pl.LightningModule):
         if self.val_class_dice is not None:
             self.log("val/dice_classes", self.val_class_dice.compute())
             self.val_class_dice.reset()
+        if self.val_instances:
+            dsb, f1 = np.mean(self.val_instances, axis=0)
+            self.log_dict({"val/dsb": float(dsb), "val/f1": float(f1)}, prog_bar=True, sync_dist=True)
+            self.val_instances = []
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
