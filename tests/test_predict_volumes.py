@@ -9,6 +9,7 @@ from torch import nn
 
 from unetseg.cli import main as unetseg_main
 from unetseg.inference.volume import predict_volume_tiled
+from unetseg.io import ImageReadError
 from unetseg.io.nifti import open_nifti, write_nifti
 from unetseg.io.normalize import Normalization
 from unetseg.io.volumes import open_volume, spacing_calibration
@@ -134,6 +135,12 @@ def test_plan_outputs_keep_nifti_as_nifti(tmp_path):
     ]
     assert plan_outputs(tmp_path / "in" / "b.nii", tmp_path / "o")[0][1] == tmp_path / "o" / "b.nii"
     assert plan_outputs(tmp_path / "in" / "b.nii", tmp_path / "x.nii.gz")[0][1] == tmp_path / "x.nii.gz"
+
+
+def test_volumes_over_the_pixel_cap_are_refused_unread(tmp_path):
+    write_nifti(tmp_path / "v.nii.gz", blobs())
+    with pytest.raises(ImageReadError, match=r"v.nii.gz: claims 10x24x20 = 4,800 pixels, more than the limit of 1,000"):
+        predict_file(Bright3D(), SPEC, tmp_path / "v.nii.gz", tmp_path / "o.nii.gz", PredictSettings(max_pixels=1000))
 
 
 def test_volume_tiling_is_checked():

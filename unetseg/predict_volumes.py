@@ -161,7 +161,7 @@ def predict_volume_file(
     uint32 labels).
     """
     source, target = Path(source), Path(target)
-    volume = open_volume(source)
+    volume = open_volume(source, getattr(settings, "max_pixels", None))
     depth, height, width = volume.shape
     extra_axes, dtype = _layout(settings.output, spec.classes)
     shape = (depth, *([spec.classes] if extra_axes else []), height, width)

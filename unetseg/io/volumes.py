@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from unetseg.io.files import TIFF_SUFFIXES, image_suffix
-from unetseg.io.images import ImageReadError, read_image, to_channels
+from unetseg.io.images import DEFAULT_MAX_PIXELS, ImageReadError, check_pixels, read_image, to_channels
 from unetseg.io.nifti import NiftiVolume, is_nifti, open_nifti
 from unetseg.io.normalize import Normalization, value_range
 from unetseg.io.tiff import Calibration, _ratio, native, open_image, release_pages
@@ -68,19 +68,21 @@ def spacing_calibration(spacing: Spacing, unit: str | None = "micron") -> Calibr
     return Calibration(resolution, 1 if resolution else None, unit if resolution else None, z)
 
 
-def open_volume(path: str | Path) -> InputVolume:
+def open_volume(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputVolume:
     """Open a volume: a NIfTI file, or a TIFF read as a Z stack (ZYX, ZCYX/ZYXC through its ImageJ or OME axes).
 
-    A 2-D TIFF opens as a volume of one plane. Raises ImageReadError naming the file otherwise.
+    A 2-D TIFF opens as a volume of one plane. Volumes whose header claims more than `max_pixels`
+    voxels are refused unread (None: no cap). Raises ImageReadError naming the file otherwise.
     """
     path = Path(path)
     if is_nifti(path):
         nifti = open_nifti(path)
+        check_pixels(path, nifti.voxels.shape, 1, max_pixels)
         calibration = spacing_calibration(nifti.spacing, nifti.unit)
         return InputVolume(nifti.voxels, nifti.spacing, nifti.unit, calibration, nifti)
     if image_suffix(path) not in TIFF_SUFFIXES:
         raise ImageReadError(f"{path}: a volume must be a TIFF stack or a NIfTI file (.nii, .nii.gz)")
-    image = open_image(path)
+    image = open_image(path, max_pixels)
     return InputVolume(image.planes, tiff_spacing(image.calibration), image.calibration.unit, image.calibration)
 
 
