@@ -136,6 +136,9 @@ def test_read_metrics_and_plot_curves(tmp_path):
     assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+CL = torch.channels_last
+
+
 def test_checkpoint_from_a_python_fit_loads(shared_dataset, tmp_path):
     data = SegmentationDataModule(
         root=str(shared_dataset), tile_size=32, batch_size=2, tiles_per_epoch=2, num_workers=0
@@ -148,6 +151,10 @@ def test_checkpoint_from_a_python_fit_loads(shared_dataset, tmp_path):
         enable_model_summary=False,
         limit_val_batches=2,
     )
-    trainer.fit(SegmentationModule(tiny_unet()), data)
+    module = SegmentationModule(tiny_unet())
+    conv = module.net.down[0][1].body[0].weight  # (8, 4, 3, 3): its layout is not trivially both
+    assert not conv.is_contiguous(memory_format=CL)
+    trainer.fit(module, data)
+    assert module.net.down[0][1].body[0].weight.is_contiguous(memory_format=CL)  # trained NHWC on the CPU
     model = SegmentationModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
     assert model.hparams["input_spec"]["normalization"] == {"low": 1.0, "high": 99.8, "clip": True}

@@ -464,12 +464,15 @@ def test_onnx_export_predicts_like_its_checkpoint(tmp_path, predictor):
 def test_load_predictor_returns_the_net_and_its_input_spec(predictor):
     model, spec = predictor
     assert isinstance(model, UNet) and not model.training
-    assert spec.to_dict() == {
+    stored = spec.to_dict()
+    intensity = stored.pop("intensity")  # what the 3 training images looked like (unetseg.quality)
+    assert stored == {
         "in_channels": 1,
         "normalization": {"low": 1.0, "high": 99.8, "clip": True},
         "targets": "foreground",
         "classes": 1,
     }
+    assert intensity["images"] == 3 and 0.0 <= intensity["median"][0] <= intensity["median"][1] <= 1.0
 
 
 def test_shipped_model_names(tmp_path, monkeypatch):

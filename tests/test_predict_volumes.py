@@ -143,6 +143,14 @@ def test_volumes_over_the_pixel_cap_are_refused_unread(tmp_path):
         predict_file(Bright3D(), SPEC, tmp_path / "v.nii.gz", tmp_path / "o.nii.gz", PredictSettings(max_pixels=1000))
 
 
+def test_volumes_refuse_what_they_cannot_write_yet(tmp_path):
+    write_nifti(tmp_path / "v.nii.gz", blobs())
+    with pytest.raises(ValueError, match="a volume is written as one output .* asked for mask, labels"):
+        predict_file(
+            Bright3D(), SPEC, tmp_path / "v.nii.gz", tmp_path / "o.nii.gz", PredictSettings(("mask", "labels"))
+        )
+
+
 def test_volume_tiling_is_checked():
     with pytest.raises(ValueError, match="volume overlap"):
         VolumeTiling((8, 16, 16), (8, 4, 4))

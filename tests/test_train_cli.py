@@ -197,19 +197,78 @@ def test_fast_dev_run_of_the_smp_baseline(capture_cli, shared_dataset, tmp_path)
     assert cli.model.hparams["net"]["class_path"] == "unetseg.models.baseline.SMPUnet"
 
 
-def test_network_classes_must_match_the_targets(shared_dataset, tmp_path):
-    with pytest.raises(ValueError) as error:
+def test_channels_and_classes_are_stated_once_under_data(capture_cli, shared_dataset, tmp_path):
+    # tiny.yaml's network says in_channels 1, classes 1: the data's 3 channels and boundary targets win.
+    cli = capture_cli(
+        tiny_args(
+            shared_dataset,
+            tmp_path / "run",
+            "--data.in_channels",
+            "3",
+            "--data.targets",
+            "boundary",
+            "--trainer.fast_dev_run",
+            "true",
+        )
+    )
+    assert cli.model.net.config["in_channels"] == 3 and cli.model.net.config["classes"] == 3
+    assert cli.model.hparams["input_spec"]["in_channels"] == 3
+
+
+def test_a_pretrained_network_of_other_channels_is_one_line_naming_both(shared_dataset, tmp_path, checkpoint, capsys):
+    assert (
         train.main(
             tiny_args(
-                shared_dataset, tmp_path / "run", "--data.targets", "boundary", "--trainer.fast_dev_run", "true", "-v"
+                shared_dataset,
+                tmp_path / "run",
+                "--data.in_channels",
+                "3",
+                "--model.pretrained",
+                str(checkpoint),
+                "--trainer.fast_dev_run",
+                "true",
             )
         )
-    message = str(error.value)
-    assert "outputs 1 channel" in message and "targets='boundary'" in message and "need 3" in message
+        == 1
+    )
+    (message,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "in_channels 1, this run's 3" in message and str(checkpoint) in message
 
 
-def test_help_exits_cleanly(capsys):
+def test_help_shows_the_options_a_user_sets(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--help"])
     assert exit_info.value.code == 0
-    assert "fit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for option in ("--data.root", "--data.in_channels", "--model.net.init_args.width", "--trainer.max_epochs", "tiny"):
+        assert option in out
+    assert len(out.splitlines()) < 60
+
+
+def test_fit_help_lists_unetseg_networks_not_torch_nn(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "known subclasses: unetseg.UNet, unetseg.SMPUnet" in " ".join(out.split())
+    assert "torch.nn.Conv2d" not in out and "timm" not in out
+    assert len(out.splitlines()) < 1000  # was 2108 with every torch.nn and timm class
+
+
+@pytest.mark.parametrize(
+    "native, config, expected",
+    [
+        (True, {}, "bf16-mixed"),
+        (False, {}, "32-true"),
+        (True, {"accelerator": "cpu", "precision": None}, "bf16-mixed"),
+        (True, {"precision": "32-true"}, None),  # the config's choice stands
+        (False, {"precision": "bf16-mixed"}, None),
+    ],
+)
+def test_precision_is_chosen_per_machine_unless_the_config_sets_it(monkeypatch, native, config, expected):
+    from unetseg.cli.train import automatic_precision
+    from unetseg.inference import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert automatic_precision(config) == expected

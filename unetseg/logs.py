@@ -20,9 +20,28 @@ _IGNORED_WARNINGS = (
     r".*Checkpoint directory .* exists and is not empty.*",
     r".*This overload of nonzero is deprecated.*",
 )
-# Lightning's loggers, and what of theirs is advertisement rather than information.
-_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
-_ADVERTISEMENTS = ("Tip:", "litlogger", "litmodels")
+# Lightning's loggers, and what of theirs is advertisement or said better by unetseg's own run summary
+# (device, precision, seed, why fit stopped: see unetseg.training.report).
+_LIGHTNING_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",
+    "lightning.pytorch.trainer.connectors.checkpoint_connector",
+)
+_ADVERTISEMENTS = (
+    "Tip:",
+    "litlogger",
+    "litmodels",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "Seed set to",
+    "Loading `train_dataloader` to estimate",
+    "`Trainer.fit` stopped",
+    "Automatic Mixed Precision",
+    "`weights_only` was not set",
+    "Time limit reached.",
+)
 
 
 class _DropAdvertisements(logging.Filter):

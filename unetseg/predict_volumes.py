@@ -31,7 +31,14 @@ from unetseg.io.tiff import atomic_memmap, release_pages, write_tiff
 from unetseg.io.volumes import InputVolume, VolumeChannels, open_volume, volume_range
 from unetseg.spec import InputSpec
 
-__all__ = ["VolumeTiling", "model_spatial_dims", "output_suffix", "predict_volume", "predict_volume_file"]
+__all__ = [
+    "VolumeTiling",
+    "model_spatial_dims",
+    "output_suffix",
+    "predict_volume",
+    "predict_volume_file",
+    "volume_output",
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,18 @@ def output_suffix(source: Path) -> str:
     return image_suffix(source) if is_nifti(source) else ".tif"
 
 
+def volume_output(settings) -> str:
+    """The one output kind a volume is written as; ValueError for what volumes do not support (yet):
+    several kinds at once, overlays, ROIs, measurements, OME-Zarr."""
+    kinds = tuple(getattr(settings, "kinds", (settings.output,)))
+    extras = [name for name in ("overlay", "rois", "measure") if getattr(settings, name, False)]
+    output_format = getattr(settings, "format", "tiff")
+    if len(kinds) != 1 or extras or output_format != "tiff":
+        asked = ", ".join([*kinds, *extras, *([output_format] if output_format != "tiff" else [])])
+        raise ValueError(f"a volume is written as one output (mask, prob or labels), TIFF or NIfTI; asked for {asked}")
+    return kinds[0]
+
+
 def _layout(output: str, classes: int) -> tuple[tuple[str, ...], np.dtype]:
     """(axes after Z, dtype) of an output; probabilities of several classes get a C axis (ZCYX)."""
     axes = ("C",) if output == "prob" and classes > 1 else ()
@@ -75,7 +94,7 @@ def _slabs(model, spec: InputSpec, volume: InputVolume, settings, path) -> Itera
     tiling = settings.tiling
     common = dict(batch_size=tiling.batch_size, blend=tiling.blend, pad_mode=tiling.pad_mode, tta=tiling.tta)
     common.update(amp=tiling.amp, compile=tiling.compile)
-    if settings.output == "mask":  # thresholded on the device: uint8 slabs cross to the host
+    if volume_output(settings) == "mask":  # thresholded on the device: uint8 slabs cross to the host
         threshold = settings.label_options(spec)["threshold"]
         common["band_transform"] = partial(_device_mask, spec=spec, threshold=threshold)
     normalization = spec.normalization
@@ -102,7 +121,7 @@ def _slabs(model, spec: InputSpec, volume: InputVolume, settings, path) -> Itera
             normalize=partial(normalization.apply, value_range=value_range),
             **common,
         )
-        if settings.output == "mask":  # uint8 bands (rows, X)
+        if volume_output(settings) == "mask":  # uint8 bands (rows, X)
             yield z, z + 1, np.concatenate([band for _, _, band in bands], axis=0)[None]
         else:
             yield z, z + 1, np.concatenate([band for _, _, band in bands], axis=1)[:, None]
@@ -130,7 +149,7 @@ def predict_volume(
     `volume` tiling for 3-D models). Labels are made from the whole probability volume by the 3-D
     watershed of `to_labels`, with the voxel spacing where the file gives all of it.
     """
-    classes, output = spec.classes, settings.output
+    classes, output = spec.classes, volume_output(settings)
     options = settings.label_options(spec)  # threshold, seed threshold, smallest object: stored or given
     probs_volume = np.empty((classes, *volume.shape), np.float32) if output == "labels" else None
     for start, stop, probs in _slabs(model, spec, volume, settings, path):
@@ -163,13 +182,14 @@ def predict_volume_file(
     source, target = Path(source), Path(target)
     volume = open_volume(source, getattr(settings, "max_pixels", None))
     depth, height, width = volume.shape
-    extra_axes, dtype = _layout(settings.output, spec.classes)
+    output = volume_output(settings)
+    extra_axes, dtype = _layout(output, spec.classes)
     shape = (depth, *([spec.classes] if extra_axes else []), height, width)
     axes = "Z" + "".join(extra_axes) + "YX"
     with tqdm(total=depth, unit="plane", desc=source.name, leave=False, disable=None if progress else True) as bar:
-        if is_nifti(target) or settings.output == "labels":
+        if is_nifti(target) or output == "labels":
             out = predict_volume(model, spec, volume, settings, np.zeros(shape, dtype), source, bar.update)
-            if settings.output == "labels" and out.max(initial=0) < 2**16:
+            if output == "labels" and out.max(initial=0) < 2**16:
                 out = out.astype(np.uint16)
             if is_nifti(target):
                 write_nifti(target, out, like=volume.nifti, spacing=_known(volume.spacing))

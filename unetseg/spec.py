@@ -59,6 +59,8 @@ class InputSpec:
         classes: output channels, consistent with `targets`.
         postprocess: instance post-processing settings tuned for this model (threshold,
             seed_threshold, min_size); empty means the defaults.
+        intensity: a summary of the training images' intensities (`unetseg.quality.intensity_summary`),
+            against which prediction checks its inputs; empty in checkpoints made before it existed.
     """
 
     in_channels: int
@@ -66,6 +68,7 @@ class InputSpec:
     targets: str = "foreground"
     classes: int = 1
     postprocess: dict = field(default_factory=dict)
+    intensity: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.in_channels not in (1, 3):
@@ -88,6 +91,8 @@ class InputSpec:
         }
         if self.postprocess:
             spec["postprocess"] = dict(self.postprocess)
+        if self.intensity:
+            spec["intensity"] = dict(self.intensity)
         return spec
 
     @classmethod
@@ -103,4 +108,7 @@ class InputSpec:
         postprocess = spec.get("postprocess") or {}
         if not isinstance(postprocess, dict):
             raise ValueError(f"bad postprocess {postprocess!r}")
-        return cls(spec["in_channels"], normalization, spec["targets"], spec["classes"], postprocess)
+        intensity = spec.get("intensity") or {}
+        if not isinstance(intensity, dict):
+            raise ValueError(f"bad intensity {intensity!r}")
+        return cls(spec["in_channels"], normalization, spec["targets"], spec["classes"], postprocess, intensity)

@@ -7,6 +7,7 @@ import sys
 
 # subcommand -> (module, one-line description); each module has main(argv) and a console script unetseg-NAME.
 COMMANDS = {
+    "plan": ("unetseg.cli.plan", "read a training folder, time networks here, write a config that fits a budget"),
     "train": ("unetseg.cli.train", "train a network from a YAML config (LightningCLI)"),
     "predict": ("unetseg.cli.predict", "segment image files or folders with a trained model"),
     "evaluate": ("unetseg.cli.evaluate", "score predicted masks against ground truth"),

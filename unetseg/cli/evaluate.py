@@ -10,11 +10,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unetseg.io import IMAGE_SUFFIXES, DuplicateNameError, ImageReadError, find_images, is_image_file
+from unetseg.io import (
+    IMAGE_SUFFIXES,
+    DuplicateNameError,
+    ImageReadError,
+    atomic_output,
+    find_images,
+    is_image_file,
+    read_image,
+    to_channels,
+)
 from unetseg.io.files import image_stem
 from unetseg.io.volumes import read_mask
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.metrics import CONNECTIVITY, DSB_THRESHOLDS, MATCH_THRESHOLD, SCORE_KEYS, segmentation_scores, summarize
+from unetseg.modality import cluster_name, image_features
 
 PROG = "unetseg-evaluate"
 MAX_TABLE_ROWS = 25  # more images than this: the table shows only the summary
@@ -25,6 +35,8 @@ TABLE_COLUMNS = (
     ("recall", "Rec"),
     ("f1", "F1"),
     ("dsb_score", "DSB"),
+    ("pq", "PQ"),
+    ("aji", "AJI"),
     ("adapted_rand_error", "ARand"),
     ("vi", "VI"),
 )
@@ -41,6 +53,7 @@ JPEG masks are refused: lossy compression changes label values.
 Per image and as the mean over images: foreground Dice and IoU (label > 0); object precision,
 recall and F1 (a match is IoU > {MATCH_THRESHOLD}); the 2018 Data Science Bowl score, the mean
 of TP / (TP + FP + FN) over IoU thresholds {", ".join(map(str, DSB_THRESHOLDS))};
+panoptic quality (PQ = mean IoU of matches x F1) and the aggregated Jaccard index (AJI);
 adapted Rand error and variation of information (scikit-image). Also the pooled Dice of all
 pixels of all images.
 Both masks empty scores 1 (errors 0); exactly one empty scores 0 (Rand error 1).
@@ -201,6 +214,29 @@ def format_report(evaluation: Evaluation, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def modality_groups(names: list[str], images: Path) -> dict[str, list[str]]:
+    """Scored image names by the modality of their input image in `images` (see `unetseg.modality`);
+    names without an input image are grouped under "no image"."""
+    files = find_masks(images, "--by-modality")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        path = files.get(name)
+        group = cluster_name(image_features(to_channels(read_image(path), 3))) if path else "no image"
+        groups.setdefault(group, []).append(name)
+    return dict(sorted(groups.items()))
+
+
+def format_groups(evaluation: Evaluation, groups: dict[str, list[str]]) -> tuple[str, dict]:
+    """Table rows of the mean scores of each group, and the summaries by group."""
+    width = max([len(f"{group} ({len(names)})") for group, names in groups.items()] + [len("group")]) + 2
+    lines, summaries = [], {}
+    for group, names in groups.items():
+        summaries[group] = summarize([evaluation.scores[name] for name in names])
+        lines.append(_format_row(f"{group} ({len(names)})", summaries[group], width))
+    header = f"{'group (images)':<{width}}" + "".join(f"{title:>7}" for _, title in TABLE_COLUMNS)
+    return "\n".join([header, "-" * len(header), *lines]), summaries
+
+
 def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Path, gt_root: Path) -> None:
     """Write the summary, the per-image scores and the unscored files as one JSON document."""
     document = {
@@ -215,8 +251,8 @@ def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Pat
         "problems": evaluation.problems(),
         "images": evaluation.scores,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    with atomic_output(path, suffix=".tmp.json") as temporary:
+        temporary.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, evaluation: Evaluation) -> None:
@@ -231,8 +267,7 @@ def write_csv(path: Path, evaluation: Evaluation) -> None:
         rows += [
             {"image": item["image"], "status": status, "pred": item.get("pred"), "gt": item.get("gt")} for item in items
         ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_output(path, suffix=".tmp.csv") as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["image", "status", "pred", "gt", *SCORE_KEYS])
         writer.writeheader()
         writer.writerows(rows)
@@ -247,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("gt", type=Path, metavar="GT", help="ground-truth masks: a folder (recursive) or a file")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write summary, per-image scores and unscored files")
     parser.add_argument("--per-image", type=Path, metavar="CSV", help="write one CSV row per image")
+    parser.add_argument(
+        "--by-modality",
+        type=Path,
+        metavar="IMAGES",
+        help="also report the mean scores per image type (fluorescence, grey brightfield, colour), "
+        "from the input images in this folder, paired by name",
+    )
     add_verbosity_flags(parser)
     return parser
 
@@ -264,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = evaluate(pred_files, gt_files)
     summary = summarize(list(evaluation.scores.values()))
     print(format_report(evaluation, summary))
+    if args.by_modality:
+        try:
+            table, by_modality = format_groups(evaluation, modality_groups(list(evaluation.scores), args.by_modality))
+        except (UsageError, ImageReadError) as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
+        summary["by_modality"] = by_modality
+        print(table)
     print(f"{len(gt_files)} GT image(s) in {time.perf_counter() - started:.1f} s")
     try:
         if args.json:

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 from unetseg.checkpoint import CheckpointError, load_predictor
+from unetseg.inference.overlay import overlay_path
 from unetseg.inference.tiling import BLENDS, TilingConfig
 from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
-from unetseg.predict import OUTPUTS, PredictSettings, plan_outputs, predict_files, shard
+from unetseg.predict import FORMATS, OUTPUTS, PredictSettings, plan_outputs, predict_files, shard
 from unetseg.predict_volumes import VolumeTiling
 from unetseg.weights import MODELS, model_path
 
@@ -29,10 +30,15 @@ PRECISIONS = {"auto": None, "fp32": False, "bf16": True}  # --precision -> Tilin
 DESCRIPTION = """\
 Segment INPUT, an image file or a folder searched recursively, into OUTPUT: one TIFF per
 input named <stem>.tif, of the same height and width, in OUTPUT's copy of INPUT's sub-folders.
-Reads PNG, JPEG, BMP and TIFF (8/16-bit, float; grey, RGB, RGBA) and ZYX TIFF stacks, which
-are predicted plane by plane. Images are converted and normalised exactly as the checkpoint's
+Reads PNG, JPEG, BMP and TIFF (8/16-bit, float; grey, RGB, RGBA), ZYX TIFF stacks, which
+are predicted plane by plane, and OME-Zarr images (*.zarr, *.ome.zarr folders; with
+'unetseg[zarr]'), read chunk by chunk with their axes and scale, as are compressed and
+tiled TIFFs. Images are converted and normalised exactly as the checkpoint's
 training data were (channels, percentiles of the whole image or plane). The pixel size of
 TIFF inputs (resolution, ImageJ unit and spacing, OME physical size) is copied to the outputs.
+A file INPUT may name its OUTPUT .png (masks and labels, 8/16-bit). Inputs unlike the model's
+training images (another channel count; intensities or brightness outside the training range,
+for checkpoints that recorded them) get a warning saying what was converted or differs.
 Volumes: a 3-D model (UNet spatial_dims 3) predicts ZYX TIFF stacks and NIfTI (.nii, .nii.gz)
 in 3-D tiles (--volume-tile, --volume-overlap); NIfTI outputs are NIfTI with the input's
 affine and header, labels come from a 3-D watershed.
@@ -41,9 +47,11 @@ outputs (--output):
   mask    uint8: 0/255 foreground for one-class and boundary models, the class index for
           multi-class models
   prob    float32 probabilities (classes, H, W); (H, W) for one-class models
-  labels  uint16/uint32 instance labels (nuclei) for foreground and boundary models; needs the
-          whole probability map in memory (masks and probabilities of huge uncompressed TIFFs
-          are predicted and written band by band)
+  labels  uint16/uint32 instance labels (nuclei) for foreground and boundary models, made in
+          overlapping blocks of rows (about 8 M pixels with +-128 rows of context, at most 1024
+          rows) and merged across block borders, so huge images need bounded memory
+Masks and probabilities are predicted and written band by band. --rois and --measure add
+labels to the outputs if they are not asked for.
 """
 
 EPILOG = """\
@@ -86,9 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("input", type=Path, metavar="INPUT", help="an image file, or a folder (searched recursively)")
-    parser.add_argument("output_path", type=Path, metavar="OUTPUT", help="output folder (a .tif file for a file INPUT)")
+    parser.add_argument(
+        "output_path",
+        type=Path,
+        metavar="OUTPUT",
+        help="output folder (for a file INPUT also a .tif file, or .png for --output mask/labels)",
+    )
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint from unetseg-train (.ckpt)")
+    model.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="a checkpoint from unetseg-train (.ckpt), or its export by unetseg-export (.onnx, bioimage.io .zip)",
+    )
     model.add_argument("--model", metavar="NAME", help=f"a model shipped with unetseg: {', '.join(MODELS)}")
     parser.add_argument(
         "--tile-size",
@@ -132,7 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"voxels shared by neighbouring 3-D tiles (default {','.join(map(str, VOLUME_DEFAULTS.overlap))})",
     )
     parser.add_argument("--tta", action="store_true", help="average the 8 flips and rotations of each tile")
-    parser.add_argument("--output", choices=OUTPUTS, default="mask", help="what to write (default mask)")
+    parser.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        nargs="+",
+        default=["mask"],
+        metavar="KIND",
+        help=f"what to write, one or more of {', '.join(OUTPUTS)} from one model run, e.g. --output labels prob "
+        "(put INPUT and OUTPUT before it); several are named <stem>_<kind> (default mask)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="tiff",
+        help="tiff, or ome-zarr: <stem>.ome.zarr with a pyramid and the input's scale; for an OME-Zarr input, "
+        "labels and masks go into INPUT.zarr/labels/<kind> (default tiff)",
+    )
+    parser.add_argument(
+        "--rois", action="store_true", help="also write <stem>_rois.zip, an ImageJ/Fiji ROI set of the labels"
+    )
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="also write <stem>_objects.csv: per object label, area, centroid, bbox, mean intensity per channel "
+        "(and calibrated area and centroid when the pixel size is known)",
+    )
     parser.add_argument(
         "--threshold",
         type=float,
@@ -168,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="refuse, unread, inputs whose header claims more pixels (height x width x planes) than this: "
         f"decompression bombs (default {DEFAULT_MAX_PIXELS:_}, a 30000 x 30000 image passes)",
+    )
+    parser.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also write <stem>_overlay.png next to each output: the input with the predicted outlines",
     )
     parser.add_argument(
         "--shard",
@@ -223,16 +270,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         volume = VolumeTiling(args.volume_tile, args.volume_overlap)
         settings = PredictSettings(
-            output=args.output,
+            output=args.output[0] if len(args.output) == 1 else tuple(args.output),
+            format=args.format,
+            rois=args.rois,
+            measure=args.measure,
             threshold=args.threshold,
             tiling=tiling,
             max_pixels=args.max_pixels,
             seed_threshold=args.seed_threshold,
             min_size=args.min_size,
             volume=volume,
+            overlay=args.overlay,
         )
         index, count = resolve_shard(args.shard)
         pairs = shard(plan_outputs(args.input, args.output_path, args.glob), index, count)
+        for _, target in pairs[:1]:
+            settings.check_target(target)
         device = resolve_device(args.device)
         checkpoint = args.checkpoint if args.checkpoint is not None else model_path(args.model)
         model, spec = load_predictor(checkpoint, device)
@@ -246,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {len(pairs)} file(s){share}, {checkpoint} on {device}")
     summary = predict_files(model, spec, pairs, settings, overwrite=args.overwrite, progress=not args.quiet)
     print(f"{PROG}: {summary}")
+    if args.overlay and summary.done:
+        print(f"{PROG}: overlays (input with predicted outlines): {overlay_path(pairs[0][1])} and the like")
     return 1 if summary.failed else 0
 
 

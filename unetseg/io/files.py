@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
+ZARR_SUFFIXES = (".zarr",)  # OME-Zarr images are folders
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,27 @@ def image_stem(path: Path) -> str:
 
 
 def is_image_file(path: Path) -> bool:
-    """True for a file whose suffix is one we can read."""
-    return path.is_file() and image_suffix(path) in IMAGE_SUFFIXES and not path.name.startswith(".")
+    """True for a file whose suffix is one we can read (.nii.gz counted as one), or an OME-Zarr (.zarr) folder."""
+    if path.name.startswith("."):
+        return False
+    return path.is_file() and image_suffix(path) in IMAGE_SUFFIXES or path.is_dir() and is_zarr_folder(path)
+
+
+def is_zarr_folder(path: Path) -> bool:
+    """True for a .zarr (or .ome.zarr) folder, an image read whole rather than searched."""
+    return path.suffix.lower() in ZARR_SUFFIXES and path.is_dir()
 
 
 def image_key(path: Path, root: Path) -> str:
-    """A file's name for pairing: its path under `root` without suffix (`sub/cell_01`, `ct/brain` for brain.nii.gz)."""
+    """A file's name for pairing: its path under `root` without suffix (`sub/cell_01`; `a.ome.zarr` -> `a`;
+    `ct/brain.nii.gz` -> `ct/brain`)."""
     relative = path.relative_to(root)
-    return (relative.parent / image_stem(path)).as_posix()
+    if image_suffix(path) == ".nii.gz":
+        return (relative.parent / image_stem(path)).as_posix()
+    key = relative.with_suffix("")
+    if path.suffix.lower() in ZARR_SUFFIXES and key.suffix.lower() == ".ome":
+        key = key.with_suffix("")
+    return key.as_posix()
 
 
 def find_images(root: str | Path, glob: str | None = None, exclude: str | Path | None = None) -> dict[str, Path]:
@@ -68,6 +82,8 @@ def find_images(root: str | Path, glob: str | None = None, exclude: str | Path |
             continue
         if not is_image_file(path):
             continue
+        if any(part.lower().endswith(ZARR_SUFFIXES) for part in relative.parts[:-1]):
+            continue  # inside an OME-Zarr image (its labels, its levels)
         if excluded is not None and path.resolve().is_relative_to(excluded):
             continue
         if glob is not None and not PurePosixPath(relative.as_posix()).match(glob):

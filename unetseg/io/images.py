@@ -144,11 +144,11 @@ def read_labels(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, s
 
 
 def _is_colour(path: Path) -> bool:
-    """True when a 3D file holds (H, W, RGB[A]) rather than a (Z, H, W) stack: not a TIFF whose axes say Z."""
+    """True when a 3D file of 3 or 4 planes holds (H, W, RGB[A]): unless ImageJ or OME metadata say Z or T."""
     if path.suffix.lower() not in TIFF_SUFFIXES:
         return True
     with tifffile.TiffFile(path) as tif:
-        return tif.series[0].axes[0] not in "ZTQI"
+        return not ((tif.is_imagej or tif.is_ome) and tif.series[0].axes[0] in "ZT")
 
 
 def _exact_labels(mask: np.ndarray, path: Path) -> np.ndarray:

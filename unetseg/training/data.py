@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +19,11 @@ from unetseg.io import ImageReadError, Normalization, find_images, image_key, re
 from unetseg.io.normalize import count_non_finite, warn_non_finite
 from unetseg.metrics import as_instances
 from unetseg.modality import cluster_weights, image_features, modality_names
+from unetseg.quality import intensity_summary
 from unetseg.spec import InputSpec, output_classes
 from unetseg.synthetic import default_dataset, default_volume_dataset
 from unetseg.training.augment import Augmentation, build_transform
-from unetseg.training.targets import border_weight_map, make_target
+from unetseg.training.targets import border_weight_map, compact_target, make_target
 from unetseg.training.volumes import load_volume_sample, volume_datasets
 
 
@@ -34,6 +36,7 @@ class Sample:
     labels: np.ndarray
     value_range: tuple[float, float]
     foreground: np.ndarray  # (K, 2) coordinates of foreground pixels, subsampled
+    stored_channels: int = 0  # channels of the file (alpha dropped), before conversion to in_channels
 
 
 def find_pairs(root: str | Path, images: str = "images", masks: str = "masks") -> list[tuple[Path, Path]]:
@@ -73,6 +76,7 @@ def load_sample(
         raise ImageReadError(
             f"{image_path}: a {image.shape} stack; 2-D training takes images (H, W[, C]); set data.spatial_dims: 3"
         )
+    stored_channels = 1 if image.ndim == 2 else min(image.shape[-1], 3)
     image = to_channels(image, in_channels, image_path)
     labels = read_labels(mask_path)
     if labels.shape != image.shape[1:]:
@@ -81,7 +85,8 @@ def load_sample(
             f"{image_path.name} is {image.shape[1]}x{image.shape[2]}"
         )
     warn_non_finite(image_path, count_non_finite(image), image.size)
-    return Sample(name or image_path.stem, image, labels, normalization.range(image), foreground_coordinates(labels))
+    value_range = normalization.range(image)
+    return Sample(name or image_path.stem, image, labels, value_range, foreground_coordinates(labels), stored_channels)
 
 
 def foreground_coordinates(labels: np.ndarray, limit: int = 4096) -> np.ndarray:
@@ -97,6 +102,11 @@ class TileDataset(Dataset):
     pixel with probability `foreground_oversampling` (nnU-Net samples a third this way).
     Grid tiles cover each image once, the last row and column shifted to stay inside; images
     smaller than a tile give one smaller tile, so validation never scores padding.
+
+    The target and the border weight map of each image are computed once, here, and cut and
+    augmented with the image (albumentations moves them as extra masks, nearest-neighbour),
+    so a tile costs a crop and its augmentation; weights near a tile's edge also see the
+    instances just outside it.
     """
 
     def __init__(
@@ -120,6 +130,15 @@ class TileDataset(Dataset):
         self.border_weights, self.border_w0, self.border_sigma = border_weights, border_w0, border_sigma
         self.grid = None if length else [(i, y, x) for i, s in enumerate(samples) for y, x in tile_grid(s, tile_size)]
         self.length = length or len(self.grid)
+        # (target, weight or None) per image; threads, as the distance transforms release the GIL.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            self.maps = list(pool.map(self.image_targets, samples))
+
+    def image_targets(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
+        """The whole image's target (compact integer type) and border weight map (float32, or None)."""
+        target = compact_target(make_target(sample.labels, self.targets))
+        weight = border_weight_map(sample.labels, self.border_w0, self.border_sigma) if self.border_weights else None
+        return target, weight
 
     def __len__(self) -> int:
         return self.length
@@ -129,33 +148,42 @@ class TileDataset(Dataset):
             # Drawn from torch's generator, which DataLoader seeds per worker and per epoch; the
             # rank is mixed in because Lightning seeds every DDP process alike.
             rng = np.random.default_rng([int(torch.randint(2**62, ())), process_rank()])
-            sample, y, x = self.random_tile(rng)
+            sample_index, y, x = self.random_tile(rng)
         else:
             sample_index, y, x = self.grid[index]
-            sample, rng = self.samples[sample_index], None
-        size = self.tile_size
-        image = sample.image[:, y : y + size, x : x + size]
-        labels = sample.labels[y : y + size, x : x + size]
-        image = self.normalization.apply(image, sample.value_range)  # (C, h, w) float32
+            rng = None
+        sample, (target, weight) = self.samples[sample_index], self.maps[sample_index]
+        window = slice(y, y + self.tile_size), slice(x, x + self.tile_size)
+        image = self.normalization.apply(sample.image[(slice(None), *window)], sample.value_range)  # (C, h, w) float32
+        target = target[window]
+        weight = weight[window] if weight is not None else None
+        labels = sample.labels[window].astype(np.int32) if self.instance_labels else None
         if self.transform is not None:
             self.transform.set_random_seed(int(rng.integers(2**31)))
-            out = self.transform(image=np.moveaxis(image, 0, -1), mask=labels.astype(np.int32))
-            image, labels = np.moveaxis(out["image"], -1, 0), out["mask"]
+            masks = [mask for mask in (target, weight, labels) if mask is not None]
+            out = self.transform(image=np.moveaxis(image, 0, -1), masks=masks)
+            image, moved = np.moveaxis(out["image"], -1, 0), iter(out["masks"])
+            target = next(moved)
+            weight = next(moved) if weight is not None else None
+            labels = next(moved) if labels is not None else None
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "target": torch.from_numpy(make_target(labels, self.targets)),
+            "target": torch.from_numpy(np.asarray(target, dtype=np.int64)),
+            "name": sample.name,  # which image a tile came from, for messages about a batch
         }
-        if self.instance_labels:  # for instance scores (DSB) of whole validation images
-            item["labels"] = torch.from_numpy(labels.astype(np.int32))
-        if self.border_weights:
-            item["weight"] = torch.from_numpy(border_weight_map(labels, self.border_w0, self.border_sigma))
+        if labels is not None:  # for instance scores (DSB) of whole validation images
+            item["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int32))
+        if weight is not None:
+            item["weight"] = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
         return item
 
-    def random_tile(self, rng: np.random.Generator) -> tuple[Sample, int, int]:
+    def random_tile(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """(sample index, top, left) of a random tile."""
         if self.sample_weights is None:
-            sample = self.samples[rng.integers(len(self.samples))]
+            index = int(rng.integers(len(self.samples)))
         else:
-            sample = self.samples[rng.choice(len(self.samples), p=self.sample_weights)]
+            index = int(rng.choice(len(self.samples), p=self.sample_weights))
+        sample = self.samples[index]
         height, width = sample.labels.shape
         size = self.tile_size
         if len(sample.foreground) and rng.random() < self.foreground_oversampling:
@@ -164,7 +192,7 @@ class TileDataset(Dataset):
             x = int(np.clip(cx - size // 2, 0, width - size))
         else:
             y, x = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
-        return sample, y, x
+        return index, y, x
 
 
 def process_rank() -> int:
@@ -278,6 +306,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         cluster_weights([0], modality_balance)  # checks modality_balance
         self.split: dict[str, list[str]] | None = None
         self.modalities: dict[str, str] = {}  # training image name -> its modality group
+        self.stored_channels: dict[int, int] = {}  # channels in the files -> images, known after setup()
+        self.intensity: dict = {}  # the training images' intensities (unetseg.quality), known after setup()
 
     @property
     def output_classes(self) -> int:
@@ -287,7 +317,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     @property
     def input_spec(self) -> InputSpec:
         """How inputs were prepared, stored in checkpoints so prediction repeats it exactly."""
-        return InputSpec(self.in_channels, self.normalization, self.targets, self.output_classes)
+        return InputSpec(
+            self.in_channels, self.normalization, self.targets, self.output_classes, intensity=self.intensity
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
@@ -309,6 +341,8 @@ class SegmentationDataModule(pl.LightningDataModule):
                     samples[name].labels = as_instances(samples[name].labels)
             except ImageReadError as error:
                 problems.append(str(error))
+        for sample in samples.values():
+            self.stored_channels[sample.stored_channels] = self.stored_channels.get(sample.stored_channels, 0) + 1
         if problems:
             raise ValueError(
                 f"{len(problems)} of {len(pairs)} training pairs cannot be used:\n  " + "\n  ".join(problems)
@@ -332,6 +366,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             groups = modality_names(np.stack([image_features(sample.image) for sample in train]))
             self.modalities = dict(zip(self.split["train"], groups))
             weights = cluster_weights(np.unique(groups, return_inverse=True)[1], self.modality_balance)
+        self.intensity = intensity_summary([s.image for s in train], [s.value_range for s in train], self.normalization)
         val = [samples[name] for name in self.split["val"]]
         common = dict(
             normalization=self.normalization,

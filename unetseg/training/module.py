@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import numpy as np
@@ -13,12 +14,23 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, MulticlassF1Score
 
-from unetseg.checkpoint import checked_net_description, load_net_weights, non_finite_weights, read_checkpoint
+from unetseg.checkpoint import (
+    CheckpointError,
+    checked_net_description,
+    load_net_weights,
+    non_finite_weights,
+    read_checkpoint,
+    resolve_model,
+)
 from unetseg.inference.postprocess import to_labels
+from unetseg.inference.precision import channels_last
 from unetseg.metrics import instance_scores
-from unetseg.models import build_net, describe_net
+from unetseg.models import UNet, build_net, describe_net
 from unetseg.spec import InputSpec
 from unetseg.training.losses import SegmentationLoss
+
+if TYPE_CHECKING:  # the SMP baseline imports timm: only when it is used
+    from unetseg.models.baseline import SMPUnet
 
 SCHEDULERS = ("cosine", "plateau", "none")
 log = logging.getLogger(__name__)
@@ -41,7 +53,7 @@ class SegmentationModule(pl.LightningModule):
         pretrained: a checkpoint, or the name of a shipped model ("nuclei"), whose network
             weights start this training (fine-tuning); the network must have the same shape.
         instance_metrics: when validation batches carry instance "labels" (whole images, one
-            per batch) and the network gives instances (1 or 3 classes), log `val/dsb` (the
+            per batch) and the network gives instances (1, 3 or 4 classes), log `val/dsb` (the
             DSB score) and `val/f1` (F1 at IoU 0.5) of `to_labels` at its default settings:
             what to select checkpoints by (`monitor: val/dsb`).
 
@@ -51,7 +63,7 @@ class SegmentationModule(pl.LightningModule):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: UNet | SMPUnet,
         dice_weight: float = 1.0,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -68,13 +80,31 @@ class SegmentationModule(pl.LightningModule):
         self.hparams["net"] = describe_net(net)
         self.net = net
         if pretrained:
-            load_net_weights(net, pretrained)
+            self.load_pretrained(net, pretrained)
         self.classes = int(getattr(net, "classes", 0)) or self.infer_classes(net)
         self.loss = SegmentationLoss(self.classes, dice_weight)
         # Dice and IoU of the foreground (any class > 0): what matters for nuclei and binary tasks.
         self.val_metrics = MetricCollection({"dice": BinaryF1Score(), "iou": BinaryJaccardIndex()}, prefix="val/")
         self.val_class_dice = MulticlassF1Score(self.classes, average="macro") if self.classes > 1 else None
         self.val_instances: list[tuple[float, float]] = []  # (DSB score, F1) per validation image
+
+    @staticmethod
+    def load_pretrained(net: nn.Module, pretrained: str) -> None:
+        """Fine-tuning: copy a checkpoint's network weights; a shape mismatch is one line naming both shapes."""
+        try:
+            load_net_weights(net, pretrained)
+        except CheckpointError:
+            theirs = read_checkpoint(resolve_model(pretrained)).get("hyper_parameters", {}).get("net", {})
+            theirs, ours = theirs.get("init_args", {}), getattr(net, "config", {})
+            differ = {k: (theirs[k], ours[k]) for k in ("in_channels", "classes") if k in theirs and k in ours}
+            differ = {k: pair for k, pair in differ.items() if pair[0] != pair[1]}
+            if not differ:
+                raise
+            raise ValueError(
+                f"model.pretrained {pretrained}: its network has "
+                + ", ".join(f"{k} {a}, this run's {b}" for k, (a, b) in differ.items())
+                + " (from data.in_channels / data.targets); set the data options to match it"
+            ) from None
 
     @staticmethod
     def infer_classes(net: nn.Module) -> int:
@@ -108,15 +138,29 @@ class SegmentationModule(pl.LightningModule):
         return self.net(image)
 
     def on_fit_start(self) -> None:
+        volumetric = any(parameter.ndim == 5 for parameter in self.net.parameters())  # channels_last is 4-D only
+        if channels_last(self.device) and not volumetric:  # NHWC convolutions: faster in oneDNN (CPU), tensor cores
+            self.net.to(memory_format=torch.channels_last)
         spec: InputSpec | None = getattr(self.trainer.datamodule, "input_spec", None)
         if spec is None:
             return
+        in_channels = getattr(self.net, "in_channels", spec.in_channels)
+        if in_channels != spec.in_channels:
+            raise ValueError(
+                f"the network takes {in_channels} channel(s) but data.in_channels is {spec.in_channels}; "
+                "set one of them (unetseg-train links the network's to the data's)"
+            )
         if spec.classes != self.classes:
             raise ValueError(
                 f"the network outputs {self.classes} channel(s) but targets={spec.targets!r} need "
                 f"{spec.classes}; set the network's classes to {spec.classes}"
             )
         self.hparams["input_spec"] = spec.to_dict()
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if channels_last(self.device) and batch["image"].ndim == 4:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         logits = self.net(batch["image"])
@@ -132,9 +176,9 @@ class SegmentationModule(pl.LightningModule):
         self.val_metrics.update(predicted > 0, target > 0)
         if self.val_class_dice is not None:
             self.val_class_dice.update(predicted, target)
-        if self.hparams.instance_metrics and "labels" in batch and self.classes in (1, 3):
+        if self.hparams.instance_metrics and "labels" in batch and self.classes in (1, 3, 4):
             probs = torch.sigmoid(logits) if self.classes == 1 else torch.softmax(logits, dim=1)
-            probs = probs.float().cpu().numpy()
+            probs = probs.detach().float().cpu().numpy()
             for image_probs, labels in zip(probs, batch["labels"].cpu().numpy()):
                 scores = instance_scores(to_labels(image_probs), labels)
                 self.val_instances.append((scores["dsb_score"], scores["f1"]))

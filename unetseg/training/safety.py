@@ -1,5 +1,6 @@
 """What keeps a training run's files sound: atomic checkpoint writes, a stop at the first
-non-finite loss, never a non-finite checkpoint, and a metrics history that survives a resume.
+non-finite loss, and never a non-finite checkpoint. (The metrics history that survives a resume is
+`unetseg.training.callbacks.HistoryCSVLogger`.)
 
 - `AtomicCheckpointIO` (a Lightning CheckpointIO plugin): every checkpoint is written beside its
   target, flushed to disk and renamed (`unetseg.checkpoint.save_checkpoint`). Lightning's own
@@ -8,13 +9,10 @@ non-finite loss, never a non-finite checkpoint, and a metrics history that survi
   weights holding NaN or Inf.
 - `FiniteLoss` (a Callback): stops training with `NonFiniteTrainingError` at the first NaN or
   infinite loss, before its backward pass can spread it into the weights.
-- `HistoryCSVLogger`: a CSVLogger that, on a resumed run, keeps the rows of metrics.csv written
-  before the checkpoint it resumed from (Lightning's deletes the file).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from pathlib import Path
@@ -22,14 +20,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from unetseg.checkpoint import non_finite_weights, save_checkpoint
 
-__all__ = ["AtomicCheckpointIO", "FiniteLoss", "HistoryCSVLogger", "NonFiniteTrainingError"]
+__all__ = ["AtomicCheckpointIO", "FiniteLoss", "NonFiniteTrainingError"]
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +59,11 @@ class FiniteLoss(pl.Callback):
     """
 
     def __init__(self) -> None:
-        self.batch_index = -1
+        self.batch_index, self.names = -1, []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         self.batch_index = batch_idx
+        self.names = sorted(set(batch.get("name", []))) if isinstance(batch, dict) else []
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         finite = bool(torch.isfinite(loss.detach()).all())
@@ -75,41 +71,13 @@ class FiniteLoss(pl.Callback):
             value = loss.detach().float().cpu().item() if loss.numel() == 1 else math.nan
             raise NonFiniteTrainingError(
                 f"training stopped: the loss is {value} at step {trainer.global_step} (epoch "
-                f"{trainer.current_epoch}, batch {self.batch_index} of the epoch); no checkpoint was written "
-                "from it. Lower --model.lr, or look for broken images (warnings above name files with NaN/Inf)"
+                f"{trainer.current_epoch}, batch {self.batch_index} of the epoch{self.tiles_from()}); no checkpoint "
+                "was written from it. Lower --model.lr, or look for broken images (warnings above name files with "
+                "NaN/Inf)"
             )
 
-
-class _HistoryWriter(ExperimentWriter):
-    """A metrics.csv writer that keeps the existing file's rows up to the step where new rows begin."""
-
-    def _check_log_dir_exists(self) -> None:
-        self._kept: list[dict] | None = None
-        if self._fs.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as handle:
-                reader = csv.DictReader(handle)
-                self._kept = list(reader)
-                self.metrics_keys = sorted(reader.fieldnames or [])
-
-    def save(self) -> None:
-        if self._kept is not None and self.metrics:
-            first_step = min(int(row["step"]) for row in self.metrics)
-            kept = [row for row in self._kept if row.get("step", "").isdigit() and int(row["step"]) < first_step]
-            self._kept = None
-            with open(self.metrics_file_path, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
-                writer.writeheader()
-                writer.writerows(kept)
-        super().save()
-
-
-class HistoryCSVLogger(CSVLogger):
-    """CSVLogger for resumed runs: the rows of metrics.csv before the resumed step are kept, later ones replaced."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _HistoryWriter(log_dir=self.log_dir)
-        return self._experiment
+    def tiles_from(self) -> str:
+        """The images of the batch (", tiles from a, b"), when the data name them."""
+        if not self.names:
+            return ""
+        return ", tiles from " + ", ".join(self.names[:8]) + (", ..." if len(self.names) > 8 else "")

@@ -35,6 +35,7 @@ class VolumeSample:
     value_range: tuple[float, float]
     foreground: np.ndarray  # (K, 3) coordinates of foreground voxels, subsampled
     spacing: tuple = (None, None, None)
+    stored_channels: int = 1  # channels of the file (alpha dropped), before conversion to in_channels
 
 
 def load_volume_sample(
@@ -50,7 +51,10 @@ def load_volume_sample(
             f"{image_path.name} is {'x'.join(map(str, image.shape[1:]))}"
         )
     value_range = volume_range(volume.voxels, in_channels, normalization, image_path)
-    return VolumeSample(name or image_path.stem, image, labels, value_range, foreground_voxels(labels), volume.spacing)
+    stored_channels = 1 if volume.voxels.ndim == 3 else min(volume.voxels.shape[-1], 3)
+    return VolumeSample(
+        name or image_path.stem, image, labels, value_range, foreground_voxels(labels), volume.spacing, stored_channels
+    )
 
 
 def foreground_voxels(labels: np.ndarray, limit: int = 4096) -> np.ndarray:
@@ -74,7 +78,15 @@ def pad_volume_sample(sample: VolumeSample, patch_size: Sequence[int]) -> Volume
     spec = tuple((pad // 2, pad - pad // 2) for pad in pads)
     labels = np.pad(sample.labels, spec, mode="reflect")
     image = np.pad(sample.image, ((0, 0), *spec), mode="reflect")
-    return VolumeSample(sample.name, image, labels, sample.value_range, foreground_voxels(labels), sample.spacing)
+    return VolumeSample(
+        sample.name,
+        image,
+        labels,
+        sample.value_range,
+        foreground_voxels(labels),
+        sample.spacing,
+        sample.stored_channels,
+    )
 
 
 def patch_grid(shape: Sequence[int], patch_size: Sequence[int]) -> list[tuple[int, ...]]:

@@ -1,0 +1,100 @@
+"""unetseg-plan: read a training folder once, time candidate networks here, write a config that fits a budget."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
+
+PROG = "unetseg-plan"
+log = logging.getLogger("unetseg.cli.plan")
+
+DESCRIPTION = """\
+Plan a training run from the data and this machine. DATA holds images/ and masks/, paired by
+name (as unetseg-train reads them). The folder is read once: image sizes, channels, dtype and
+intensity range; mask kind (binary, instance labels or classes), object sizes and how many
+objects touch. From these come the tile size (4 x the large objects), the depth (receptive
+field >= 2 x the largest objects), the targets (boundary when instances touch) and the
+channels. A few training steps of each candidate width and batch are timed on this machine,
+and the widest network that sees enough tiles within --budget is kept; the epochs fill the
+budget. The config is complete: train it with `unetseg-train --config OUT`.
+"""
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: "8,16,32" -> (8, 16, 32)."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of unetseg-plan."""
+    from unetseg.plan import BATCH_SIZES, WIDTHS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("data", type=Path, metavar="DATA", help="folder with images/ and masks/")
+    parser.add_argument("--budget", default="1h", help="training time to fill: 20m, 1h, 1h30m (default 1h)")
+    parser.add_argument("--out", type=Path, metavar="FILE.yaml", help="config to write (default: configs/DATA.yaml)")
+    parser.add_argument("--run-dir", metavar="DIR", help="the run folder of the training (default: runs/DATA)")
+    parser.add_argument(
+        "--widths",
+        type=positive_ints,
+        default=WIDTHS,
+        metavar="W,W",
+        help=f"candidate widths to time (default {','.join(map(str, WIDTHS))})",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=positive_ints,
+        default=BATCH_SIZES,
+        metavar="B,B",
+        help=f"candidate batch sizes to time (default {','.join(map(str, BATCH_SIZES))})",
+    )
+    add_verbosity_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run unetseg-plan; returns 0, or 2 for unusable data or options."""
+    args = build_parser().parse_args(argv)
+    setup_logging(verbosity_level(args.verbose, args.quiet))
+    from unetseg.plan import make_plan, parse_budget, plan_config, plan_report, survey
+
+    name = args.data.resolve().name
+    out = args.out or Path("configs") / f"{name}.yaml"
+    if out.suffix not in (".yaml", ".yml"):
+        print(f"{PROG}: error: --out {out}: expected a .yaml file", file=sys.stderr)
+        return 2
+    try:
+        budget = parse_budget(args.budget)
+        log.info("reading %s ...", args.data)
+        summary = survey(args.data)
+        log.info("timing candidate networks on this machine ...")
+        plan = make_plan(summary, budget, widths=args.widths, batch_sizes=args.batch_sizes)
+    except ValueError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    report = plan_report(plan)
+    config = plan_config(plan, args.run_dir or f"runs/{name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = [f"Written by `{PROG} {args.data} --budget {args.budget}`."] + report
+    out.write_text("".join(f"# {line}\n" for line in header) + yaml.safe_dump(config, sort_keys=False))
+    print("\n".join(report))
+    print(f"\nwrote {out}\ntrain with:  unetseg-train --config {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,399 @@
+"""A training plan from the data and this machine: read the folder once, time candidate networks, write a config.
+
+As nnU-Net plans its patch size, batch and network from a dataset fingerprint and Cellpose
+estimates the object diameter, `unetseg.survey` measures the images (sizes, channels, dtype, intensity
+range) and masks (binary / instances / classes, object sizes, touching objects); `choose_*`
+turn that into a tile size, a depth whose receptive field covers the largest objects and the
+targets; `time_candidates` times a few training steps of each width and batch on this machine,
+and `make_plan` keeps the widest network that sees enough tiles within the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unetseg.io import Normalization
+from unetseg.models import UNet
+from unetseg.spec import output_classes
+from unetseg.survey import DataSummary, survey
+from unetseg.training.augment import Augmentation, build_transform
+from unetseg.training.data import TileDataset, pad_sample
+from unetseg.training.losses import SegmentationLoss
+from unetseg.training.report import duration
+
+__all__ = ["DataSummary", "Plan", "make_plan", "parse_budget", "plan_config", "plan_report", "survey"]
+
+log = logging.getLogger(__name__)
+
+# Training should see at least this many pixels (12000 tiles of 128 x 128: the shipped nuclei model saw 19200).
+MIN_PIXELS_SEEN = 12_000 * 128 * 128
+WIDTHS, BATCH_SIZES = (8, 16, 32), (4, 8)
+VAL_FRACTION = 0.15
+STARTUP_SECONDS = 15.0  # Lightning, the first checkpoint and the end summary, besides reading the data
+VALIDATION_SHARE = 0.08
+MIN_VAL_TILES = (
+    32  # fewer make a noisy validation Dice  # of the budget; sets how many validations (epochs) the run has
+)
+
+
+# --- Choices from the data --------------------------------------------------------------------------------
+
+
+def receptive_field(depth: int) -> int:
+    """Receptive field (pixels) of `UNet(depth=depth)` with plain blocks, through the bottleneck."""
+    rf, jump = 1, 1
+    for level in range(depth + 1):
+        if level:
+            rf, jump = rf + jump, jump * 2  # 2x2 max-pool
+        rf += 2 * 2 * jump  # two 3x3 convolutions
+    for _ in range(depth):
+        jump //= 2
+        rf += jump + 2 * 2 * jump  # 2x2 transposed convolution, two 3x3 convolutions
+    return rf
+
+
+def choose_tile(summary: DataSummary) -> tuple[int, str]:
+    """Tile side: twice the large objects (95th percentile of extents), 64 to 256, at most the usual image."""
+    large = float(np.percentile(summary.extents, 95)) if len(summary.extents) else 32.0
+    smallest_side = int(np.median([min(shape) for shape in summary.shapes]))
+    tile = min(256, max(64, 32 * math.ceil(2 * large / 32)))
+    if smallest_side < tile:
+        tile = max(32, 32 * (smallest_side // 32))
+    return tile, f"2 x the large objects ({large:.0f} px), within 64-256 and the median image side ({smallest_side} px)"
+
+
+def choose_depth(summary: DataSummary, tile: int) -> tuple[int, str]:
+    """The shallowest depth whose receptive field is twice the largest objects; bottleneck of at least 4 px."""
+    largest = float(np.percentile(summary.extents, 99)) if len(summary.extents) else 32.0
+    deepest = max(2, min(5, int(math.log2(tile // 4))))
+    depth = next((d for d in range(2, deepest + 1) if receptive_field(d) >= 2 * largest), deepest)
+    return depth, (
+        f"receptive field {receptive_field(depth)} px >= 2 x the largest objects ({largest:.0f} px)"
+        if receptive_field(depth) >= 2 * largest
+        else f"the deepest a {tile} px tile allows (receptive field {receptive_field(depth)} px)"
+    )
+
+
+def choose_targets(summary: DataSummary) -> tuple[str, str]:
+    """boundary when instances touch (so they come apart), classes for class masks, else foreground."""
+    if summary.mask_kind == "classes":
+        return "classes", f"masks hold {summary.classes} class values"
+    if summary.mask_kind == "instances" and summary.touching >= 0.02:
+        return "boundary", f"{summary.touching:.0%} of the objects touch another one: an edge class separates them"
+    if summary.mask_kind == "binary":
+        return "foreground", "binary masks (touching objects cannot be told apart)"
+    return "foreground", "instances that rarely touch"
+
+
+# --- Timing on this machine -----------------------------------------------------------------------------
+
+
+def native_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX), where autocast pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+@dataclass
+class Candidate:
+    width: int
+    batch_size: int
+    step_seconds: float  # network forward + backward + optimiser step
+    data_seconds: float  # preparing the batch's tiles
+
+    @property
+    def seconds(self) -> float:
+        return self.step_seconds + self.data_seconds
+
+
+def _median_time(function, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def time_data(summary: DataSummary, tile: int, targets: str, tiles: int = 8, validation: bool = False) -> float:
+    """Seconds to prepare one tile (augmentation, targets, border weights) from the kept samples."""
+    samples = [pad_sample(sample, tile) for sample in summary.samples] if not validation else summary.samples
+    dataset = TileDataset(
+        samples,
+        Normalization(),
+        tile,
+        targets,
+        length=None if validation else tiles,
+        transform=None if validation else build_transform(Augmentation()),
+        border_weights=targets == "boundary",
+    )
+    count = min(tiles, len(dataset))
+    return _median_time(lambda: [dataset[i] for i in range(count)], repeats=2) / count
+
+
+def time_step(net: torch.nn.Module, batch_size: int, tile: int, classes: int, bf16: bool, steps: int = 2) -> float:
+    """Median seconds of one training step (forward, loss, backward, AdamW) on random tiles."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    loss = SegmentationLoss(classes, 1.0)
+    images = torch.rand(batch_size, net.in_channels, tile, tile)
+    target = torch.randint(0, max(classes, 2), (batch_size, tile, tile))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            value = loss(net(images), target, None)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+
+    net.train()
+    return _median_time(step, repeats=steps)
+
+
+def time_forward(net: torch.nn.Module, tile: int, bf16: bool) -> float:
+    """Seconds of one validation forward pass of a single tile."""
+    images = torch.rand(1, net.in_channels, tile, tile)
+    net.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return _median_time(lambda: net(images), repeats=2)
+
+
+# --- The plan -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """The chosen settings, why, and the timing they rest on."""
+
+    summary: DataSummary
+    in_channels: int
+    targets: str
+    classes: int | None
+    tile_size: int
+    val_batches: int | None  # validation tiles per validation; None: all of them
+    depth: int
+    width: int
+    batch_size: int
+    epochs: int
+    tiles_per_epoch: int
+    precision: str
+    num_workers: int
+    seconds_per_step: float
+    validation_seconds: float
+    estimate_seconds: float
+    budget_seconds: float
+    reasons: dict[str, str]
+    candidates: list[Candidate]
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * (self.tiles_per_epoch // self.batch_size)
+
+
+def parse_budget(text: str) -> float:
+    """Seconds of "90s", "20m", "1h", "1h30m" or a bare number of minutes; ValueError otherwise."""
+    units, total, number = {"h": 3600, "m": 60, "s": 1}, 0.0, ""
+    text = text.strip().lower()
+    if text.replace(".", "", 1).isdigit():
+        return float(text) * 60
+    for char in text:
+        if char.isdigit() or char == ".":
+            number += char
+        elif char in units and number:
+            total, number = total + float(number) * units[char], ""
+        else:
+            raise ValueError(f"--budget {text!r}: expected a duration such as 20m, 1h or 1h30m")
+    if number or total <= 0:
+        raise ValueError(f"--budget {text!r}: expected a duration such as 20m, 1h or 1h30m")
+    return total
+
+
+def make_plan(
+    summary: DataSummary,
+    budget_seconds: float,
+    widths: tuple[int, ...] = WIDTHS,
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    bf16: bool | None = None,
+) -> Plan:
+    """Choose tile, depth, targets and channels from the data, then width, batch and epochs by timing them here."""
+    bf16 = native_bf16() if bf16 is None else bf16
+    in_channels = 3 if summary.colour else 1
+    targets, targets_reason = choose_targets(summary)
+    classes = summary.classes if targets == "classes" else None
+    out_classes = output_classes(targets, classes)
+    tile, tile_reason = choose_tile(summary)
+    depth, depth_reason = choose_depth(summary, tile)
+    cpus = os.cpu_count() or 1
+    num_workers = 0 if cpus <= 4 else min(4, cpus - 1)
+    tile_data = time_data(summary, tile, targets)
+    overhead = summary.read_seconds + STARTUP_SECONDS
+    train_seconds = max(budget_seconds - overhead, 0.1 * budget_seconds)
+
+    def pixels_seen(candidate: Candidate) -> float:
+        return train_seconds * (1 - VALIDATION_SHARE) / candidate.seconds * candidate.batch_size * tile * tile
+
+    candidates = []
+    for width in sorted(widths):  # cheapest first: once a width cannot see enough tiles, wider ones cannot either
+        timed = []
+        for batch_size in sorted(batch_sizes):
+            net = UNet(in_channels, out_classes, depth=depth, width=width)
+            step = time_step(net, batch_size, tile, out_classes, bf16)
+            # With workers on spare cores data preparation overlaps the step; on few cores it adds to it.
+            data = tile_data * batch_size
+            timed.append(
+                Candidate(width, batch_size, step, max(0.0, data / num_workers - step) if num_workers else data)
+            )
+            log.info("timed width %d, batch %d: %.2f s per step", width, batch_size, timed[-1].seconds)
+        candidates += timed
+        if not any(pixels_seen(c) >= MIN_PIXELS_SEEN for c in timed):
+            break
+    enough = [c for c in candidates if pixels_seen(c) >= MIN_PIXELS_SEEN]
+    if enough:
+        chosen = max(enough, key=lambda c: (c.width, c.batch_size))
+        size_reason = (
+            f"the widest network that sees >= {MIN_PIXELS_SEEN / tile**2:.0f} tiles of {tile}^2 in the budget "
+            f"({pixels_seen(chosen) / tile**2:.0f})"
+        )
+    else:
+        chosen = max(candidates, key=pixels_seen)
+        size_reason = (
+            f"the budget is short: even the fastest candidate sees only {pixels_seen(chosen) / tile**2:.0f} tiles "
+            f"(aim: {MIN_PIXELS_SEEN / tile**2:.0f}); give a larger --budget for a better model"
+        )
+    # Validation: fixed tiles of the held-out images, as many as ~VALIDATION_SHARE of the budget pays for.
+    val_tiles = max(1, round(VAL_FRACTION * summary.pairs)) * float(
+        np.mean([math.ceil(h / tile) * math.ceil(w / tile) for h, w in summary.shapes])
+    )
+    net = UNet(in_channels, out_classes, depth=depth, width=chosen.width)
+    tile_validation = time_forward(net, tile, bf16) + time_data(summary, tile, targets, tiles=4, validation=True)
+    # A validation every two minutes or more, each on at least MIN_VAL_TILES tiles (fewer validations if need be).
+    affordable = VALIDATION_SHARE * train_seconds / (min(val_tiles, MIN_VAL_TILES) * tile_validation)
+    epochs = int(np.clip(min(train_seconds // 120, affordable), 3, 20))
+    val_batches = int(min(val_tiles, max(MIN_VAL_TILES, VALIDATION_SHARE * train_seconds / (epochs * tile_validation))))
+    validation_seconds = val_batches * tile_validation
+    steps_per_epoch = max(1, int((train_seconds - epochs * validation_seconds) / (epochs * chosen.seconds)))
+    estimate = overhead + epochs * (steps_per_epoch * chosen.seconds + validation_seconds)
+    some = f"{val_batches} of the ~{val_tiles:.0f} tiles" if val_batches < val_tiles else f"all {val_batches} tiles"
+    reasons = {
+        "in_channels": "colour images: RGB" if in_channels == 3 else "grey images (RGB files with equal channels too)",
+        "targets": targets_reason,
+        "tile_size": tile_reason,
+        "depth": depth_reason,
+        "width and batch": size_reason,
+        "epochs": f"a validation every ~2 min or more, on {some} of the held-out images ({validation_seconds:.0f} s)",
+        "precision": "the CPU computes bfloat16 natively" if bf16 else "float32 (no native bfloat16 on this CPU)",
+    }
+    return Plan(
+        summary=summary,
+        in_channels=in_channels,
+        targets=targets,
+        classes=classes,
+        tile_size=tile,
+        val_batches=val_batches if val_batches < val_tiles else None,
+        depth=depth,
+        width=chosen.width,
+        batch_size=chosen.batch_size,
+        epochs=epochs,
+        tiles_per_epoch=steps_per_epoch * chosen.batch_size,
+        precision="bf16-mixed" if bf16 else "32-true",
+        num_workers=num_workers,
+        seconds_per_step=chosen.seconds,
+        validation_seconds=validation_seconds,
+        estimate_seconds=estimate,
+        budget_seconds=budget_seconds,
+        reasons=reasons,
+        candidates=candidates,
+    )
+
+
+def plan_config(plan: Plan, run_dir: str) -> dict:
+    """The LightningCLI config of a plan (in_channels and classes stated once, under data)."""
+    steps_per_epoch = plan.tiles_per_epoch // plan.batch_size
+    limit = int(1.25 * plan.budget_seconds)  # a backstop: the run stops at budget + 25% whatever happens
+    data = {
+        "root": str(plan.summary.root.resolve()),
+        "in_channels": plan.in_channels,
+        "targets": plan.targets,
+        **({"classes": plan.classes} if plan.classes else {}),
+        "tile_size": plan.tile_size,
+        "batch_size": plan.batch_size,
+        "tiles_per_epoch": plan.tiles_per_epoch,
+        "val_fraction": VAL_FRACTION,
+        "seed": 0,
+        "border_weights": plan.targets == "boundary",
+        "num_workers": plan.num_workers,
+    }
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": run_dir,
+            "max_epochs": plan.epochs,
+            "max_time": f"00:{limit // 3600:02d}:{limit % 3600 // 60:02d}:{limit % 60:02d}",
+            "accelerator": "auto",
+            "precision": plan.precision,
+            "log_every_n_steps": max(1, min(50, steps_per_epoch)),
+            "num_sanity_val_steps": 0,
+            **({"limit_val_batches": plan.val_batches} if plan.val_batches else {}),
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"monitor": "val/dice", "mode": "max", "filename": "best", "save_top_k": 1},
+                },
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "save_last": True,
+                        "save_top_k": 0,
+                        "every_n_train_steps": max(10, int(300 / plan.seconds_per_step)),  # about every 5 min
+                    },
+                },
+            ],
+        },
+        "model": {
+            "net": {"class_path": "unetseg.models.UNet", "init_args": {"depth": plan.depth, "width": plan.width}},
+            "lr": 0.003,
+            "weight_decay": 0.0001,
+            "scheduler": "cosine",
+        },
+        "data": data,
+    }
+
+
+def plan_report(plan: Plan) -> list[str]:
+    """What the plan found and chose, and why, as lines for the terminal and the config's header."""
+    lines = plan.summary.describe()
+    per_tile = plan.candidates[0].data_seconds / plan.candidates[0].batch_size
+    lines.append(
+        "timed on this machine (s per step): "
+        + ", ".join(f"width {c.width} batch {c.batch_size}: {c.seconds:.2f}" for c in plan.candidates)
+        + f" (of which preparing the tiles: {per_tile:.2f} s per tile"
+        + (", overlapped by workers)" if plan.num_workers else ")")
+    )
+    chosen = {
+        "in_channels": plan.in_channels,
+        "targets": plan.targets,
+        "tile_size": plan.tile_size,
+        "depth": plan.depth,
+        "width and batch": f"{plan.width}, {plan.batch_size}",
+        "epochs": f"{plan.epochs} x {plan.tiles_per_epoch // plan.batch_size} steps",
+        "precision": plan.precision,
+    }
+    lines += [f"{name}: {value}  ({plan.reasons[name]})" for name, value in chosen.items()]
+    lines.append(
+        f"estimated training time: {duration(plan.estimate_seconds)} for a budget of "
+        f"{duration(plan.budget_seconds)} ({plan.steps} steps of {plan.seconds_per_step:.2f} s, "
+        f"{plan.epochs} validations of {plan.validation_seconds:.0f} s)"
+    )
+    return lines

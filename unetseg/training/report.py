@@ -1,0 +1,203 @@
+"""A run that talks: what it trains on and where it writes at the start, one line per epoch, the outcome at the end.
+
+Lines go to the `unetseg` logger (stderr), so they read the same on a terminal and in a log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+
+log = logging.getLogger("unetseg.train")
+
+ESTIMATE_AFTER_STEPS = 5  # steps timed (after the first, which warms up) before the first estimate
+
+
+def duration(seconds: float) -> str:
+    """ "45 s", "12 min", "1 h 05 min"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class RunReport(pl.Callback):
+    """Log the start summary, an early estimate of the run time, one line per epoch and the end summary."""
+
+    def __init__(self):
+        self.started = self.epoch_started = 0.0
+        self.step_times: list[float] = []
+        self.losses: list[float] = []
+        self.validation_seconds = 0.0
+        self.validation_started = 0.0
+        self.log_dir: str | None = None
+        self.first_step = 0
+        self.best_dice: float | None = None
+
+    # --- start --------------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+        self.started = time.perf_counter()
+        if not trainer.is_global_zero:
+            return
+        data = trainer.datamodule
+        split = getattr(data, "split", None) or {}
+        root = getattr(data, "root", None) or "the embedded synthetic dataset"
+        if split:
+            pairs = len(split["train"]) + len(split["val"])
+            log.info(
+                "data: %d image/mask pairs in %s: %d for training, %d for validation",
+                pairs,
+                root,
+                len(split["train"]),
+                len(split["val"]),
+            )
+        stored = getattr(data, "stored_channels", None)
+        if stored:
+            counts = ", ".join(f"{count} with {channels} channel(s)" for channels, count in sorted(stored.items()))
+            converted = [c for c in stored if c != data.in_channels]
+            note = f"; converted to {data.in_channels}" if converted else ""
+            log.info("images: %s%s (in_channels %d)", counts, note, data.in_channels)
+        net = pl_module.net if hasattr(pl_module, "net") else pl_module
+        config = ", ".join(f"{k} {v}" for k, v in getattr(net, "config", {}).items() if k in ("depth", "width"))
+        parameters = sum(p.numel() for p in net.parameters())
+        log.info("network: %s (%s), %.2f M parameters", type(net).__name__, config, parameters / 1e6)
+        device = trainer.strategy.root_device
+        threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+        log.info(
+            "run folder: %s; device: %s%s (%d process(es)), precision %s",
+            Path(self.log_dir or trainer.default_root_dir),
+            device,
+            threads,
+            trainer.world_size,
+            trainer.precision,
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.first_step = trainer.global_step
+        if trainer.is_global_zero:
+            resumed = f", resuming at step {trainer.global_step}" if trainer.global_step else ""
+            log.info(
+                "training: %s epochs of %d steps (%d steps in all%s)",
+                trainer.max_epochs,
+                trainer.num_training_batches,
+                self.total_steps(trainer),
+                resumed,
+            )
+
+    @staticmethod
+    def total_steps(trainer: pl.Trainer) -> int:
+        return int(trainer.estimated_stepping_batches)
+
+    # --- during ---------------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_started = time.perf_counter()
+        self.losses = []
+        self.validation_seconds = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_index: int) -> None:
+        self.step_started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_index: int) -> None:
+        self.step_times.append(time.perf_counter() - self.step_started)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.losses.append(float(loss))
+        if trainer.is_global_zero and len(self.step_times) == ESTIMATE_AFTER_STEPS + 1:
+            per_step = sum(self.step_times[1:]) / ESTIMATE_AFTER_STEPS
+            remaining = self.total_steps(trainer) - trainer.global_step
+            log.info(
+                "estimate: %.2f s per step, about %s for the %d steps left (validation comes on top; "
+                "the epoch lines refine it)",
+                per_step,
+                duration(per_step * remaining),
+                remaining,
+            )
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validation_started = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validation_seconds += time.perf_counter() - self.validation_started
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        seconds = time.perf_counter() - self.epoch_started
+        metrics = trainer.callback_metrics
+        scores = "  ".join(
+            f"{key} {float(metrics[key]):.4f}"
+            for key in ("val/loss", "val/dice", "val/iou", "val/dice_classes")
+            if key in metrics
+        )
+        loss = f"train/loss {sum(self.losses) / len(self.losses):.4f}  " if self.losses else ""
+        if "val/dice" in metrics:
+            previous = self.best(trainer)
+            candidates = [float(metrics["val/dice"]), self.best_dice, previous[0] if previous else None]
+            self.best_dice = max(value for value in candidates if value is not None)
+        best_text = f"  (best val/dice {self.best_dice:.4f})" if self.best_dice is not None else ""
+        steps_done = trainer.global_step - self.first_step
+        elapsed = time.perf_counter() - self.started
+        remaining = self.total_steps(trainer) - trainer.global_step
+        eta = f"  ETA {duration(elapsed / steps_done * remaining)}" if steps_done and remaining > 0 else ""
+        log.info(
+            "epoch %d/%s  step %d  %s (validation %s)  %s%s%s%s",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            trainer.global_step,
+            duration(seconds),
+            duration(self.validation_seconds),
+            loss,
+            scores,
+            best_text,
+            eta,
+        )
+
+    # --- end ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def best(trainer: pl.Trainer) -> tuple[float, str] | None:
+        """(score, path) of the best checkpoint of the first ModelCheckpoint that monitors a metric."""
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.monitor and callback.best_model_score is not None:
+                return float(callback.best_model_score), callback.best_model_path
+        return None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+            reason = "stopped at the time limit (trainer.max_time)"
+        elif trainer.max_epochs is not None and trainer.current_epoch < trainer.max_epochs:
+            reason = "stopped early"
+        else:
+            reason = "finished"
+        log.info(
+            "%s after %s: %d steps, %d epochs",
+            reason,
+            duration(time.perf_counter() - self.started),
+            trainer.global_step,
+            trainer.current_epoch,
+        )
+        best = self.best(trainer)
+        if best:
+            log.info("best val/dice %.4f: %s", *best)
+        folder = Path(self.log_dir or trainer.default_root_dir)
+        last = [c.last_model_path for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")]
+        for name, path in (
+            ("last checkpoint", last[0] if last else None),
+            ("curves", folder / "curves.png"),
+            ("metrics", folder / "metrics.csv"),
+            ("config", folder / "config.yaml"),
+        ):
+            if path and Path(path).is_file():
+                log.info("%s: %s", name, path)
