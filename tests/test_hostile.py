@@ -448,7 +448,11 @@ def test_11_resume_keeps_the_metrics_history(shared_dataset, tmp_path):
 
 @pytest.mark.parametrize(
     "option, value, message",
-    [("--data.tile_size", "0", "data.tile_size must be a positive"), ("--data.tiles_per_epoch", "0", "at least")],
+    [
+        ("--data.tile_size", "0", "data.tile_size must be a positive"),
+        ("--data.tiles_per_epoch", "0", "tiles_per_epoch must be a positive"),
+        ("--data.tiles_per_epoch", "4", "must be at least data.batch_size"),
+    ],
 )
 def test_11_bad_training_options_are_one_line_errors(shared_dataset, tmp_path, capsys, option, value, message):
     assert train_cli.main(tiny_train_args(shared_dataset, tmp_path / "run", option, value)) == 1

@@ -287,11 +287,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         for option, value in (("tile_size", tile_size), ("val_tile_size", val_tile_size), ("batch_size", batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"data.{option} must be a positive integer, got {value!r}")
-        if not isinstance(tiles_per_epoch, int) or tiles_per_epoch < batch_size:
-            raise ValueError(
-                f"data.tiles_per_epoch must be at least data.batch_size ({batch_size}) so an epoch has a batch, "
-                f"got {tiles_per_epoch!r}"
-            )
+        if isinstance(tiles_per_epoch, bool) or not isinstance(tiles_per_epoch, int) or tiles_per_epoch < 1:
+            raise ValueError(f"data.tiles_per_epoch must be a positive integer, got {tiles_per_epoch!r}")
         # No save_hyperparameters(): checkpoints stay plain data (weights_only loading); the
         # run folder's config.yaml and the module's input_spec record what matters.
         self.root, self.images, self.masks, self.in_channels = root, images, masks, in_channels
@@ -423,6 +420,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         (Path(log_dir) / "split.json").write_text(json.dumps(self.split, indent=1))
 
     def train_dataloader(self) -> DataLoader:
+        if self.tiles_per_epoch < self.batch_size:  # drop_last would leave an epoch without a batch
+            raise ValueError(
+                f"data.tiles_per_epoch ({self.tiles_per_epoch}) must be at least data.batch_size ({self.batch_size})"
+            )
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
