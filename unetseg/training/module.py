@@ -138,7 +138,8 @@ class SegmentationModule(pl.LightningModule):
         return self.net(image)
 
     def on_fit_start(self) -> None:
-        if channels_last(self.device):  # NHWC convolutions: faster in oneDNN (CPU) and on tensor cores
+        volumetric = any(parameter.ndim == 5 for parameter in self.net.parameters())  # channels_last is 4-D only
+        if channels_last(self.device) and not volumetric:  # NHWC convolutions: faster in oneDNN (CPU), tensor cores
             self.net.to(memory_format=torch.channels_last)  # NCHW inputs follow the weights from the first conv
         spec: InputSpec | None = getattr(self.trainer.datamodule, "input_spec", None)
         if spec is None:
