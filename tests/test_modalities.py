@@ -99,8 +99,8 @@ def test_modality_balance_draws_the_rare_type_as_often(tmp_path):
     data = SegmentationDataModule(
         root=str(root),
         tile_size=32,
+        batch_size=2,
         tiles_per_epoch=4,
-        batch_size=4,
         num_workers=0,
         split_file=str(split),
         modality_balance=1.0,
@@ -126,7 +126,7 @@ def test_binary_masks_become_connected_components(tmp_path):
     labels[5:15, 30:40] = 255  # two separate objects in a 0/255 mask
     for name in ("a", "b"):
         write_pair(tmp_path, name, np.where(labels > 0, 200, 20).astype(np.uint8), labels)
-    data = SegmentationDataModule(root=str(tmp_path), tile_size=48, tiles_per_epoch=2, batch_size=2, num_workers=0)
+    data = SegmentationDataModule(root=str(tmp_path), tile_size=48, batch_size=2, tiles_per_epoch=2, num_workers=0)
     data.setup()
     sample = data.train_set.samples[0]
     assert sorted(np.unique(sample.labels)) == [0, 1, 2]

@@ -158,3 +158,18 @@ def test_checkpoint_from_a_python_fit_loads(shared_dataset, tmp_path):
     assert module.net.down[0][1].body[0].weight.is_contiguous(memory_format=CL)  # trained NHWC on the CPU
     model = SegmentationModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
     assert model.hparams["input_spec"]["normalization"] == {"low": 1.0, "high": 99.8, "clip": True}
+
+
+def test_deep_supervision_trains_on_every_head():
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, classes=1, depth=2, width=4, skip="nested", deep_supervision=True)
+    module = SegmentationModule(net)
+    batch = {"image": torch.rand(2, 1, 32, 32), "target": (torch.rand(2, 32, 32) > 0.5).long()}
+    net.train()
+    heads = net(batch["image"])
+    assert isinstance(heads, (list, tuple)) and len(heads) == 2
+    loss = module.training_step(batch, 0)
+    expected = torch.stack([module.loss(logits, batch["target"]) for logits in heads]).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)

@@ -42,6 +42,18 @@ def test_channels_say_what_was_converted(summary):
     assert "the mean of the RGB channels" in domain_warnings(rgb, 1, Normalization(), summary)[0][1]
 
 
+def test_grey_into_a_model_trained_on_grey_stored_as_rgb_is_expected():
+    rgb_copies = [np.stack([fluorescence(seed)] * 3) for seed in range(4)]  # (3, H, W), equal channels
+    normalization = Normalization()
+    summary = intensity_summary(rgb_copies, [normalization.range(image) for image in rgb_copies], normalization)
+    assert summary["grey"] == 1.0
+    assert domain_warnings(fluorescence(5), 3, normalization, summary) == []
+    colour = [np.stack([fluorescence(seed), fluorescence(seed + 1), fluorescence(seed + 2)]) for seed in range(4)]
+    summary = intensity_summary(colour, [normalization.range(image) for image in colour], normalization)
+    assert summary["grey"] == 0.0
+    assert [kind for kind, _ in domain_warnings(fluorescence(5), 3, normalization, summary)][:1] == ["channels"]
+
+
 def test_another_bit_depth_and_another_kind_of_image_are_named(summary):
     sixteen_bit = fluorescence(10).astype(np.uint16) * 200
     ((kind, reason),) = domain_warnings(sixteen_bit, 1, Normalization(), summary)
@@ -52,10 +64,10 @@ def test_another_bit_depth_and_another_kind_of_image_are_named(summary):
 
 
 def test_the_report_warns_once_per_kind(summary, caplog):
-    spec = InputSpec(3, intensity=summary)
+    spec = InputSpec(1, intensity=summary)
     report = DomainReport()
     for seed in range(3):
-        report.check(f"grey{seed}.png", fluorescence(seed), spec)
+        report.check(f"rgb{seed}.png", np.stack([fluorescence(seed)] * 3, axis=-1), spec)
     assert report.counts == {"channels": 3}
     assert report.summary() == ["2 more input(s) with the same channels warning"]
 

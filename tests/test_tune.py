@@ -5,8 +5,9 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
-from unetseg.checkpoint import load_predictor, store_postprocess
+from unetseg.checkpoint import load_predictor, read_checkpoint, save_checkpoint, slim_checkpoint, store_postprocess
 from unetseg.cli.train import main as train_main
 from unetseg.cli.tune import main as tune_main
 from unetseg.inference import TilingConfig
@@ -174,3 +175,16 @@ def test_a_distance_model_trains_predicts_labels_and_tunes(shared_dataset, tmp_p
     assert labels.shape == (64, 64) and labels.dtype == np.uint16
     assert tune_main([str(model_file), str(shared_dataset), "--max-images", "2", "--tile-size", "64"]) == 0
     assert load_predictor(model_file)[1].postprocess.keys() == POSTPROCESS_DEFAULTS.keys()
+
+
+def test_slim_checkpoint_keeps_values_beyond_float16_in_float32(checkpoint, tmp_path):
+    full = read_checkpoint(checkpoint)
+    key = next(name for name in full["state_dict"] if name.endswith("running_var"))
+    full["state_dict"][key] = full["state_dict"][key] + 70000.0  # as a long training's BatchNorm can reach
+    save_checkpoint(full, tmp_path / "full.ckpt")
+    slim = read_checkpoint(slim_checkpoint(tmp_path / "full.ckpt", tmp_path / "slim.ckpt"))
+    assert slim["state_dict"][key].dtype == torch.float32
+    assert torch.equal(slim["state_dict"][key], full["state_dict"][key])
+    weights = [name for name in slim["state_dict"] if name.endswith("weight")]
+    assert all(slim["state_dict"][name].dtype == torch.float16 for name in weights)
+    load_predictor(tmp_path / "slim.ckpt")  # finite: not refused

@@ -3,7 +3,6 @@ log, resume it. Also the run-folder promises: last.ckpt is the final step, curve
 
 import csv
 
-import pytest
 import torch
 import yaml
 
@@ -102,11 +101,9 @@ def test_a_fresh_run_in_an_old_folder_starts_a_new_history(tmp_path):
     assert path.read_text().splitlines() == ["epoch,step,val/dice"]
 
 
-@pytest.mark.parametrize("argv", [["--config", "tiny", "-q", "--data.in_channels", "2"]])
-def test_option_errors_are_one_line(argv, capsys):
-    assert train.main(argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "in_channels" in err[0]
+def test_option_errors_are_one_line(capsys):
+    assert train.main(["--config", "tiny", "-q", "--data.in_channels", "2"]) == 1
+    assert capsys.readouterr().err == "error: in_channels must be 1 (grey) or 3 (RGB), got 2\n"
 
 
 def test_demo_shows_progress_and_prints_working_paths(synthetic_cache, tmp_path, monkeypatch, capsys):

@@ -252,12 +252,13 @@ def slim_checkpoint(source: str | Path, target: str | Path, half: bool = True) -
     """Write the shippable part of a training checkpoint: weights and hyperparameters.
 
     Optimiser state, callbacks and loops are dropped; floating-point weights are stored as
-    float16 when `half` (loaded back into float32 parameters). The result still loads with
-    `SegmentationModule.load_from_checkpoint` and `unetseg-predict --checkpoint`.
+    float16 when `half` (loaded back into float32 parameters), except tensors with values beyond
+    float16's range (BatchNorm running variances reach 1e5), which stay float32. The result
+    still loads with `SegmentationModule.load_from_checkpoint` and `unetseg-predict --checkpoint`.
     """
     checkpoint = read_checkpoint(source)
     state = {
-        key: value.half() if half and value.is_floating_point() else value
+        key: value.half() if half and value.is_floating_point() and fits_half(value) else value
         for key, value in checkpoint["state_dict"].items()
     }
     slim = {
@@ -268,6 +269,11 @@ def slim_checkpoint(source: str | Path, target: str | Path, half: bool = True) -
     slim["state_dict"] = state
     save_checkpoint(slim, target)
     return Path(target)
+
+
+def fits_half(tensor: torch.Tensor) -> bool:
+    """True when every value of a floating-point tensor stays finite in float16."""
+    return tensor.numel() == 0 or float(tensor.abs().max()) <= torch.finfo(torch.float16).max
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:

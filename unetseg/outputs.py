@@ -75,7 +75,7 @@ class OutputWriter:
         self.shape, dtype, self.axes = layout(kind, spec, image)
         self.zarr = target is not None and ".zarr" in (
             self.target.suffix.lower(),
-            self.target.parents[1].suffix.lower(),
+            self.target.parent.parent.suffix.lower(),
         )
         self.next_label = 1
         self.labeler: BlockLabeler | None = None

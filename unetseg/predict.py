@@ -37,10 +37,20 @@ from unetseg.io import (
     is_image_file,
 )
 from unetseg.io.images import DEFAULT_MAX_PIXELS
+from unetseg.io.nifti import is_nifti
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import InputImage, open_image
+from unetseg.io.volumes import InputVolume
 from unetseg.io.zarr import ZARR_SUFFIX, is_zarr, open_zarr
 from unetseg.outputs import FORMATS, OUTPUTS, OutputWriter, open_writers
+from unetseg.predict_volumes import (
+    VolumeTiling,
+    model_spatial_dims,
+    output_suffix,
+    predict_volume,
+    predict_volume_file,
+    volume_output,
+)
 from unetseg.quality import DomainReport
 from unetseg.spec import InputSpec
 
@@ -74,6 +84,7 @@ class PredictSettings:
         seed_threshold: seed class probability that starts an object in "labels".
         min_size: smallest object, in pixels, kept in "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
+        volume: tile size and overlap (Z, Y, X) of 3-D models (`unetseg.predict_volumes`).
         max_pixels: the most pixels (height x width x planes) an input may claim in its header;
             larger ones are refused unread (decompression bombs). None: no cap.
         overlay: also write `<stem>_overlay.png` next to each output: the input with the
@@ -89,6 +100,7 @@ class PredictSettings:
     output: str | tuple[str, ...] = "mask"
     threshold: float | None = None
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    volume: VolumeTiling = field(default_factory=VolumeTiling)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # inputs claiming more pixels are refused before decoding
     seed_threshold: float | None = None
     min_size: int | None = None
@@ -208,6 +220,15 @@ def predict_image(
     """
     settings.check(input_spec)
     image = np.asarray(image)
+    if model_spatial_dims(model) == 3:  # a volume (Z, Y, X[, C]) in 3-D tiles
+        if image.ndim not in (3, 4):
+            raise ValueError(f"a 3-D model predicts volumes (Z, Y, X) or (Z, Y, X, C); got shape {image.shape}")
+        output = volume_output(settings)
+        classes = input_spec.classes if output == "prob" and input_spec.classes > 1 else 0
+        shape = (image.shape[0], *([classes] if classes else []), *image.shape[1:3])
+        dtype = {"mask": np.uint8, "prob": np.float32, "labels": np.uint32}[output]
+        out = predict_volume(model, input_spec, InputVolume(image), settings, np.zeros(shape, dtype))
+        return out.astype(np.uint16) if output == "labels" and out.max(initial=0) < 2**16 else out
     if image.ndim == 2 or image.ndim == 3 and image.shape[-1] <= 4:
         arranged = InputImage(image[None])
     elif image.ndim in (3, 4):
@@ -287,6 +308,8 @@ def predict_file(
     """
     settings.check(input_spec)
     source = Path(source)
+    if is_nifti(source) or model_spatial_dims(model) == 3:
+        return predict_volume_file(model, input_spec, source, target, settings, progress)
     image = open_input(source, settings.max_pixels)
     targets = output_targets(source, target, settings)
     for kind in settings.outputs:
@@ -327,9 +350,10 @@ def predict_file(
 
 
 def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None) -> list[tuple[Path, Path]]:
-    """(input file, output TIFF) pairs: INPUT's image files, searched recursively, mirrored under OUTPUT.
+    """(input file, output file) pairs: INPUT's image files, searched recursively, mirrored under OUTPUT.
 
-    A file INPUT gives one pair: OUTPUT itself when it ends in .tif/.tiff or .png, else OUTPUT/<stem>.tif;
+    A file INPUT gives one pair: OUTPUT itself when it ends in .tif/.tiff or .png, else OUTPUT/<stem>.tif
+    (NIfTI inputs: OUTPUT .nii/.nii.gz, else OUTPUT/<stem>.nii.gz or .nii, as the input);
     another image suffix (.jpg...) is refused, as is a file name as OUTPUT of a folder INPUT.
     Hidden files and folders, and anything inside OUTPUT, are not searched. `glob` filters the
     image files by their path relative to INPUT (`PurePath.match`, so "*.tif" matches at any
@@ -340,9 +364,9 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     if root.is_file() or is_zarr(root):
         if not is_image_file(root):
             raise ValueError(f"INPUT {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        named = output.suffix.lower() in TIFF_SUFFIXES + PNG_SUFFIXES
-        target = output if named else output / f"{image_key(root, root.parent)}.tif"
-        if output.suffix.lower() in IMAGE_SUFFIXES and output.suffix.lower() not in TIFF_SUFFIXES + PNG_SUFFIXES:
+        named = output.suffix.lower() in TIFF_SUFFIXES + PNG_SUFFIXES or is_nifti(output)
+        target = output if named else output / f"{image_key(root, root.parent)}{output_suffix(root)}"
+        if not named and output.suffix.lower() in IMAGE_SUFFIXES:
             raise ValueError(f"OUTPUT {output}: outputs are .tif/.tiff, or .png for masks and labels")
         if target.resolve() == root.resolve():
             raise ValueError(f"OUTPUT {target} is the input file; choose another name")
@@ -368,7 +392,7 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     if not files:
         what = f"matching {glob!r}" if glob else f"({', '.join(IMAGE_SUFFIXES)})"
         raise ValueError(f"INPUT {root}: no image files {what} in this folder or below")
-    pairs = [(path, output / f"{key}.tif") for key, path in files.items()]
+    pairs = [(path, output / f"{key}{output_suffix(path)}") for key, path in files.items()]
     inputs = {path.resolve() for path in (files if glob is None else find_images(root)).values()}
     clashes = [target for _, target in pairs if target.resolve() in inputs]
     if clashes:

@@ -29,8 +29,8 @@ usage: unetseg-train [fit] --config CONFIG [--data.root DIR] [--OPTION VALUE ...
        unetseg-train fit --help        every option, with its type and default
 
 Train a segmentation network from a YAML config. CONFIG is a file (e.g. one written by
-`unetseg-plan DATA`) or the name of a packaged config: {configs}. Any value in it can be
-overridden on the command line.
+`unetseg-plan DATA`) or the name of a packaged config ({configs}).
+Any value in it can be overridden on the command line.
 
 data (images/ and masks/ under --data.root, paired by file name):
   --data.root DIR              the training folder (null: the embedded synthetic nuclei)

@@ -196,8 +196,8 @@ class OmeZarrWriter:
         zarr = _zarr()
         self.path, self.shape, self.axes, self.label = Path(path), tuple(shape), axes, label
         self.calibration = calibration
-        inside = self.path.parent.name == "labels" and self.path.parents[1].suffix.lower() == ZARR_SUFFIX
-        self.parent = self.path.parents[1] if inside else None  # the image whose labels group receives this
+        inside = self.path.parent.name == "labels" and self.path.parent.parent.suffix.lower() == ZARR_SUFFIX
+        self.parent = self.path.parent.parent if inside else None  # the image whose labels group receives this
         zarr_format = zarr.open_group(str(self.parent), mode="r").metadata.zarr_format if self.parent else 3
         self.partial = self.path.with_name(f".{self.path.name}.partial")
         shutil.rmtree(self.partial, ignore_errors=True)

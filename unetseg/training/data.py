@@ -21,9 +21,10 @@ from unetseg.metrics import as_instances
 from unetseg.modality import cluster_weights, image_features, modality_names
 from unetseg.quality import intensity_summary
 from unetseg.spec import InputSpec, output_classes
-from unetseg.synthetic import default_dataset
+from unetseg.synthetic import default_dataset, default_volume_dataset
 from unetseg.training.augment import Augmentation, build_transform
 from unetseg.training.targets import border_weight_map, compact_target, make_target
+from unetseg.training.volumes import load_volume_sample, volume_datasets
 
 
 @dataclass
@@ -72,7 +73,9 @@ def load_sample(
     """Read and check one pair, and take its whole-image normalisation range."""
     image = read_image(image_path)
     if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
-        raise ImageReadError(f"{image_path}: a {image.shape} stack; training takes 2D images (H, W[, C])")
+        raise ImageReadError(
+            f"{image_path}: a {image.shape} stack; 2-D training takes images (H, W[, C]); set data.spatial_dims: 3"
+        )
     stored_channels = 1 if image.ndim == 2 else min(image.shape[-1], 3)
     image = to_channels(image, in_channels, image_path)
     labels = read_labels(mask_path)
@@ -237,6 +240,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             size), 1 draws the groups evenly, 0.5 by the square root of their size.
         num_workers: DataLoader workers; None picks min(4, CPUs - 1).
         seed: seed of the train/validation split.
+        spatial_dims: 2 for images, 3 for volumes (3-D TIFF stacks, NIfTI) trained in 3-D patches
+            (`unetseg.training.volumes`); root None then uses the embedded synthetic volumes.
+        patch_size: 3-D only: (Z, Y, X) size of training and validation patches; None means
+            tile_size along every axis. Border weights are 2-D only.
     """
 
     def __init__(
@@ -261,10 +268,18 @@ class SegmentationDataModule(pl.LightningDataModule):
         border_sigma: float = 5.0,
         num_workers: int | None = None,
         seed: int = 0,
+        spatial_dims: int = 2,
+        patch_size: list[int] | None = None,
         modality_balance: float = 0.0,
     ):
         super().__init__()
         output_classes(targets, classes)  # checks targets and classes
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims!r}")
+        if spatial_dims == 3 and border_weights:
+            raise ValueError("border_weights is 2-D only; set it false for spatial_dims 3")
+        self.spatial_dims = spatial_dims
+        self.patch_size = list(patch_size) if patch_size is not None else [tile_size] * 3
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         if in_channels not in (1, 3):
@@ -306,7 +321,8 @@ class SegmentationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
             return
-        root = Path(self.root) if self.root else default_dataset()
+        volumes = self.spatial_dims == 3
+        root = Path(self.root) if self.root else default_volume_dataset() if volumes else default_dataset()
         pairs = find_pairs(root, self.images, self.masks)
         if len(pairs) < 2:
             raise ValueError(f"{root}: found {len(pairs)} image/mask pair; need at least 2 (training and validation)")
@@ -315,7 +331,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         samples, problems = {}, []
         for name, (image_path, mask_path) in zip(names, pairs):
             try:
-                samples[name] = load_sample(image_path, mask_path, self.in_channels, self.normalization, name)
+                load = load_volume_sample if volumes else load_sample
+                samples[name] = load(image_path, mask_path, self.in_channels, self.normalization, name)
                 self.check_mask_values(samples[name].labels, mask_path)
                 if self.targets != "classes":  # binary masks -> one instance per connected object
                     samples[name].labels = as_instances(samples[name].labels)
@@ -327,6 +344,19 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"{len(problems)} of {len(pairs)} training pairs cannot be used:\n  " + "\n  ".join(problems)
             )
+        if volumes:
+            self.train_set, self.val_set = volume_datasets(
+                samples,
+                self.split,
+                self.patch_size,
+                self.normalization,
+                self.targets,
+                self.tiles_per_epoch,
+                self.augmentation,
+                self.foreground_oversampling,
+            )
+            self.write_split()
+            return
         train = [pad_sample(samples[name], self.tile_size) for name in self.split["train"]]
         weights = None
         if self.modality_balance > 0:
