@@ -115,7 +115,7 @@ def test_modality_balance_draws_the_rare_type_as_often(tmp_path):
         "b6": "grey brightfield",
     }
     rng = np.random.default_rng(0)
-    drawn = [data.train_set.random_tile(rng)[0].name for _ in range(2000)]
+    drawn = [data.train_set.samples[data.train_set.random_tile(rng)[0]].name for _ in range(2000)]
     assert drawn.count("b6") / len(drawn) == pytest.approx(0.5, abs=0.05)
     assert "labels" in data.val_set[0] and "labels" not in data.train_set[0]
 

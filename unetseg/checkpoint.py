@@ -9,7 +9,10 @@ checked against bounds before anything is allocated, and never with weights from
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
+import os
 import pickle
 import re
 import warnings
@@ -184,7 +187,8 @@ def load_predictor(path: str | Path, device: str | torch.device | None = None) -
 
     .ckpt/.pt/.pth are training checkpoints (see `read_checkpoint`); .onnx files written by
     unetseg-export run through ONNX Runtime (`unetseg.export.onnx.OnnxPredictor`) with the spec
-    stored in the file. Raises CheckpointError naming the file when it cannot be used.
+    stored in the file, and so do bioimage.io packages (.zip) written by unetseg-export. Raises
+    CheckpointError naming the file when it cannot be used.
     """
     path = Path(path)
     if not path.is_file():
@@ -192,6 +196,14 @@ def load_predictor(path: str | Path, device: str | torch.device | None = None) -
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         model, spec = _load_onnx(path)
+    elif suffix == ".zip":  # a bioimage.io package written by unetseg-export: its ONNX weights and stored spec
+        try:
+            from unetseg.export.bioimageio import load_package
+
+            model, spec = load_package(path)
+        except (ImportError, ValueError, OSError) as error:
+            message = str(error).removeprefix(f"{path}: ")
+            raise CheckpointError(f"{path}: cannot load the bioimage.io package ({message})") from None
     elif suffix in CHECKPOINT_SUFFIXES:
         model, spec, _ = load_net(path)
         if spec is None:
@@ -201,7 +213,7 @@ def load_predictor(path: str | Path, device: str | torch.device | None = None) -
             )
     else:
         raise CheckpointError(
-            f"{path}: unknown model file type {suffix!r}; expected {', '.join(CHECKPOINT_SUFFIXES)} or .onnx"
+            f"{path}: unknown model file type {suffix!r}; expected {', '.join(CHECKPOINT_SUFFIXES)}, .onnx or .zip"
         )
     if device is not None:
         model = model.to(device)
@@ -267,10 +279,27 @@ def fits_half(tensor: torch.Tensor) -> bool:
 def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
     """`torch.save` atomically: into a temporary file beside `path`, flushed to disk (fsync), then renamed.
 
-    Never a copy across filesystems, so a kill or a full disk leaves the previous file whole.
+    Never a copy across filesystems, so a kill or a full disk leaves the previous file whole. The
+    disk space is reserved before writing; a full disk raises OSError naming `path`.
     """
-    with atomic_output(path, suffix=".tmp.ckpt") as temporary:
-        torch.save(checkpoint, temporary)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)  # in memory first: a full disk then fails a plain write, with an OSError
+    data = buffer.getbuffer()
+    try:
+        with atomic_output(path, suffix=".tmp.ckpt") as temporary, open(temporary, "wb") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, len(data))
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # unsupported: just write
+                    raise
+            handle.write(data)
+    except OSError as error:
+        failure = OSError(
+            f"{path}: cannot write the checkpoint ({error.strerror or error}); "
+            f"{'the previous one is intact' if Path(path).exists() else 'nothing was written'}"
+        )
+        failure.errno = error.errno
+        raise failure from error
     return Path(path)
 
 

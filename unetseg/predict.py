@@ -1,11 +1,12 @@
 """Prediction of image files and folders with a trained model: orchestration only, files in, outputs out.
 
-Each input is opened (`unetseg.io.tiff.open_image`), read as its model's training read it
-(`to_channels`, then `Normalization` with the range of the whole image, or of each plane of a
-Z stack) and predicted tile by tile (`unetseg.inference.iter_predict_bands`). Uncompressed
-TIFFs are read through a memory map and masks and probabilities are written through one, band
-by band, so a 12000 x 12000 image needs memory in proportion to its width. Every output is
-written to a temporary name and renamed, and carries the pixel size of its input.
+Each input is opened (`unetseg.io.tiff.open_image`, `unetseg.io.zarr.open_zarr`), read as its
+model's training read it (`to_channels`, then `Normalization` with the range of the whole image,
+or of each plane of a Z stack) and predicted tile by tile (`unetseg.inference.iter_predict_bands`).
+Uncompressed TIFFs are read through a memory map, compressed and tiled TIFFs and OME-Zarr chunk
+by chunk, and every output kind asked for is written from the same bands by `unetseg.outputs`
+(labels block by block), so a 12000 x 12000 image needs memory in proportion to its width.
+Every output is written to a temporary name and renamed, and carries the pixel size of its input.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,27 +25,41 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference import TilingConfig, iter_predict_bands
-from unetseg.inference.overlay import PNG_SUFFIXES, overlay_path, write_overlay, write_png
-from unetseg.inference.postprocess import label_settings, to_labels, to_mask_tensor
+from unetseg.inference.overlay import PNG_SUFFIXES, overlay_path, write_overlay
+from unetseg.inference.postprocess import label_settings, to_mask_tensor
 from unetseg.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
     DuplicateNameError,
     ImageReadError,
     find_images,
+    image_key,
     is_image_file,
-    write_tiff,
 )
 from unetseg.io.images import DEFAULT_MAX_PIXELS
+from unetseg.io.nifti import is_nifti
 from unetseg.io.normalize import ChannelBands, plane_range
-from unetseg.io.tiff import InputImage, atomic_memmap, open_image, release_pages
+from unetseg.io.tiff import InputImage, open_image
+from unetseg.io.volumes import InputVolume
+from unetseg.io.zarr import ZARR_SUFFIX, is_zarr, open_zarr
+from unetseg.outputs import FORMATS, OUTPUTS, OutputWriter, open_writers
+from unetseg.predict_volumes import (
+    VolumeTiling,
+    model_spatial_dims,
+    output_suffix,
+    predict_volume,
+    predict_volume_file,
+    volume_output,
+)
 from unetseg.quality import DomainReport
 from unetseg.spec import InputSpec
 
 __all__ = [
+    "FORMATS",
     "OUTPUTS",
     "PredictSettings",
     "PredictSummary",
+    "output_targets",
     "plan_outputs",
     "predict_file",
     "predict_files",
@@ -53,43 +69,63 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("mask", "prob", "labels")
-
 
 @dataclass(frozen=True)
 class PredictSettings:
     """What to write and how to tile.
 
     Args:
-        output: "mask" (uint8: 0/255 foreground for one class and for targets "boundary",
-            the class index for targets "classes"), "prob" (float32 probabilities (classes,
-            H, W), (H, W) for one class) or "labels" (uint16/uint32 instance labels by
-            `postprocess.to_labels`, for targets "foreground" and "boundary").
+        output: one output kind or several (written from one model run): "mask" (uint8: 0/255
+            foreground for one class and for targets "boundary", the class index for targets
+            "classes"), "prob" (float32 probabilities (classes, H, W), (H, W) for one class) or
+            "labels" (uint16/uint32 instance labels by `postprocess.to_labels`, made block by
+            block, for targets "foreground" and "boundary").
         threshold: foreground probability threshold of "mask" and "labels".
         seed_threshold: seed class probability that starts an object in "labels".
         min_size: smallest object, in pixels, kept in "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
+        volume: tile size and overlap (Z, Y, X) of 3-D models (`unetseg.predict_volumes`).
         max_pixels: the most pixels (height x width x planes) an input may claim in its header;
             larger ones are refused unread (decompression bombs). None: no cap.
         overlay: also write `<stem>_overlay.png` next to each output: the input with the
-            predicted outlines (the middle plane of a stack).
+            predicted outlines (the middle plane of a stack) of the first output kind.
+        format: "tiff" or "ome-zarr" (see `output_targets`).
+        rois: also write an ImageJ ROI set (.zip) of the labels.
+        measure: also write a CSV of per-object measurements.
 
     None for threshold, seed_threshold or min_size means the value the model stores (tuned by
     `unetseg-tune`, in its input spec's `postprocess`), else `POSTPROCESS_DEFAULTS`.
     """
 
-    output: str = "mask"
+    output: str | tuple[str, ...] = "mask"
     threshold: float | None = None
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    volume: VolumeTiling = field(default_factory=VolumeTiling)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # inputs claiming more pixels are refused before decoding
     seed_threshold: float | None = None
     min_size: int | None = None
     overlay: bool = False
+    format: str = "tiff"
+    rois: bool = False
+    measure: bool = False
 
     def __post_init__(self):
-        if self.output not in OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
+        unknown = [kind for kind in self.kinds if kind not in OUTPUTS]
+        if unknown or not self.kinds or len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)} (or several, each once); got {self.output!r}")
         label_settings(threshold=self.threshold, seed_threshold=self.seed_threshold, min_size=self.min_size)
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The output kinds asked for, in order."""
+        return (self.output,) if isinstance(self.output, str) else tuple(self.output)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The output kinds written: those asked for, and labels for ROIs and measurements."""
+        return self.kinds + (("labels",) if (self.rois or self.measure) and "labels" not in self.kinds else ())
 
     def label_options(self, spec: InputSpec) -> dict:
         """Keyword arguments of `to_labels` (and the threshold of "mask"): defaults, then the model's
@@ -99,17 +135,18 @@ class PredictSettings:
         )
 
     def check(self, spec: InputSpec) -> None:
-        """Raise ValueError when this output cannot be made from a model with this input spec."""
-        if self.output == "labels" and not spec.instances:
+        """Raise ValueError when these outputs cannot be made from a model with this input spec."""
+        if "labels" in self.outputs and not spec.instances:
+            what = "output 'labels'" if "labels" in self.kinds else "--rois/--measure"
             raise ValueError(
-                f"output 'labels' needs a model trained with targets 'foreground' or 'boundary'; "
+                f"{what} needs a model trained with targets 'foreground' or 'boundary'; "
                 f"this one predicts {spec.classes} classes (targets {spec.targets!r})"
             )
 
     def check_target(self, target: Path, stack: bool = False) -> None:
         """Raise ValueError when `target`'s format cannot hold this output (PNG: one 8/16-bit plane)."""
-        if target.suffix.lower() in PNG_SUFFIXES and (self.output == "prob" or stack):
-            what = "float probabilities" if self.output == "prob" else "a stack"
+        if target.suffix.lower() in PNG_SUFFIXES and ("prob" in self.outputs or stack):
+            what = "float probabilities" if "prob" in self.outputs else "a stack"
             raise ValueError(f"{target}: PNG holds one plane of 8/16-bit masks or labels, not {what}; write .tif")
 
     def engine_options(self) -> dict:
@@ -117,63 +154,41 @@ class PredictSettings:
         return vars(self.tiling).copy()
 
 
-def _write_overlay(
-    settings: PredictSettings, image: InputImage, out: np.ndarray, target: Path, threshold: float
-) -> None:
-    """The input's (middle) plane with the outlines of its prediction, next to the output."""
-    z = len(image.planes) // 2
-    write_overlay(overlay_path(target), image.planes[z], out[z] if image.stack else out, settings.output, threshold)
-
-
-def _layout(settings: PredictSettings, spec: InputSpec, image: InputImage) -> tuple[tuple, np.dtype, str]:
-    """(shape, dtype, ImageJ axes) of the output of `image`; labels are made as uint32, then narrowed if they fit."""
-    planes, height, width = len(image.planes), image.height, image.width
-    classes = spec.classes if settings.output == "prob" and spec.classes > 1 else 0
-    shape = ((planes,) if image.stack else ()) + ((classes,) if classes else ()) + (height, width)
-    axes = (image.plane_axis if image.stack else "") + ("C" if classes else "") + "YX"
-    dtype = {"mask": np.uint8, "prob": np.float32, "labels": np.uint32}[settings.output]
-    return shape, np.dtype(dtype), axes
-
-
 def _predict_planes(
     model: nn.Module,
     spec: InputSpec,
     image: InputImage,
     settings: PredictSettings,
-    out: Any,
+    writers: Sequence[OutputWriter],
     path: str | Path = "image",
     on_rows: Callable[[int], Any] | None = None,
 ) -> None:
-    """Predict every plane of `image` into `out` (planes, [classes,] H, W), band by band."""
+    """Predict every plane of `image` once, band by band, handing each band to every writer."""
     normalization = spec.normalization
-    in_channels, classes = spec.in_channels, spec.classes
-    options = settings.label_options(spec)
+    in_channels = spec.in_channels
+    threshold = settings.label_options(spec)["threshold"]
+    # A mask alone is thresholded on the device: uint8 bands cross to the host.
+    device_mask = [writer.kind for writer in writers] == ["mask"]
     for z, plane in enumerate(image.planes):
         value_range = plane_range(plane, in_channels, normalization, path)
-        mask = settings.output == "mask"  # thresholded on the device: uint8 bands cross to the host
         bands = iter_predict_bands(
             model,
             ChannelBands(plane, in_channels, path),
             normalize=partial(normalization.apply, value_range=value_range),
-            band_transform=partial(_device_mask, spec=spec, threshold=options["threshold"]) if mask else None,
+            band_transform=partial(_device_mask, spec=spec, threshold=threshold) if device_mask else None,
             **settings.engine_options(),
         )
-        whole = settings.output == "labels"  # labels need the whole plane's probabilities
-        probs_plane = np.empty((classes, image.height, image.width), np.float32) if whole else None
+        for writer in writers:
+            writer.start_plane(z)
         for start, stop, probs in bands:
-            if mask:
-                out[z, start:stop] = probs  # already the uint8 mask
-            elif probs_plane is not None:
+            if not device_mask:
                 _check_classes(probs, spec)
-                probs_plane[:, start:stop] = probs
-            else:
-                _check_classes(probs, spec)
-                out[z, ..., start:stop, :] = probs[0] if classes == 1 else probs
-            release_pages(out)
+            for writer in writers:
+                writer.band(z, start, stop, probs)
             if on_rows is not None:
                 on_rows(stop - start)
-        if probs_plane is not None:
-            out[z] = to_labels(probs_plane, **options)
+        for writer in writers:
+            writer.end_plane(z)
 
 
 def _check_classes(probs: Any, spec: InputSpec) -> None:
@@ -188,37 +203,77 @@ def _device_mask(probs: Any, spec: InputSpec, threshold: float) -> Any:
     return to_mask_tensor(probs, threshold, spec.targets)
 
 
-def _smallest_labels(labels: np.ndarray) -> np.ndarray:
-    """uint16 labels where they fit, as `to_labels` returns them, else uint32."""
-    return labels.astype(np.uint16) if labels.max(initial=0) < 2**16 else labels
-
-
 def predict_image(
     model: nn.Module, input_spec: InputSpec, image: np.ndarray, settings: PredictSettings = PredictSettings()
-) -> np.ndarray:
+) -> np.ndarray | dict[str, np.ndarray]:
     """Predict an image held in memory, as `predict_file` predicts a file.
 
     Args:
         model: a network from `load_predictor`, on the device to run on.
         input_spec: the checkpoint's input spec (channels, normalisation, targets, classes).
         image: (H, W), (H, W, C) with C in 1, 3, 4, or a stack (Z, H, W) / (Z, H, W, C).
-        settings: the output kind, threshold and tiling.
+        settings: the output kind(s), threshold and tiling (ROIs and measurements are for files).
 
     Returns the mask (H, W) uint8, probabilities (classes, H, W) float32 ((H, W) for one
-    class) or labels (H, W) uint16/uint32; stacks get a leading Z axis.
+    class) or labels (H, W) uint16/uint32; stacks get a leading Z axis. Several output kinds
+    give a dict of them by kind.
     """
     settings.check(input_spec)
     image = np.asarray(image)
+    if model_spatial_dims(model) == 3:  # a volume (Z, Y, X[, C]) in 3-D tiles
+        if image.ndim not in (3, 4):
+            raise ValueError(f"a 3-D model predicts volumes (Z, Y, X) or (Z, Y, X, C); got shape {image.shape}")
+        output = volume_output(settings)
+        classes = input_spec.classes if output == "prob" and input_spec.classes > 1 else 0
+        shape = (image.shape[0], *([classes] if classes else []), *image.shape[1:3])
+        dtype = {"mask": np.uint8, "prob": np.float32, "labels": np.uint32}[output]
+        out = predict_volume(model, input_spec, InputVolume(image), settings, np.zeros(shape, dtype))
+        return out.astype(np.uint16) if output == "labels" and out.max(initial=0) < 2**16 else out
     if image.ndim == 2 or image.ndim == 3 and image.shape[-1] <= 4:
         arranged = InputImage(image[None])
     elif image.ndim in (3, 4):
         arranged = InputImage(image, stack=True)
     else:
         raise ValueError(f"image must be (H, W), (H, W, C), (Z, H, W) or (Z, H, W, C); got shape {image.shape}")
-    shape, dtype, _ = _layout(settings, input_spec, arranged)
-    out = np.zeros(shape, dtype)
-    _predict_planes(model, input_spec, arranged, settings, out if arranged.stack else out[None])
-    return _smallest_labels(out) if settings.output == "labels" else out
+    with ExitStack() as stack:
+        options = settings.label_options(input_spec)
+        writers = open_writers(settings.kinds, dict.fromkeys(settings.kinds), input_spec, arranged, options, stack)
+        _predict_planes(model, input_spec, arranged, settings, writers)
+        results = {writer.kind: writer.close() for writer in writers}
+    return results[settings.output] if isinstance(settings.output, str) else results
+
+
+def output_targets(source: str | Path, target: str | Path, settings: PredictSettings) -> dict[str, Path]:
+    """Where each output of `source` goes, by kind ("mask", "prob", "labels", "rois", "measure").
+
+    One output kind: `target` itself (a TIFF or PNG), or <stem>.ome.zarr beside it with format
+    "ome-zarr"; several: <stem>_<kind>.tif / .ome.zarr. For an OME-Zarr input with format
+    "ome-zarr", labels and masks go into the input image's labels group (IMAGE.zarr/labels/<kind>),
+    where napari finds them with the image. ROIs: <stem>_rois.zip; measurements: <stem>_objects.csv.
+    """
+    source, target = Path(source), Path(target)
+    stem = target.name[: -len(target.suffix)] if target.suffix else target.name
+    zarr_out = settings.format == "ome-zarr"
+    suffix = ".ome" + ZARR_SUFFIX if zarr_out else target.suffix or ".tif"
+    kinds = settings.outputs
+    targets = {}
+    for kind in kinds:
+        if zarr_out and kind != "prob" and is_zarr(source):
+            targets[kind] = source / "labels" / kind
+        elif len(kinds) == 1 and not zarr_out:
+            targets[kind] = target
+        else:
+            targets[kind] = target.with_name(stem + (f"_{kind}" if len(kinds) > 1 else "") + suffix)
+    if settings.rois:
+        targets["rois"] = target.with_name(f"{stem}_rois.zip")
+    if settings.measure:
+        targets["measure"] = target.with_name(f"{stem}_objects.csv")
+    return targets
+
+
+def open_input(source: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputImage:
+    """An image file or an OME-Zarr image (*.zarr folder), opened lazily for prediction."""
+    return open_zarr(source) if is_zarr(source) else open_image(source, max_pixels)
 
 
 def predict_file(
@@ -230,20 +285,21 @@ def predict_file(
     progress: bool = False,
     domain: DomainReport | None = None,
 ) -> int:
-    """Predict one image file into a TIFF (or a PNG for masks and labels) of the same height and width;
-    returns the pixels predicted.
+    """Predict an image file (or OME-Zarr image) into outputs of its height and width; returns the pixels predicted.
 
-    Masks and probabilities go band by band into a memory-mapped temporary TIFF, renamed to
-    `target` when complete; labels need the whole probability map of a plane in memory. The
-    input's pixel size (resolution tags, ImageJ unit/spacing, OME physical size) is written
-    with the output as ImageJ metadata (OME for uint32 labels). Stacks are predicted plane by
-    plane, each normalised with its own range, into a ZYX stack.
+    Every output kind of `settings` is written from one model run, to the places
+    `output_targets` gives: masks and probabilities band by band, labels block by block, each
+    into a temporary TIFF (memory-mapped), PNG (masks and labels) or OME-Zarr store renamed into
+    place when complete. The input's pixel size is written with the outputs (TIFF: ImageJ
+    metadata, OME for uint32 labels; OME-Zarr: the scale of y and x). Stacks are predicted plane
+    by plane, each normalised with its own range, into a ZYX stack. With `settings.rois` /
+    `measure`, the objects of the labels also go to an ImageJ ROI set and a CSV of measurements.
 
     Args:
         model, input_spec: from `load_predictor`.
-        source: the image file (see `open_image`).
-        target: the output TIFF; its folder is created.
-        settings: the output kind, threshold and tiling.
+        source: the image file or .zarr folder (see `open_image`, `open_zarr`).
+        target: the output TIFF or PNG (see `output_targets` for other formats and several outputs).
+        settings: the output kinds, format, threshold and tiling.
         progress: show a progress bar over the rows of the image.
         domain: collects out-of-domain warnings over many files (one per kind); None warns for this file.
 
@@ -251,32 +307,42 @@ def predict_file(
     whose output does not match its input spec.
     """
     settings.check(input_spec)
-    source, target = Path(source), Path(target)
-    image = open_image(source, settings.max_pixels)
-    settings.check_target(target, image.stack)
+    source = Path(source)
+    if is_nifti(source) or model_spatial_dims(model) == 3:
+        return predict_volume_file(model, input_spec, source, target, settings, progress)
+    image = open_input(source, settings.max_pixels)
+    targets = output_targets(source, target, settings)
+    for kind in settings.outputs:
+        settings.check_target(targets[kind], image.stack)
     (domain or DomainReport()).check(source, image.planes[0], input_spec)
-    shape, dtype, axes = _layout(settings, input_spec, image)
+    options = settings.label_options(input_spec)
+    rois = measurements = None
+    if settings.rois:
+        from unetseg.io.rois import RoiSet
+
+        rois = RoiSet()
+    if settings.measure:
+        from unetseg.io.measure import Measurements
+
+        measurements = Measurements(image.calibration, image.stack)
     planes = len(image.planes)
-    with tqdm(
-        total=planes * image.height, unit="row", desc=source.name, leave=False, disable=None if progress else True
-    ) as bar:
-        if settings.output == "labels" or target.suffix.lower() in PNG_SUFFIXES:
-            out = np.zeros(shape, dtype)
-            _predict_planes(model, input_spec, image, settings, out if image.stack else out[None], source, bar.update)
-            out = _smallest_labels(out) if settings.output == "labels" else out
-            if target.suffix.lower() in PNG_SUFFIXES:
-                write_png(target, out)
-            else:
-                write_tiff(target, out, **image.calibration.tiff_kwargs(axes, out.dtype))
-        else:
-            with atomic_memmap(target, shape, dtype, **image.calibration.tiff_kwargs(axes, dtype)) as out:
-                _predict_planes(
-                    model, input_spec, image, settings, out if image.stack else out[None], source, bar.update
-                )
-                if settings.overlay:
-                    _write_overlay(settings, image, out, target, settings.label_options(input_spec)["threshold"])
-        if settings.overlay and not isinstance(out, np.memmap):
-            _write_overlay(settings, image, out, target, settings.label_options(input_spec)["threshold"])
+    with (
+        tqdm(
+            total=planes * image.height, unit="row", desc=source.name, leave=False, disable=None if progress else True
+        ) as bar,
+        ExitStack() as stack,
+    ):
+        writers = open_writers(settings.outputs, targets, input_spec, image, options, stack, rois, measurements)
+        _predict_planes(model, input_spec, image, settings, writers, source, bar.update)
+        if settings.overlay:
+            first, z = writers[0], len(image.planes) // 2
+            write_overlay(overlay_path(first.target), image.planes[z], first.plane(z), first.kind, options["threshold"])
+        for writer in writers:
+            writer.close()
+        if rois is not None:
+            rois.write(targets["rois"])
+        if measurements is not None:
+            measurements.write(targets["measure"])
     return planes * image.height * image.width
 
 
@@ -284,9 +350,10 @@ def predict_file(
 
 
 def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None) -> list[tuple[Path, Path]]:
-    """(input file, output TIFF) pairs: INPUT's image files, searched recursively, mirrored under OUTPUT.
+    """(input file, output file) pairs: INPUT's image files, searched recursively, mirrored under OUTPUT.
 
-    A file INPUT gives one pair: OUTPUT itself when it ends in .tif/.tiff or .png, else OUTPUT/<stem>.tif;
+    A file INPUT gives one pair: OUTPUT itself when it ends in .tif/.tiff or .png, else OUTPUT/<stem>.tif
+    (NIfTI inputs: OUTPUT .nii/.nii.gz, else OUTPUT/<stem>.nii.gz or .nii, as the input);
     another image suffix (.jpg...) is refused, as is a file name as OUTPUT of a folder INPUT.
     Hidden files and folders, and anything inside OUTPUT, are not searched. `glob` filters the
     image files by their path relative to INPUT (`PurePath.match`, so "*.tif" matches at any
@@ -294,11 +361,12 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     inputs with one output name.
     """
     root, output = Path(input), Path(output)
-    if root.is_file():
+    if root.is_file() or is_zarr(root):
         if not is_image_file(root):
             raise ValueError(f"INPUT {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        target = output if output.suffix.lower() in TIFF_SUFFIXES + PNG_SUFFIXES else output / f"{root.stem}.tif"
-        if output.suffix.lower() in IMAGE_SUFFIXES and output.suffix.lower() not in TIFF_SUFFIXES + PNG_SUFFIXES:
+        named = output.suffix.lower() in TIFF_SUFFIXES + PNG_SUFFIXES or is_nifti(output)
+        target = output if named else output / f"{image_key(root, root.parent)}{output_suffix(root)}"
+        if not named and output.suffix.lower() in IMAGE_SUFFIXES:
             raise ValueError(f"OUTPUT {output}: outputs are .tif/.tiff, or .png for masks and labels")
         if target.resolve() == root.resolve():
             raise ValueError(f"OUTPUT {target} is the input file; choose another name")
@@ -324,7 +392,7 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     if not files:
         what = f"matching {glob!r}" if glob else f"({', '.join(IMAGE_SUFFIXES)})"
         raise ValueError(f"INPUT {root}: no image files {what} in this folder or below")
-    pairs = [(path, output / f"{key}.tif") for key, path in files.items()]
+    pairs = [(path, output / f"{key}{output_suffix(path)}") for key, path in files.items()]
     inputs = {path.resolve() for path in (files if glob is None else find_images(root)).values()}
     clashes = [target for _, target in pairs if target.resolve() in inputs]
     if clashes:
@@ -392,7 +460,7 @@ def predict_files(
     settings.check(input_spec)
     summary, domain = PredictSummary(), DomainReport()
     for source, target in tqdm(pairs, desc="files", unit="file", disable=None if progress else True):
-        if target.exists() and not overwrite:
+        if not overwrite and all(path.exists() for path in output_targets(source, target, settings).values()):
             summary.skipped.append(source)
             continue
         started = time.perf_counter()

@@ -14,12 +14,14 @@ from unetseg.io import (
     IMAGE_SUFFIXES,
     DuplicateNameError,
     ImageReadError,
+    atomic_output,
     find_images,
     is_image_file,
     read_image,
-    read_labels,
     to_channels,
 )
+from unetseg.io.files import image_stem
+from unetseg.io.volumes import read_mask
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.metrics import CONNECTIVITY, DSB_THRESHOLDS, MATCH_THRESHOLD, SCORE_KEYS, segmentation_scores, summarize
 from unetseg.modality import cluster_name, image_features
@@ -44,7 +46,8 @@ Score predicted masks (PRED) against ground-truth masks (GT). Each is a folder, 
 recursively, or a single file. Files are paired by sub-folder and name without suffix, so
 pred/a/img1.tif scores against gt/a/img1.png. Masks may be binary (0/1, 0/255) or instance
 labels (8 to 64 bits, kept exact); binary masks are split into 4-connected components for the
-object scores. ZYX TIFF stacks (as unetseg-predict writes them) are scored as 3D volumes.
+object scores. ZYX TIFF stacks and NIfTI volumes (.nii, .nii.gz) are scored in 3-D: objects
+are matched by voxel IoU, binary masks split into 6-connected components.
 JPEG masks are refused: lossy compression changes label values.
 
 Per image and as the mean over images: foreground Dice and IoU (label > 0); object precision,
@@ -98,7 +101,7 @@ def find_masks(root: Path, role: str) -> dict[str, Path]:
     if root.is_file():
         if not is_image_file(root):
             raise UsageError(f"{role} {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        return {root.stem: root}
+        return {image_stem(root): root}
     if not root.is_dir():
         raise UsageError(f"{role} {root}: no such file or folder")
     try:
@@ -123,7 +126,7 @@ def _read_pair(name: str, pred_path: Path, gt_path: Path, evaluation: Evaluation
     labels, errors = [], []
     for path in (pred_path, gt_path):
         try:
-            labels.append(read_labels(path, stack=True))
+            labels.append(read_mask(path))
         except ImageReadError as error:
             errors.append(str(error))
             print(f"error: unreadable: {error}", file=sys.stderr)
@@ -248,8 +251,8 @@ def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Pat
         "problems": evaluation.problems(),
         "images": evaluation.scores,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    with atomic_output(path, suffix=".tmp.json") as temporary:
+        temporary.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, evaluation: Evaluation) -> None:
@@ -264,8 +267,7 @@ def write_csv(path: Path, evaluation: Evaluation) -> None:
         rows += [
             {"image": item["image"], "status": status, "pred": item.get("pred"), "gt": item.get("gt")} for item in items
         ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_output(path, suffix=".tmp.csv") as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["image", "status", "pred", "gt", *SCORE_KEYS])
         writer.writeheader()
         writer.writerows(rows)

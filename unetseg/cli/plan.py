@@ -18,7 +18,7 @@ DESCRIPTION = """\
 Plan a training run from the data and this machine. DATA holds images/ and masks/, paired by
 name (as unetseg-train reads them). The folder is read once: image sizes, channels, dtype and
 intensity range; mask kind (binary, instance labels or classes), object sizes and how many
-objects touch. From these come the tile size (4 x the large objects), the depth (receptive
+objects touch. From these come the tile size (2 x the large objects), the depth (receptive
 field >= 2 x the largest objects), the targets (boundary when instances touch) and the
 channels. A few training steps of each candidate width and batch are timed on this machine,
 and the widest network that sees enough tiles within --budget is kept; the epochs fill the
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("data", type=Path, metavar="DATA", help="folder with images/ and masks/")
     parser.add_argument("--budget", default="1h", help="training time to fill: 20m, 1h, 1h30m (default 1h)")
-    parser.add_argument("--out", type=Path, metavar="FILE.yaml", help="config to write (default: configs/DATA.yaml)")
+    parser.add_argument("--out", type=Path, metavar="FILE.yaml", help="the config to write (default: DATA's name.yaml)")
     parser.add_argument("--run-dir", metavar="DIR", help="the run folder of the training (default: runs/DATA)")
     parser.add_argument(
         "--widths",
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from unetseg.plan import make_plan, parse_budget, plan_config, plan_report, survey
 
     name = args.data.resolve().name
-    out = args.out or Path("configs") / f"{name}.yaml"
+    out = args.out or Path(f"{name}.yaml")
     if out.suffix not in (".yaml", ".yml"):
         print(f"{PROG}: error: --out {out}: expected a .yaml file", file=sys.stderr)
         return 2

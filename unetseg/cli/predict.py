@@ -14,11 +14,13 @@ from unetseg.inference.overlay import overlay_path
 from unetseg.inference.tiling import BLENDS, TilingConfig
 from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
-from unetseg.predict import OUTPUTS, PredictSettings, plan_outputs, predict_files, shard
+from unetseg.predict import FORMATS, OUTPUTS, PredictSettings, plan_outputs, predict_files, shard
+from unetseg.predict_volumes import VolumeTiling
 from unetseg.weights import MODELS, model_path
 
 log = logging.getLogger("unetseg.cli.predict")
 DEFAULTS = TilingConfig()
+VOLUME_DEFAULTS = VolumeTiling()
 MIN_TILE, MAX_TILE = 16, 8192  # smaller tiles are all padding; a batch of 8 larger ones is > 2 GB per channel
 
 PROG = "unetseg-predict"
@@ -28,21 +30,28 @@ PRECISIONS = {"auto": None, "fp32": False, "bf16": True}  # --precision -> Tilin
 DESCRIPTION = """\
 Segment INPUT, an image file or a folder searched recursively, into OUTPUT: one TIFF per
 input named <stem>.tif, of the same height and width, in OUTPUT's copy of INPUT's sub-folders.
-Reads PNG, JPEG, BMP and TIFF (8/16-bit, float; grey, RGB, RGBA) and ZYX TIFF stacks, which
-are predicted plane by plane. Images are converted and normalised exactly as the checkpoint's
+Reads PNG, JPEG, BMP and TIFF (8/16-bit, float; grey, RGB, RGBA), ZYX TIFF stacks, which
+are predicted plane by plane, and OME-Zarr images (*.zarr, *.ome.zarr folders; with
+'unetseg[zarr]'), read chunk by chunk with their axes and scale, as are compressed and
+tiled TIFFs. Images are converted and normalised exactly as the checkpoint's
 training data were (channels, percentiles of the whole image or plane). The pixel size of
 TIFF inputs (resolution, ImageJ unit and spacing, OME physical size) is copied to the outputs.
 A file INPUT may name its OUTPUT .png (masks and labels, 8/16-bit). Inputs unlike the model's
 training images (another channel count; intensities or brightness outside the training range,
 for checkpoints that recorded them) get a warning saying what was converted or differs.
+Volumes: a 3-D model (UNet spatial_dims 3) predicts ZYX TIFF stacks and NIfTI (.nii, .nii.gz)
+in 3-D tiles (--volume-tile, --volume-overlap); NIfTI outputs are NIfTI with the input's
+affine and header, labels come from a 3-D watershed.
 
 outputs (--output):
   mask    uint8: 0/255 foreground for one-class and boundary models, the class index for
           multi-class models
   prob    float32 probabilities (classes, H, W); (H, W) for one-class models
-  labels  uint16/uint32 instance labels (nuclei) for foreground and boundary models; needs the
-          whole probability map in memory (masks and probabilities of huge uncompressed TIFFs
-          are predicted and written band by band)
+  labels  uint16/uint32 instance labels (nuclei) for foreground and boundary models, made in
+          overlapping blocks of rows (about 8 M pixels with +-128 rows of context, at most 1024
+          rows) and merged across block borders, so huge images need bounded memory
+Masks and probabilities are predicted and written band by band. --rois and --measure add
+labels to the outputs if they are not asked for.
 """
 
 EPILOG = """\
@@ -60,6 +69,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def zyx(text: str) -> tuple[int, int, int]:
+    """argparse type: Z,Y,X non-negative integers, or one integer for every axis."""
+    parts = text.split(",")
+    if len(parts) not in (1, 3) or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X (e.g. 16,128,128) or one integer, got {text}")
+    values = tuple(int(part) for part in parts)
+    return values * 3 if len(values) == 1 else values
 
 
 def tile_size(text: str) -> int:
@@ -83,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (for a file INPUT also a .tif file, or .png for --output mask/labels)",
     )
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint from unetseg-train (.ckpt)")
+    model.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="a checkpoint from unetseg-train (.ckpt), or its export by unetseg-export (.onnx, bioimage.io .zip)",
+    )
     model.add_argument("--model", metavar="NAME", help=f"a model shipped with unetseg: {', '.join(MODELS)}")
     parser.add_argument(
         "--tile-size",
@@ -112,8 +135,46 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.blend,
         help=f"how overlapping tiles are merged (default {DEFAULTS.blend})",
     )
+    parser.add_argument(
+        "--volume-tile",
+        type=zyx,
+        default=VOLUME_DEFAULTS.tile_size,
+        metavar="Z,Y,X",
+        help=f"3-D tiles of a 3-D model, in voxels (default {','.join(map(str, VOLUME_DEFAULTS.tile_size))})",
+    )
+    parser.add_argument(
+        "--volume-overlap",
+        type=zyx,
+        default=VOLUME_DEFAULTS.overlap,
+        metavar="Z,Y,X",
+        help=f"voxels shared by neighbouring 3-D tiles (default {','.join(map(str, VOLUME_DEFAULTS.overlap))})",
+    )
     parser.add_argument("--tta", action="store_true", help="average the 8 flips and rotations of each tile")
-    parser.add_argument("--output", choices=OUTPUTS, default="mask", help="what to write (default mask)")
+    parser.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        nargs="+",
+        default=["mask"],
+        metavar="KIND",
+        help=f"what to write, one or more of {', '.join(OUTPUTS)} from one model run, e.g. --output labels prob "
+        "(put INPUT and OUTPUT before it); several are named <stem>_<kind> (default mask)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="tiff",
+        help="tiff, or ome-zarr: <stem>.ome.zarr with a pyramid and the input's scale; for an OME-Zarr input, "
+        "labels and masks go into INPUT.zarr/labels/<kind> (default tiff)",
+    )
+    parser.add_argument(
+        "--rois", action="store_true", help="also write <stem>_rois.zip, an ImageJ/Fiji ROI set of the labels"
+    )
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="also write <stem>_objects.csv: per object label, area, centroid, bbox, mean intensity per channel "
+        "(and calibrated area and centroid when the pixel size is known)",
+    )
     parser.add_argument(
         "--threshold",
         type=float,
@@ -207,13 +268,18 @@ def main(argv: list[str] | None = None) -> int:
             tta=args.tta,
             amp=PRECISIONS[args.precision],
         )
+        volume = VolumeTiling(args.volume_tile, args.volume_overlap)
         settings = PredictSettings(
-            output=args.output,
+            output=args.output[0] if len(args.output) == 1 else tuple(args.output),
+            format=args.format,
+            rois=args.rois,
+            measure=args.measure,
             threshold=args.threshold,
             tiling=tiling,
             max_pixels=args.max_pixels,
             seed_threshold=args.seed_threshold,
             min_size=args.min_size,
+            volume=volume,
             overlay=args.overlay,
         )
         index, count = resolve_shard(args.shard)

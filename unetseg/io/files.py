@@ -11,8 +11,9 @@ from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path, PurePosixPath
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
+ZARR_SUFFIXES = (".zarr",)  # OME-Zarr images are folders
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +26,39 @@ class DuplicateNameError(ValueError):
         self.first, self.second, self.key = first, second, key
 
 
+def image_suffix(path: Path) -> str:
+    """A file's suffix in lower case, ".nii.gz" counted as one (NIfTI volumes are often gzipped)."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def image_stem(path: Path) -> str:
+    """A file's name without its (image) suffix: `brain.nii.gz` -> `brain`."""
+    return path.name[: len(path.name) - len(image_suffix(path))] if image_suffix(path) else path.name
+
+
 def is_image_file(path: Path) -> bool:
-    """True for a file whose suffix is one we can read."""
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    """True for a file whose suffix is one we can read (.nii.gz counted as one), or an OME-Zarr (.zarr) folder."""
+    if path.name.startswith("."):
+        return False
+    return path.is_file() and image_suffix(path) in IMAGE_SUFFIXES or path.is_dir() and is_zarr_folder(path)
+
+
+def is_zarr_folder(path: Path) -> bool:
+    """True for a .zarr (or .ome.zarr) folder, an image read whole rather than searched."""
+    return path.suffix.lower() in ZARR_SUFFIXES and path.is_dir()
 
 
 def image_key(path: Path, root: Path) -> str:
-    """A file's name for pairing: its path under `root` without suffix (`sub/cell_01`)."""
-    return path.relative_to(root).with_suffix("").as_posix()
+    """A file's name for pairing: its path under `root` without suffix (`sub/cell_01`; `a.ome.zarr` -> `a`;
+    `ct/brain.nii.gz` -> `ct/brain`)."""
+    relative = path.relative_to(root)
+    if image_suffix(path) == ".nii.gz":
+        return (relative.parent / image_stem(path)).as_posix()
+    key = relative.with_suffix("")
+    if path.suffix.lower() in ZARR_SUFFIXES and key.suffix.lower() == ".ome":
+        key = key.with_suffix("")
+    return key.as_posix()
 
 
 def find_images(root: str | Path, glob: str | None = None, exclude: str | Path | None = None) -> dict[str, Path]:
@@ -56,6 +82,8 @@ def find_images(root: str | Path, glob: str | None = None, exclude: str | Path |
             continue
         if not is_image_file(path):
             continue
+        if any(part.lower().endswith(ZARR_SUFFIXES) for part in relative.parts[:-1]):
+            continue  # inside an OME-Zarr image (its labels, its levels)
         if excluded is not None and path.resolve().is_relative_to(excluded):
             continue
         if glob is not None and not PurePosixPath(relative.as_posix()).match(glob):

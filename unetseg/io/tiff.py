@@ -1,6 +1,7 @@
 """TIFF files: opening lazily with their axes, pixel size (calibration), and atomic writing.
 
-Uncompressed, contiguous TIFFs are memory-mapped instead of read, and band-by-band readers and
+Uncompressed, contiguous TIFFs are memory-mapped instead of read, compressed or tiled ones are
+read chunk by chunk through tifffile's zarr interface (with zarr installed), and band-by-band readers and
 writers release the mapped pages as they go (`release_pages`), so a huge image never sits
 whole in resident memory. Calibration (TIFF resolution tags, ImageJ unit and spacing, OME
 physical sizes) is read from inputs and written to outputs, so masks overlay in Fiji and napari.
@@ -186,12 +187,32 @@ def open_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             array = tifffile.memmap(path, mode="r")
         except ValueError:  # a layout tifffile does not map after all; read it instead
             array = None
+    if array is None and dtype.kind in "uif":  # compressed or tiled: stream chunks, don't read the whole image
+        streamed = _stream(path, axes if described else _generic_axes(shape, axes))
+        if streamed is not None:
+            return InputImage(*streamed, calibration)
     if array is None:
         array = read_image(path, max_pixels)
     if array.shape != shape:
         raise ImageReadError(f"{path}: read shape {array.shape} differs from the stored {shape}")
     planes, stack, plane_axis = _arrange(array, axes if described else _generic_axes(shape, axes), path)
     return InputImage(planes, stack, plane_axis, calibration)
+
+
+def _stream(path: Path, axes: str) -> tuple[Any, bool, str] | None:
+    """(planes, stack, plane axis) read chunk by chunk through tifffile's zarr interface; None without zarr."""
+    try:
+        import zarr
+
+        from unetseg.io.zarr import lazy_planes
+    except ImportError:
+        return None
+    try:
+        store = tifffile.imread(path, aszarr=True, series=0, level=0)
+        array = zarr.open(store, mode="r")
+    except Exception:  # a layout the zarr interface does not serve: read the file instead
+        return None
+    return lazy_planes(array, axes, path, owner=store)
 
 
 def _generic_axes(shape: tuple, axes: str) -> str:

@@ -54,8 +54,9 @@ def conv1x1(in_channels: int, out_channels: int, norm: str, spatial_dims: int = 
 class PlainBlock(nn.Module):
     """(conv 3x3 -> norm -> ReLU) x 2, the original U-Net block."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch", dropout: float = 0.0,
-                 spatial_dims: int = 2):
+    def __init__(
+        self, in_channels: int, out_channels: int, norm: str = "batch", dropout: float = 0.0, spatial_dims: int = 2
+    ):
         super().__init__()
         self.body = nn.Sequential(
             conv3x3(in_channels, out_channels, norm, spatial_dims),
@@ -74,8 +75,9 @@ class PlainBlock(nn.Module):
 class ResidualBlock(nn.Module):
     """The ResNet basic block: y = ReLU(F(x) + shortcut(x)), a 1x1 projection where channels change."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch", dropout: float = 0.0,
-                 spatial_dims: int = 2):
+    def __init__(
+        self, in_channels: int, out_channels: int, norm: str = "batch", dropout: float = 0.0, spatial_dims: int = 2
+    ):
         super().__init__()
         self.residual = nn.Sequential(
             conv3x3(in_channels, out_channels, norm, spatial_dims),
@@ -88,8 +90,9 @@ class ResidualBlock(nn.Module):
         if in_channels == out_channels:
             self.shortcut = nn.Identity()
         else:
-            self.shortcut = nn.Sequential(conv1x1(in_channels, out_channels, norm, spatial_dims),
-                                          make_norm(norm, out_channels, spatial_dims))
+            self.shortcut = nn.Sequential(
+                conv1x1(in_channels, out_channels, norm, spatial_dims), make_norm(norm, out_channels, spatial_dims)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.residual(x) + self.shortcut(x))
@@ -116,8 +119,17 @@ class DenseBlock(nn.Module):
             which bounds the transition's width however wide the merged skips are.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch", dropout: float = 0.0,
-                 spatial_dims: int = 2, growth: int = 12, layers: int = 4, keep_input: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        norm: str = "batch",
+        dropout: float = 0.0,
+        spatial_dims: int = 2,
+        growth: int = 12,
+        layers: int = 4,
+        keep_input: bool = True,
+    ):
         super().__init__()
         self.keep_input = keep_input
         self.layers = nn.ModuleList(

@@ -31,8 +31,7 @@ def pool_schedule(spacing: Sequence[float], depth: int) -> list[list[int]]:
         spacing: physical size of a voxel along each axis, e.g. (z, y, x); all positive.
         depth: number of downsamplings.
     """
-    if len(spacing) == 0 or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0
-                                for s in spacing):
+    if len(spacing) == 0 or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0 for s in spacing):
         raise ValueError(f"spacing must be positive numbers, one per axis, got {spacing!r}")
     current = [float(s) for s in spacing]
     schedule = []
@@ -44,8 +43,9 @@ def pool_schedule(spacing: Sequence[float], depth: int) -> list[list[int]]:
     return schedule
 
 
-def resolve_pool(pool: Sequence | None, spacing: Sequence[float] | None, depth: int,
-                 spatial_dims: int) -> list[tuple[int, ...]]:
+def resolve_pool(
+    pool: Sequence | None, spacing: Sequence[float] | None, depth: int, spatial_dims: int
+) -> list[tuple[int, ...]]:
     """Per-level pooling kernels (one int per axis) from `pool`, `spacing`, or 2 everywhere."""
     if pool is not None and spacing is not None:
         raise ValueError("give pool or spacing, not both (spacing derives the pool schedule)")
@@ -66,13 +66,25 @@ def resolve_pool(pool: Sequence | None, spacing: Sequence[float] | None, depth: 
     return kernels
 
 
-def stack_blocks(block: str, in_channels: int, out_channels: int, count: int, norm: str, dropout: float,
-                 spatial_dims: int, growth: int, layers: int, keep_input: bool) -> nn.Module:
+def stack_blocks(
+    block: str,
+    in_channels: int,
+    out_channels: int,
+    count: int,
+    norm: str,
+    dropout: float,
+    spatial_dims: int,
+    growth: int,
+    layers: int,
+    keep_input: bool,
+) -> nn.Module:
     """`count` blocks of one kind, the first changing the channels; a single block is returned bare,
     which keeps the state_dict keys of one-block levels as they always were."""
     dense = dict(growth=growth, layers=layers, keep_input=keep_input) if block == "dense" else {}
-    blocks = [BLOCK_TYPES[block](in_channels if k == 0 else out_channels, out_channels, norm, dropout, spatial_dims,
-                                 **dense) for k in range(count)]
+    blocks = [
+        BLOCK_TYPES[block](in_channels if k == 0 else out_channels, out_channels, norm, dropout, spatial_dims, **dense)
+        for k in range(count)
+    ]
     return blocks[0] if count == 1 else nn.Sequential(*blocks)
 
 
@@ -85,8 +97,16 @@ class Up(nn.Module):
     nested: [up(x), *skips] -> block, every earlier node of the level (UNet++).
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, skip: str, upsample: str, scale: Sequence[int],
-                 make_block: Callable[[int], nn.Module], spatial_dims: int = 2):
+    def __init__(
+        self,
+        in_channels: int,
+        skip_channels: int,
+        skip: str,
+        upsample: str,
+        scale: Sequence[int],
+        make_block: Callable[[int], nn.Module],
+        spatial_dims: int = 2,
+    ):
         super().__init__()
         self.skip = skip
         up_channels = skip_channels if skip == "add" else in_channels // 2
@@ -95,8 +115,11 @@ class Up(nn.Module):
             self.up = transpose(in_channels, up_channels, kernel_size=tuple(scale), stride=tuple(scale))
         else:
             self.up = nn.Sequential(
-                nn.Upsample(scale_factor=tuple(float(s) for s in scale),
-                            mode={2: "bilinear", 3: "trilinear"}[spatial_dims], align_corners=False),
+                nn.Upsample(
+                    scale_factor=tuple(float(s) for s in scale),
+                    mode={2: "bilinear", 3: "trilinear"}[spatial_dims],
+                    align_corners=False,
+                ),
                 conv_type(spatial_dims)(in_channels, up_channels, 1),
             )
         merged = up_channels + skip_channels if skip in ("concat", "nested") else up_channels
@@ -151,24 +174,58 @@ class UNet(nn.Module):
     (N, classes, *spatial size).
     """
 
-    def __init__(self, in_channels: int = 1, classes: int = 1, depth: int = 4, width: int = 32,
-                 skip: str = "concat", block: str = "plain", norm: str = "batch", upsample: str = "transpose",
-                 dropout: float = 0.0, blocks_per_level: int = 1, growth: int | None = None, layers: int = 4,
-                 deep_supervision: bool = False, spatial_dims: int = 2, pool: list | None = None,
-                 spacing: list[float] | None = None):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        classes: int = 1,
+        depth: int = 4,
+        width: int = 32,
+        skip: str = "concat",
+        block: str = "plain",
+        norm: str = "batch",
+        upsample: str = "transpose",
+        dropout: float = 0.0,
+        blocks_per_level: int = 1,
+        growth: int | None = None,
+        layers: int = 4,
+        deep_supervision: bool = False,
+        spatial_dims: int = 2,
+        pool: list | None = None,
+        spacing: list[float] | None = None,
+    ):
         super().__init__()
-        self.config = dict(in_channels=in_channels, classes=classes, depth=depth, width=width, skip=skip, block=block,
-                           norm=norm, upsample=upsample, dropout=dropout, blocks_per_level=blocks_per_level,
-                           growth=growth, layers=layers, deep_supervision=deep_supervision,
-                           spatial_dims=spatial_dims, pool=pool, spacing=spacing)  # rebuilds this net from a checkpoint
+        self.config = dict(
+            in_channels=in_channels,
+            classes=classes,
+            depth=depth,
+            width=width,
+            skip=skip,
+            block=block,
+            norm=norm,
+            upsample=upsample,
+            dropout=dropout,
+            blocks_per_level=blocks_per_level,
+            growth=growth,
+            layers=layers,
+            deep_supervision=deep_supervision,
+            spatial_dims=spatial_dims,
+            pool=pool,
+            spacing=spacing,
+        )  # rebuilds this net from a checkpoint
         check_choice("skip", skip, SKIPS)
         check_choice("block", block, BLOCKS)
         check_choice("norm", norm, NORMS)
         check_choice("upsample", upsample, UPSAMPLES)
         check_choice("spatial_dims", spatial_dims, SPATIAL_DIMS)
-        for name, value in (("in_channels", in_channels), ("classes", classes), ("depth", depth), ("width", width),
-                            ("blocks_per_level", blocks_per_level), ("layers", layers),
-                            ("growth", max(1, width // 2) if growth is None else growth)):
+        for name, value in (
+            ("in_channels", in_channels),
+            ("classes", classes),
+            ("depth", depth),
+            ("width", width),
+            ("blocks_per_level", blocks_per_level),
+            ("layers", layers),
+            ("growth", max(1, width // 2) if growth is None else growth),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= dropout < 1.0:
@@ -185,8 +242,18 @@ class UNet(nn.Module):
         growths = [(max(1, width // 2) if growth is None else growth) * 2**level for level in range(depth + 1)]
 
         def level(in_channels: int, level: int, encoder: bool) -> nn.Module:
-            return stack_blocks(block, in_channels, channels[level], blocks_per_level, norm, dropout, spatial_dims,
-                                growths[level], layers, keep_input=encoder)
+            return stack_blocks(
+                block,
+                in_channels,
+                channels[level],
+                blocks_per_level,
+                norm,
+                dropout,
+                spatial_dims,
+                growths[level],
+                layers,
+                keep_input=encoder,
+            )
 
         max_pool = {2: nn.MaxPool2d, 3: nn.MaxPool3d}[spatial_dims]
         self.stem = level(in_channels, 0, encoder=True)
@@ -196,13 +263,21 @@ class UNet(nn.Module):
         )
 
         def up(i: int, skip_channels: int, skip: str) -> Up:
-            return Up(channels[i + 1], skip_channels, skip, upsample, self.pool[i],
-                      lambda merged: level(merged, i, encoder=False), spatial_dims)
+            return Up(
+                channels[i + 1],
+                skip_channels,
+                skip,
+                upsample,
+                self.pool[i],
+                lambda merged: level(merged, i, encoder=False),
+                spatial_dims,
+            )
 
         if skip == "nested":
             # self.up[j - 1][i] is node X(i, j): column j has nodes at levels 0 .. depth - j.
-            self.up = nn.ModuleList(nn.ModuleList(up(i, j * channels[i], skip) for i in range(depth - j + 1))
-                                    for j in range(1, depth + 1))
+            self.up = nn.ModuleList(
+                nn.ModuleList(up(i, j * channels[i], skip) for i in range(depth - j + 1)) for j in range(1, depth + 1)
+            )
         else:
             self.up = nn.ModuleList(up(i, channels[i], skip) for i in reversed(range(depth)))  # bottom to top
         self.head = conv_type(spatial_dims)(channels[0], classes, 1)
@@ -248,7 +323,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int | Sequence[int], minimum: int
     count = len(multiple) if isinstance(multiple, Sequence) else max(2, x.ndim - 2)
     multiples = tuple(multiple) if isinstance(multiple, Sequence) else (multiple,) * count
     minimums = tuple(minimum) if isinstance(minimum, Sequence) else (minimum,) * count
-    sizes = x.shape[x.ndim - count:]
+    sizes = x.shape[x.ndim - count :]
     pads = [max(-size % step, low - size) for size, step, low in zip(sizes, multiples, minimums)]
     if not any(pads):
         return x

@@ -23,6 +23,7 @@ from unetseg.checkpoint import (
     resolve_model,
 )
 from unetseg.inference.postprocess import to_labels
+from unetseg.inference.precision import channels_last
 from unetseg.metrics import instance_scores
 from unetseg.models import UNet, build_net, describe_net
 from unetseg.spec import InputSpec
@@ -137,6 +138,9 @@ class SegmentationModule(pl.LightningModule):
         return self.net(image)
 
     def on_fit_start(self) -> None:
+        volumetric = any(parameter.ndim == 5 for parameter in self.net.parameters())  # channels_last is 4-D only
+        if channels_last(self.device) and not volumetric:  # NHWC convolutions: faster in oneDNN (CPU), tensor cores
+            self.net.to(memory_format=torch.channels_last)  # NCHW inputs follow the weights from the first conv
         spec: InputSpec | None = getattr(self.trainer.datamodule, "input_spec", None)
         if spec is None:
             return
@@ -154,9 +158,14 @@ class SegmentationModule(pl.LightningModule):
         self.hparams["input_spec"] = spec.to_dict()
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
-        logits = self.net(batch["image"])
-        loss = self.loss(logits, batch["target"], batch.get("weight"))
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits), sync_dist=True)
+        outputs = self.net(batch["image"])
+        # Deep supervision (UNet skip="nested"): one logits tensor per decoder depth in training, each scored
+        # against the same target and averaged, as UNet++ trains; in eval the net returns the last one only.
+        heads = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        loss = torch.stack([self.loss(logits, batch["target"], batch.get("weight")) for logits in heads]).mean()
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(heads[0]), sync_dist=True
+        )
         return loss
 
     def validation_step(self, batch: dict, batch_index: int) -> None:

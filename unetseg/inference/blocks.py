@@ -1,0 +1,155 @@
+"""Instance labels of huge images in bounded memory: overlapping blocks of rows, objects merged across borders.
+
+Probabilities arrive band by band from the tiled engine. `BlockLabeler` gathers them into
+blocks of full-width rows: a core of `block_rows` rows with `context` rows on either side,
+labels each block with `postprocess.to_labels`, and keeps the objects whose foreground region
+(8-connected) begins in the core and does not touch the block's cut edges, as StarDist's
+`predict_instances_big` keeps objects by block. Every step of `to_labels` (distance transform,
+peaks, watershed, size filter) looks only at a foreground region and its surroundings, so a
+region at most context / 2 rows high gets exactly the labels whole-image processing gives it,
+up to their numbers. Taller regions are cut at block edges (a warning says so). Memory holds
+one block: (classes, block_rows + 2 context, W) probabilities and its labels, with block_rows
+chosen from the width (`block_rows_for`) so that a block holds about 8 M pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from unetseg.inference.postprocess import to_labels
+
+__all__ = ["BLOCK_PIXELS", "BLOCK_ROWS", "CONTEXT_ROWS", "BlockLabeler", "block_rows_for", "owned_objects"]
+
+log = logging.getLogger(__name__)
+
+BLOCK_ROWS, CONTEXT_ROWS = 1024, 128  # most core rows per block; rows of context above and below it
+BLOCK_PIXELS = 8_000_000  # pixels of a block with its context: (classes, rows, W) float32 and to_labels' arrays
+MIN_BLOCK_ROWS = 128
+EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def block_rows_for(width: int, context: int = CONTEXT_ROWS) -> int:
+    """Core rows per block for an image `width` wide: blocks of about BLOCK_PIXELS, at most BLOCK_ROWS rows.
+
+    Memory stays bounded whatever the width (8 M pixels: 1024 + 256 rows up to 6000 wide, 410 + 256
+    rows at 12000); at least MIN_BLOCK_ROWS rows, so very wide images grow their blocks again.
+    """
+    return int(min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, BLOCK_PIXELS // max(width, 1) - 2 * context)))
+
+
+def owned_objects(
+    labels: np.ndarray, foreground: np.ndarray, core: tuple[int, int], cut_top: bool, cut_bottom: bool
+) -> tuple[np.ndarray, int]:
+    """`labels` (block rows, W) keeping only the objects this block owns, and how many regions were cut.
+
+    A foreground region is owned when its first row lies in `core` (start, stop) of the block,
+    and it is kept whole; a region touching a cut edge (`cut_top` / `cut_bottom`: the block
+    edge is not the image edge) is incomplete here and counted.
+    """
+    regions, _ = ndimage.label(foreground, structure=EIGHT)
+    slices = ndimage.find_objects(regions)
+    keep = np.zeros(len(slices) + 1, dtype=bool)
+    cut = 0
+    for index, found in enumerate(slices, start=1):
+        if found is None:
+            continue
+        first, last = found[0].start, found[0].stop  # rows [first, last) of the region
+        if not core[0] <= first < core[1]:
+            continue
+        keep[index] = True
+        if (cut_top and first == 0) or (cut_bottom and last == labels.shape[0]):
+            cut += 1
+    return np.where(keep[regions], labels, 0), cut
+
+
+class BlockLabeler:
+    """Turns a stream of probability bands of one plane into owned objects of overlapping blocks.
+
+    Args:
+        height, width: the plane's size.
+        paint: called as paint(first_row, labels) for each block, labels (rows, W) uint32 holding
+            the block's owned objects with their final numbers (0 elsewhere); objects of
+            different blocks never overlap, and a block's rows may reach into earlier ones.
+        threshold, label_options: arguments of `to_labels`.
+        block_rows, context: core rows per block and rows of context on each side.
+        first_label: the number of the first object (numbers run on across planes).
+    """
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        paint: Callable[[int, np.ndarray], Any],
+        threshold: float = 0.5,
+        label_options: dict | None = None,
+        block_rows: int = BLOCK_ROWS,
+        context: int = CONTEXT_ROWS,
+        first_label: int = 1,
+    ):
+        if block_rows < 1 or context < 0:
+            raise ValueError(f"block_rows must be >= 1 and context >= 0, got {block_rows}, {context}")
+        self.height, self.width, self.paint = height, width, paint
+        self.threshold, self.label_options = threshold, dict(label_options or {})
+        self.block_rows, self.context = block_rows, context
+        self.next_label = first_label
+        self.cut = 0
+        self._core_start = 0  # core of the next block
+        self._buffer: np.ndarray | None = None  # probabilities (classes, rows, W) from row self._buffer_start
+        self._buffer_start = 0
+
+    def add(self, start: int, stop: int, probs: np.ndarray) -> None:
+        """Take the probabilities (classes, stop - start, W) of rows start..stop (in order, no gaps)."""
+        if self._buffer is None:
+            self._buffer = np.empty((probs.shape[0], 0, self.width), np.float32)
+        if start != self._buffer_start + self._buffer.shape[1]:
+            raise ValueError(f"bands must come in order: expected row {self._buffer_start + self._buffer.shape[1]}")
+        self._buffer = np.concatenate([self._buffer, probs], axis=1)
+        while self._core_start < self.height:
+            core_stop = min(self._core_start + self.block_rows, self.height)
+            block_stop = min(core_stop + self.context, self.height)
+            if stop < block_stop:
+                return
+            self._label_block(self._core_start, core_stop, block_stop)
+            self._core_start = core_stop
+
+    def finish(self) -> int:
+        """Check every row was given and labelled; returns the next free label number."""
+        if self._core_start < self.height:
+            raise ValueError(f"bands stopped at row {self._buffer_start + self._buffer.shape[1]} of {self.height}")
+        if self.cut:
+            log.warning(
+                "%d object(s) taller than the block context (%d rows) were cut at block borders; "
+                "raise the context for exact labels",
+                self.cut,
+                self.context,
+            )
+        return self.next_label
+
+    def _label_block(self, core_start: int, core_stop: int, block_stop: int) -> None:
+        """Label rows [core_start - context, block_stop), paint the owned objects, drop rows no longer needed."""
+        block_start = max(core_start - self.context, 0)
+        probs = self._buffer[:, block_start - self._buffer_start : block_stop - self._buffer_start]
+        labels = to_labels(probs, self.threshold, **self.label_options)
+        owned, cut = owned_objects(
+            labels,
+            labels > 0,
+            (core_start - block_start, core_stop - block_start),
+            cut_top=block_start > 0,
+            cut_bottom=block_stop < self.height,
+        )
+        self.cut += cut
+        numbers = np.unique(owned)  # no return_inverse: it would be an int64 array of the block
+        numbers = numbers[numbers > 0]
+        count = len(numbers)
+        lookup = np.zeros(int(owned.max(initial=0)) + 1, dtype=np.uint32)
+        lookup[numbers] = np.arange(self.next_label, self.next_label + count, dtype=np.uint32)
+        self.paint(block_start, lookup[owned])
+        self.next_label += count
+        keep_from = max(core_stop - self.context, 0)  # the next block's first row
+        self._buffer = self._buffer[:, keep_from - self._buffer_start :].copy()
+        self._buffer_start = keep_from
