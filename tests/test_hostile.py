@@ -22,6 +22,7 @@ from PIL import Image
 from skimage import io as skio
 
 import unetseg.checkpoint
+from unetseg.batch import plan_outputs
 from unetseg.checkpoint import CheckpointError, checked_net_description, load_net_weights, load_predictor
 from unetseg.cli import evaluate as evaluate_cli
 from unetseg.cli import export as export_cli
@@ -30,7 +31,7 @@ from unetseg.cli import train as train_cli
 from unetseg.io import ImageReadError, Normalization, find_images, open_image, read_image, read_labels
 from unetseg.io.images import check_pixels
 from unetseg.models import UNet
-from unetseg.predict import PredictSettings, plan_outputs, predict_image
+from unetseg.predict import PredictSettings, predict_image
 from unetseg.synthetic import nuclei_image
 from unetseg.training.data import load_sample
 from unetseg.training.module import SegmentationModule

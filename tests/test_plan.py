@@ -101,6 +101,18 @@ def test_plan_fills_the_budget_and_its_config_trains(make_dataset, tmp_path):
     assert cli.datamodule.tile_size == plan.tile_size and cli.datamodule.border_weights
 
 
+def test_plan_times_and_writes_the_chosen_architecture(make_dataset, tmp_path):
+    summary = survey(make_dataset(count=4, shape=(80, 80)))
+    architecture = {"block": "dense", "skip": "nested"}
+    plan = make_plan(summary, budget_seconds=300, widths=(4,), batch_sizes=(2,), bf16=False, architecture=architecture)
+    init_args = plan_config(plan, str(tmp_path / "run"))["model"]["net"]["init_args"]
+    assert init_args == {"depth": plan.depth, "width": 4, "block": "dense", "skip": "nested"}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan_config(plan, str(tmp_path / "run"))))
+    cli = TrainCLI(SegmentationModule, SegmentationDataModule, run=False, args=["--config", str(path)])
+    assert cli.model.net.config["block"] == "dense" and cli.model.net.config["skip"] == "nested"
+
+
 def test_plan_command_writes_a_commented_config(make_dataset, tmp_path, capsys):
     root = make_dataset(count=4, shape=(80, 80))
     out = tmp_path / "configs" / "mine.yaml"

@@ -7,13 +7,14 @@ import tifffile
 import torch
 from torch import nn
 
+from unetseg.batch import plan_outputs
 from unetseg.cli import main as unetseg_main
 from unetseg.inference.volume import predict_volume_tiled
 from unetseg.io import ImageReadError
 from unetseg.io.nifti import open_nifti, write_nifti
 from unetseg.io.normalize import Normalization
 from unetseg.io.volumes import open_volume, spacing_calibration
-from unetseg.predict import PredictSettings, plan_outputs, predict_file, predict_image
+from unetseg.predict import PredictSettings, predict_file, predict_image
 from unetseg.predict_volumes import VolumeTiling
 from unetseg.spec import InputSpec
 from unetseg.synthetic import make_nuclei_volumes

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +217,7 @@ class Plan:
     budget_seconds: float
     reasons: dict[str, str]
     candidates: list[Candidate]
+    architecture: dict = field(default_factory=dict)  # UNet block/skip options the user asked for, timed as such
 
     @property
     def steps(self) -> int:
@@ -247,8 +248,14 @@ def make_plan(
     widths: tuple[int, ...] = WIDTHS,
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     bf16: bool | None = None,
+    architecture: dict | None = None,
 ) -> Plan:
-    """Choose tile, depth, targets and channels from the data, then width, batch and epochs by timing them here."""
+    """Choose tile, depth, targets and channels from the data, then width, batch and epochs by timing them here.
+
+    `architecture` holds `UNet` options chosen by the user (e.g. block="dense", skip="nested"): the
+    candidates are timed with them and the config carries them.
+    """
+    architecture = dict(architecture or {})
     device = training_device()
     bf16 = native_bf16(device) if bf16 is None else bf16
     in_channels = 3 if summary.colour else 1
@@ -270,7 +277,7 @@ def make_plan(
     for width in sorted(widths):  # cheapest first: once a width cannot see enough tiles, wider ones cannot either
         timed = []
         for batch_size in sorted(batch_sizes):
-            net = UNet(in_channels, out_classes, depth=depth, width=width)
+            net = UNet(in_channels, out_classes, depth=depth, width=width, **architecture)
             step = time_step(net, batch_size, tile, out_classes, bf16, device=device)
             # With workers on spare cores data preparation overlaps the step; on few cores it adds to it.
             data = tile_data * batch_size
@@ -298,7 +305,7 @@ def make_plan(
     val_tiles = max(1, round(VAL_FRACTION * summary.pairs)) * float(
         np.mean([math.ceil(h / tile) * math.ceil(w / tile) for h, w in summary.shapes])
     )
-    net = UNet(in_channels, out_classes, depth=depth, width=chosen.width)
+    net = UNet(in_channels, out_classes, depth=depth, width=chosen.width, **architecture)
     tile_validation = time_forward(net, tile, bf16, device) + time_data(
         summary, tile, targets, tiles=4, validation=True
     )
@@ -341,6 +348,7 @@ def make_plan(
         budget_seconds=budget_seconds,
         reasons=reasons,
         candidates=candidates,
+        architecture=architecture,
     )
 
 
@@ -388,7 +396,10 @@ def plan_config(plan: Plan, run_dir: str) -> dict:
             ],
         },
         "model": {
-            "net": {"class_path": "unetseg.models.UNet", "init_args": {"depth": plan.depth, "width": plan.width}},
+            "net": {
+                "class_path": "unetseg.models.UNet",
+                "init_args": {"depth": plan.depth, "width": plan.width, **plan.architecture},
+            },
             "lr": 0.003,
             "weight_decay": 0.0001,
             "scheduler": "cosine",

@@ -39,6 +39,7 @@ def positive_ints(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of unetseg-plan."""
+    from unetseg.models.unet import BLOCKS, SKIPS
     from unetseg.plan import BATCH_SIZES, WIDTHS
 
     parser = argparse.ArgumentParser(
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B,B",
         help=f"candidate batch sizes to time (default {','.join(map(str, BATCH_SIZES))})",
     )
+    parser.add_argument("--block", choices=BLOCKS, help="U-Net block to plan for (default: plain)")
+    parser.add_argument("--skip", choices=SKIPS, help="long skip connections to plan for (default: concat)")
+    parser.add_argument("--blocks-per-level", type=int, metavar="N", help="blocks stacked per level (default 1)")
     add_verbosity_flags(parser)
     return parser
 
@@ -82,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("reading %s ...", args.data)
         summary = survey(args.data)
         log.info("timing candidate networks on this machine ...")
-        plan = make_plan(summary, budget, widths=args.widths, batch_sizes=args.batch_sizes)
+        architecture = {"block": args.block, "skip": args.skip, "blocks_per_level": args.blocks_per_level}
+        architecture = {key: value for key, value in architecture.items() if value is not None}
+        plan = make_plan(summary, budget, widths=args.widths, batch_sizes=args.batch_sizes, architecture=architecture)
     except ValueError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
