@@ -1,13 +1,17 @@
-"""Tiled inference: speed against MONAI's sliding_window_inference, stitching overhead, memory on a huge image.
+"""Tiled inference: speed and accuracy against MONAI's sliding_window_inference, FLOP rate, memory on a huge image.
 
     .venv/bin/pip install monai   # for this benchmark only
-    .venv/bin/python benchmarks/bench_inference.py --part speed
+    .venv/bin/python benchmarks/bench_inference.py --part speed    # about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_inference.py --part flops
     .venv/bin/python benchmarks/bench_inference.py --part memory
 
-speed: predict_tiled and MONAI (same model, tile, overlap, gaussian blend, batch) alternated in
-one process for several rounds, with the raw forward pass of the same number of tiles batched
-identically; best times and ratios. Image sizes are chosen so that both cut the same number of
-tiles (predict_tiled adds overlap // 2 of mirrored context at the borders; MONAI does not).
+speed: UNet(depth 4, width 32) on a 1024 x 1024 image, tile 256, overlap 64, gaussian blend,
+batch 8: predict_tiled (automatic precision, float32, bfloat16) and MONAI (float32 as a user
+calls it, and bfloat16 autocast with a channels-last model) on the same model object,
+alternated in one process; best times, mean interior error against a whole-image forward
+pass, and the ratios.
+flops: the U-Net forward's FLOP rate (torch's FLOP counter) as a fraction of a 2048 x 2048
+matmul's, in float32 and bfloat16.
 memory: a 12000 x 12000 uint16 TIFF predicted band by band into a float32 TIFF by a tiny
 model, in a fresh subprocess that reports its own peak RSS (VmHWM).
 """
@@ -15,9 +19,9 @@ model, in a fresh subprocess that reports its own peak RSS (VmHWM).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +32,7 @@ import tifffile
 import torch
 from torch import nn
 
-from unetseg.inference import predict_tiled
+from unetseg.inference import autocast_dtype, predict_tiled
 from unetseg.inference.tiling import padding, tile_starts
 from unetseg.io import Normalization
 from unetseg.models.unet import UNet
@@ -47,17 +51,26 @@ def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1)).eval()
 
 
-def unet_model() -> nn.Module:
-    """The package's U-Net at a small size: a realistic forward pass."""
+def unet_model(depth: int = 4, width: int = 32) -> nn.Module:
+    """The package's U-Net with BatchNorm statistics as after training (random, seeded), so outputs vary."""
     torch.manual_seed(0)
-    return UNet(in_channels=1, classes=1, depth=3, width=16).eval()
+    net = UNet(in_channels=1, classes=1, depth=depth, width=width)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                size = module.num_features
+                module.running_mean.copy_(0.1 * torch.randn(size, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(size, generator=generator))
+                module.weight.copy_(1 + 0.5 * torch.randn(size, generator=generator))
+    return net.eval()
 
 
 def tile_count(height: int, width: int) -> int:
     """Tiles predict_tiled cuts from an image, from the tiling geometry."""
     counts = []
     for length in (height, width):
-        before, after = padding(length, TILE_SIZE, OVERLAP)
+        before, after = padding(length, TILE_SIZE)
         counts.append(len(tile_starts(before + length + after, TILE_SIZE, OVERLAP)))
     return counts[0] * counts[1]
 
@@ -69,96 +82,120 @@ def synthetic_image(size: int) -> np.ndarray:
     return (np.sin(y) * np.cos(x) + 0.3 * rng.normal(size=(size, size))).astype(np.float32)[None]
 
 
-def run_speed(rounds: int) -> None:
-    """Alternate predict_tiled, MONAI and the raw forward of the same batches; print best times and ratios."""
+def whole_image_probs(model: nn.Module, image: np.ndarray, bf16: bool) -> np.ndarray:
+    """The reference: one forward pass over the whole image, in float32 or under bfloat16 autocast."""
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return torch.sigmoid(model(torch.from_numpy(image)[None]).float())[0].numpy()
+
+
+def run_speed(rounds: int, size: int) -> None:
+    """predict_tiled against MONAI's sliding_window_inference on one image, alternated; best times, errors, ratios."""
     from monai.inferers import sliding_window_inference
 
+    model = unet_model()
+    image = synthetic_image(size)
+    monai_tiles = []
+
+    def monai(net: nn.Module, bf16: bool, memory_format=torch.contiguous_format) -> np.ndarray:
+        def predictor(tiles: torch.Tensor) -> torch.Tensor:
+            monai_tiles.append(len(tiles))
+            return torch.sigmoid(net(tiles.contiguous(memory_format=memory_format)).float())
+
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return sliding_window_inference(
+                torch.from_numpy(image)[None],
+                (TILE_SIZE, TILE_SIZE),
+                BATCH_SIZE,
+                predictor,
+                overlap=OVERLAP / TILE_SIZE,
+                mode="gaussian",
+                sigma_scale=0.125,
+                padding_mode="reflect",
+            )[0].numpy()
+
+    def ours(amp: bool | None) -> np.ndarray:
+        return predict_tiled(model, image, tile_size=TILE_SIZE, overlap=OVERLAP, batch_size=BATCH_SIZE, amp=amp)
+
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)  # what a MONAI user can do
+    runs = {  # name: (function, precision of its whole-image reference)
+        "unetseg auto": (lambda: ours(None), autocast_dtype(torch.device("cpu")) is not None),
+        "unetseg fp32": (lambda: ours(False), False),
+        "unetseg bf16": (lambda: ours(True), True),
+        "MONAI fp32": (lambda: monai(model, False), False),
+        "MONAI bf16+CL": (lambda: monai(channels_last, True, torch.channels_last), True),
+    }
+    references = {bf16: whole_image_probs(model, image, bf16) for bf16 in (False, True)}
+    margin = OVERLAP // 2
+    inside = (slice(None), slice(margin, -margin), slice(margin, -margin))
+    times, errors, errors_fp32 = {name: [] for name in runs}, {}, {}
+    for round_index in range(rounds + 1):  # round 0 warms up and measures errors
+        for name, (function, bf16) in runs.items():
+            monai_tiles.clear()
+            start = time.perf_counter()
+            probs = function()
+            seconds = time.perf_counter() - start
+            if round_index == 0:
+                errors[name] = float(np.abs(probs - references[bf16])[inside].mean())
+                errors_fp32[name] = float(np.abs(probs - references[False])[inside].mean())
+                if name.startswith("MONAI"):
+                    tiles_monai = sum(monai_tiles)
+            else:
+                times[name].append(seconds)
+    best = {name: min(values) for name, values in times.items()}  # others on a shared machine only add time
+    tiles = tile_count(size, size)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, tile {TILE_SIZE}, overlap {OVERLAP}, "
-        f"batch {BATCH_SIZE}, gaussian blend, best of {rounds} rounds, load average {os.getloadavg()[0]:.1f}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, UNet(depth 4, width 32), {size}x{size}, "
+        f"tile {TILE_SIZE}, overlap {OVERLAP}, batch {BATCH_SIZE}, gaussian; tiles: unetseg {tiles}, MONAI "
+        f"{tiles_monai}; best of {rounds} alternated rounds; load average {os.getloadavg()[0]:.1f}"
     )
-    print(
-        f"{'model':<6}{'image':>11}{'tiles':>7}{'unetseg s':>11}{'MONAI s':>9}{'forward s':>11}"
-        f"{'unetseg Mpx/s':>15}{'MONAI Mpx/s':>13}{'MONAI/unetseg':>15}"
-        f"{'stitching':>11}{'in-run':>8}{'MONAI in-run':>14}"
-    )
-    for name, model, size in (("unet", unet_model(), 548), ("tiny", tiny_model(), 2084)):
-        image = synthetic_image(size)
-        tiles = tile_count(size, size)
-        raw_tiles = torch.randn(tiles, 1, TILE_SIZE, TILE_SIZE)
-        clock = ForwardClock(model)
-
-        def ours():
-            return predict_tiled(model, image, tile_size=TILE_SIZE, overlap=OVERLAP, batch_size=BATCH_SIZE)
-
-        def monai():
-            with torch.inference_mode():
-                return sliding_window_inference(
-                    torch.from_numpy(image)[None],
-                    (TILE_SIZE, TILE_SIZE),
-                    BATCH_SIZE,
-                    lambda x: torch.sigmoid(model(x)),
-                    overlap=OVERLAP / TILE_SIZE,
-                    mode="gaussian",
-                    sigma_scale=0.125,
-                    padding_mode="reflect",
-                )[0].numpy()
-
-        def forward():  # the model alone on the batches predict_tiled ran
-            with torch.inference_mode():
-                first = 0
-                for batch in batches:
-                    model(raw_tiles[first : first + batch])
-                    first += batch
-
-        clock.reset()
-        ours_probs = ours()
-        batches = list(clock.batches)
-        if sum(batches) != tiles:
-            raise SystemExit(f"predict_tiled ran {sum(batches)} tiles, the geometry says {tiles}")
-        difference = np.abs(ours_probs - monai()).max()  # also a warm-up
-        forward()
-        times = {key: [] for key in ("ours", "monai", "forward")}
-        inside = {key: [] for key in ("ours", "monai")}  # time spent in the model during the same call
-        for _ in range(rounds):
-            for key, function in (("ours", ours), ("monai", monai), ("forward", forward)):
-                clock.reset()
-                start = time.perf_counter()
-                function()
-                times[key].append(time.perf_counter() - start)
-                if key in inside:
-                    inside[key].append((times[key][-1] - clock.seconds) / clock.seconds)
-        # Best of the rounds: on a shared machine other processes only ever add time.
-        ours_s, monai_s, forward_s = (min(times[key]) for key in ("ours", "monai", "forward"))
-        megapixels = size * size / 1e6
+    print(f"{'run':<16}{'seconds':>9}{'Mpx/s':>8}{'interior error':>16}{'vs fp32 forward':>17}")
+    for name in runs:
         print(
-            f"{name:<6}{f'{size}x{size}':>11}{tiles:>7}{ours_s:>11.3f}{monai_s:>9.3f}{forward_s:>11.3f}"
-            f"{megapixels / ours_s:>15.3f}{megapixels / monai_s:>13.3f}{monai_s / ours_s:>15.2f}"
-            f"{(ours_s - forward_s) / forward_s:>11.1%}{statistics.median(inside['ours']):>8.1%}"
-            f"{statistics.median(inside['monai']):>14.1%}"
+            f"{name:<16}{best[name]:>9.2f}{size * size / 1e6 / best[name]:>8.3f}{errors[name]:>16.2e}"
+            f"{errors_fp32[name]:>17.2e}"
         )
-        print(f"{'':<6}max |unetseg - MONAI| = {difference:.2e} (image borders: mirrored context vs none)")
-    print("stitching = (unetseg - forward) / forward, forward = the model alone on the same batches of tiles;")
-    print("in-run = (call - time inside the model) / time inside the model, within the same call (median)")
+    print("interior error: mean |probs - whole-image forward| beyond overlap // 2 of the border, the forward in the")
+    print("run's own precision (tiling error); 'vs fp32 forward' adds the bfloat16 rounding.")
+    for ours_name, monai_name in (
+        ("unetseg auto", "MONAI fp32"),
+        ("unetseg fp32", "MONAI fp32"),
+        ("unetseg bf16", "MONAI bf16+CL"),
+    ):
+        print(
+            f"{ours_name} vs {monai_name}: {best[monai_name] / best[ours_name]:.2f}x faster, "
+            f"error ratio {errors[ours_name] / errors[monai_name]:.2f}"
+        )
 
 
-class ForwardClock:
-    """Forward hooks that add up the seconds a model spends in forward and the batch sizes it sees."""
+def run_flops(rounds: int) -> None:
+    """The U-Net forward's FLOP rate as a fraction of this CPU's matmul rate, in float32 and bfloat16."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def __init__(self, model: nn.Module):
-        model.register_forward_pre_hook(self._start)
-        model.register_forward_hook(self._stop)
-        self.reset()
+    from unetseg.inference.fold import inference_copy
 
-    def reset(self) -> None:
-        self.seconds, self.batches, self._started = 0.0, [], 0.0
-
-    def _start(self, module, inputs) -> None:
-        self.batches.append(inputs[0].shape[0])
-        self._started = time.perf_counter()
-
-    def _stop(self, module, inputs, output) -> None:
-        self.seconds += time.perf_counter() - self._started
+    model = inference_copy(unet_model(), channels_last=True)
+    tiles = torch.randn(BATCH_SIZE, 1, TILE_SIZE, TILE_SIZE).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(tiles)
+    flops = counter.get_total_flops()
+    size = 2048
+    print(f"UNet(depth 4, width 32) forward of {BATCH_SIZE} tiles of {TILE_SIZE}: {flops / 1e9:.1f} GFLOP")
+    print(f"{'precision':<10}{'matmul GFLOP/s':>16}{'U-Net GFLOP/s':>15}{'fraction':>10}")
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        bf16 = dtype == torch.bfloat16
+        matmul, forward = [], []
+        for _ in range(rounds + 1):
+            start = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            matmul.append(4 * 2 * size**3 / (time.perf_counter() - start))
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                start = time.perf_counter()
+                model(tiles)
+                forward.append(flops / (time.perf_counter() - start))
+        peak, rate = max(matmul[1:]), max(forward[1:])
+        print(f"{'bf16' if bf16 else 'fp32':<10}{peak / 1e9:>16.1f}{rate / 1e9:>15.1f}{rate / peak:>10.1%}")
 
 
 class TiffRows:
@@ -300,8 +337,9 @@ def check_output(source_path: Path, output_path: Path, value_range: tuple[float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("speed", "memory", "all"), default="all")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--part", choices=("speed", "flops", "memory", "all"), default="all")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=1024, help="image side for --part speed")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads for --part speed")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/unetseg_bench"))
     modes = ["baseline", "range", "range-whole", "memmap", "reads"]
@@ -320,7 +358,9 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     if args.part in ("speed", "all"):
-        run_speed(args.rounds)
+        run_speed(args.rounds, args.size)
+    if args.part in ("flops", "all"):
+        run_flops(args.rounds)
     if args.part in ("memory", "all"):
         run_memory(args.workdir, args.memory_modes)
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_module_help_lists_every_subcommand():
     result = subprocess.run([sys.executable, "-m", "unetseg", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    assert {"train", "predict", "evaluate", "export", "demo"} <= set(COMMANDS)
+    assert {"plan", "train", "predict", "evaluate", "tune", "export", "demo"} <= set(COMMANDS)
     for name in COMMANDS:
         assert f"  {name} " in result.stdout
 

@@ -14,6 +14,7 @@ from skimage import io as skio
 from unetseg.io import ImageReadError, Normalization
 from unetseg.training.augment import Augmentation, build_transform
 from unetseg.training.data import SegmentationDataModule, TileDataset, find_pairs, load_sample, make_target, tile_grid
+from unetseg.training.targets import border_weight_map, weight_radius
 
 SPATIAL_ONLY = Augmentation(
     flip=1.0, rotate90=1.0, elastic=1.0, grid_distortion=1.0, brightness_contrast=0.0, gamma=0.0, noise=0.0, blur=0.0
@@ -170,7 +171,9 @@ def test_classes_target_is_the_mask():
 # TileDataset and augmentation -----------------------------------------------------------------------------------------
 
 
-def pattern_dataset(tmp_path, targets="foreground", transform=None, length=24, shape=(96, 96), tile_size=96):
+def pattern_dataset(
+    tmp_path, targets="foreground", transform=None, length=24, shape=(96, 96), tile_size=96, border_weights=False
+):
     """Images whose intensity is their label pattern: 20 background, 200 on objects -> exactly 0 / 1."""
     labels = blobs(shape, count=6, radii=(8, 16))
     image = np.where(labels > 0, 200, 20).astype(np.uint8)
@@ -184,6 +187,7 @@ def pattern_dataset(tmp_path, targets="foreground", transform=None, length=24, s
         length=length,
         transform=transform,
         foreground_oversampling=0.0,
+        border_weights=border_weights,
     )
     return dataset, labels
 
@@ -259,10 +263,41 @@ def test_validation_grid_covers_every_pixel_and_is_deterministic(tmp_path):
 def test_border_weights_are_added_when_enabled(tmp_path):
     dataset, _ = pattern_dataset(tmp_path, length=2)
     assert "weight" not in dataset[0]
-    dataset.border_weights = True
+    dataset, _ = pattern_dataset(tmp_path, length=2, border_weights=True)
     weight = dataset[0]["weight"]
     assert weight.shape == (96, 96) and weight.dtype == torch.float32
     assert weight.min() == 1.0 and weight.max() > 1.5
+
+
+def test_precomputed_targets_and_weights_equal_per_tile_ones_after_cropping(tmp_path):
+    labels = blobs((170, 150), count=30, radii=(4, 9))
+    write_pair(tmp_path, "a", np.where(labels > 0, 200, 20).astype(np.uint8), labels)
+    sample = load_sample(tmp_path / "images/a.tif", tmp_path / "masks/a.tif", 1, Normalization())
+    size = 100
+    dataset = TileDataset([sample], Normalization(), size, "boundary", border_weights=True)
+    margin = weight_radius(10.0, 5.0)  # instances farther than this from a pixel do not change its weight
+    inside = np.zeros((size, size), bool)
+    inside[margin:-margin, margin:-margin] = True
+    assert inside.sum() > 30**2 and dataset.maps[0][0].dtype == np.uint8  # targets kept compact per image
+    whole_image, compared = border_weight_map(labels), []
+    for index, (_, y, x) in enumerate(dataset.grid):
+        item, tile = dataset[index], labels[y : y + size, x : x + size]
+        target, weight, alone = item["target"].numpy(), item["weight"].numpy(), border_weight_map(tile)
+        np.testing.assert_array_equal(target[1:-1, 1:-1], make_target(tile, "boundary")[1:-1, 1:-1])
+        compared.append(alone[inside].max())
+        np.testing.assert_allclose(weight[inside], alone[inside], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(weight, whole_image[y : y + size, x : x + size], rtol=0, atol=1e-6)
+    assert len(compared) == 4 and max(compared) > 1.01  # gaps between nuclei lie in the compared part
+
+
+def test_spatial_augmentation_moves_weight_maps_with_targets(tmp_path):
+    torch.manual_seed(0)
+    dataset, _ = pattern_dataset(tmp_path, transform=build_transform(SPATIAL_ONLY), length=6, border_weights=True)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        weight, target = item["weight"].numpy(), item["target"].numpy()
+        assert weight.dtype == np.float32 and weight.shape == target.shape
+        assert np.all(weight[target > 0] == 1.0)  # the extra weight lies on background only, wherever it moved
 
 
 # SegmentationDataModule -----------------------------------------------------------------------------------------------

@@ -173,3 +173,29 @@ def test_module_runs_main(tmp_path, command):
         cwd=tmp_path,
     )
     assert result.returncode == 2 and "PRED" in result.stderr and "no such file or folder" in result.stderr
+
+
+def test_pq_aji_and_scores_by_modality(tmp_path, capsys):
+    gt, pred, images = tmp_path / "gt", tmp_path / "pred", tmp_path / "images"
+    for name in ("dark", "bright", "pink"):
+        write_tif(gt / f"{name}.tif", square())
+        write_tif(pred / f"{name}.tif", square(shift=2 if name == "pink" else 0))  # IoU 80 / 120 for pink
+    grey = np.zeros((30, 30, 3), np.uint8)
+    write_png(images / "dark.png", grey + 10)  # fluorescence: dark and grey
+    write_png(images / "bright.png", grey + 220)  # grey brightfield
+    pink = grey.copy()
+    pink[..., 0], pink[..., 2] = 230, 150
+    write_png(images / "pink.png", pink)  # stained tissue
+    report = tmp_path / "r.json"
+    assert main([str(pred), str(gt), "--by-modality", str(images), "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "PQ" in out and "AJI" in out
+    by_modality = json.loads(report.read_text())["summary"]["by_modality"]
+    assert {name: group["images"] for name, group in by_modality.items()} == {
+        "colour (stained)": 1,
+        "fluorescence": 1,
+        "grey brightfield": 1,
+    }
+    assert by_modality["fluorescence"]["pq"] == 1.0 and by_modality["fluorescence"]["aji"] == 1.0
+    assert by_modality["colour (stained)"]["pq"] == pytest.approx(80 / 120)  # one match, SQ 2/3, RQ 1
+    assert by_modality["colour (stained)"]["aji"] == pytest.approx(80 / 120)

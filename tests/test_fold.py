@@ -30,9 +30,11 @@ def test_folded_unet_equals_the_unfolded_one(block):
     folded = inference_copy(net)
     assert not any(isinstance(module, nn.BatchNorm2d) for module in folded.modules())
     assert sum(isinstance(module, nn.BatchNorm2d) for module in net.modules()) > 0  # the original keeps its own
+    fresh = UNet(in_channels=2, classes=3, depth=2, width=4, block=block).eval()
+    fresh.load_state_dict({key: value for key, value in net.state_dict().items() if "running" not in key}, strict=False)
     with torch.no_grad():
-        expected, got = net(image), folded(image)
-    assert expected.abs().max() > 1  # the statistics matter
+        expected, got, unfolded_default = net(image), folded(image), fresh(image)
+    assert (expected - unfolded_default).abs().max() > 0.1  # the statistics that were folded matter
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
@@ -97,3 +99,18 @@ def test_pinned_transfer_is_chosen_for_cuda_and_its_path_runs_on_the_cpu():
     assert copied[0, 0] == 1.0  # a copy, not a view
     view = to_host(tensor, pinned=False)
     assert np.shares_memory(view, tensor.numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bands_come_back_through_pinned_memory_in_bf16():
+    from unetseg.inference.precision import autocast_dtype
+
+    tensor = torch.arange(12.0, device="cuda").reshape(3, 4)
+    np.testing.assert_array_equal(to_host(tensor, pinned=True), tensor.cpu().numpy())
+    assert autocast_dtype(torch.device("cuda")) is (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    net = trained_statistics(UNet(in_channels=1, classes=1, depth=2, width=4))
+    image = np.random.default_rng(0).normal(size=(1, 150, 130)).astype(np.float32)
+    expected = predict_tiled(net, image, tile_size=64, overlap=16, amp=False)
+    probs = predict_tiled(net.cuda(), image, tile_size=64, overlap=16)  # auto: bf16, channels-last, folded
+    np.testing.assert_allclose(probs, expected, atol=3e-2)

@@ -22,6 +22,7 @@ from PIL import Image
 from skimage import io as skio
 
 import unetseg.checkpoint
+from unetseg.batch import plan_outputs
 from unetseg.checkpoint import CheckpointError, checked_net_description, load_net_weights, load_predictor
 from unetseg.cli import evaluate as evaluate_cli
 from unetseg.cli import export as export_cli
@@ -30,7 +31,7 @@ from unetseg.cli import train as train_cli
 from unetseg.io import ImageReadError, Normalization, find_images, open_image, read_image, read_labels
 from unetseg.io.images import check_pixels
 from unetseg.models import UNet
-from unetseg.predict import PredictSettings, plan_outputs, predict_image
+from unetseg.predict import PredictSettings, predict_image
 from unetseg.synthetic import nuclei_image
 from unetseg.training.data import load_sample
 from unetseg.training.module import SegmentationModule
@@ -124,21 +125,24 @@ def test_2_finite_loss_stops_at_the_first_nan_loss_before_its_backward_pass(tmp_
             self.weight = torch.nn.Parameter(torch.ones(1))
 
         def training_step(self, batch, batch_index):
-            loss = (self.weight * batch[0]).sum()
+            loss = (self.weight * batch["image"]).sum()
             return loss * torch.nan if self.global_step == 3 else loss
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(10, 1)), batch_size=1)
+    items = [{"image": torch.ones(1), "name": f"cell_{index // 2}"} for index in range(20)]
+    data = torch.utils.data.DataLoader(items, batch_size=2)
     module = Module()
     trainer = pl.Trainer(
         max_epochs=1, callbacks=[FiniteLoss()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
-    with pytest.raises(NonFiniteTrainingError, match=r"loss is nan at step 3 \(epoch 0, batch 3"):
+    with pytest.raises(
+        NonFiniteTrainingError, match=r"loss is nan at step 3 \(epoch 0, batch 3 of the epoch, tiles from cell_3\)"
+    ):
         trainer.fit(module, data)
-    assert torch.isfinite(module.weight).all() and module.weight.item() == pytest.approx(1 - 3 * 0.1)
+    assert torch.isfinite(module.weight).all() and module.weight.item() == pytest.approx(1 - 3 * 0.2)
 
 
 @pytest.fixture
@@ -243,14 +247,13 @@ def test_4_checkpoints_are_written_beside_the_target_fsynced_and_renamed(tmp_pat
     assert len(renames) == 1 and os.path.dirname(renames[0][0]) == str(target.parent) and syncs
     assert torch.load(target, weights_only=True)["global_step"] == 2
 
-    def full_disk(checkpoint, file):  # a write that dies half way, as on a full disk or a kill
-        with open(file, "wb") as handle:
-            handle.write(b"PK\x03\x04half")
+    def full_disk(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space"):
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    with pytest.raises(OSError, match="last.ckpt: cannot write the checkpoint .No space left on device.; the previous"):
         io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, target)
+
     assert sorted(path.name for path in target.parent.iterdir()) == ["last.ckpt"]
     assert torch.load(target, weights_only=True)["global_step"] == 2
 
@@ -446,7 +449,11 @@ def test_11_resume_keeps_the_metrics_history(shared_dataset, tmp_path):
 
 @pytest.mark.parametrize(
     "option, value, message",
-    [("--data.tile_size", "0", "data.tile_size must be a positive"), ("--data.tiles_per_epoch", "0", "at least")],
+    [
+        ("--data.tile_size", "0", "data.tile_size must be a positive"),
+        ("--data.tiles_per_epoch", "0", "tiles_per_epoch must be a positive"),
+        ("--data.tiles_per_epoch", "4", "must be at least data.batch_size"),
+    ],
 )
 def test_11_bad_training_options_are_one_line_errors(shared_dataset, tmp_path, capsys, option, value, message):
     assert train_cli.main(tiny_train_args(shared_dataset, tmp_path / "run", option, value)) == 1
@@ -530,3 +537,24 @@ def test_11_atomic_outputs_leave_nothing_behind_on_failure(tmp_path, monkeypatch
     assert [path.name for path in tmp_path.iterdir()] == ["x.tif"]
     monkeypatch.undo()
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "x.tif"), 1)
+
+
+def test_11_evaluate_reads_a_grey_mask_stored_as_three_equal_channels_as_2d(tmp_path):
+    mask = np.zeros((24, 24), np.uint8)
+    mask[4:12, 4:12] = 1
+    tifffile.imwrite(tmp_path / "rgb.tif", np.stack([mask] * 3, axis=-1), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([mask] * 3), imagej=True, metadata={"axes": "ZYX"})
+    np.testing.assert_array_equal(read_labels(tmp_path / "rgb.tif", stack=True), mask)
+    assert read_labels(tmp_path / "stack.tif", stack=True).shape == (3, 24, 24)
+
+
+def test_6_configs_without_the_option_never_version_checkpoint_names(shared_dataset, tmp_path):
+    config = (CONFIGS / "tiny.yaml").read_text().replace("enable_version_counter: false, ", "")
+    assert "enable_version_counter" not in config  # as unetseg-plan or a user writes it
+    (tmp_path / "c.yaml").write_text(config)
+    run_dir = tmp_path / "run"
+    args = ["--config", str(tmp_path / "c.yaml"), *tiny_train_args(shared_dataset, run_dir)[2:]]
+    assert train_cli.main([*args, "--trainer.max_epochs", "1"]) == 0
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
+    assert train_cli.main([*args, "--trainer.max_epochs", "1", "--ckpt_path", "last"]) == 0
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]

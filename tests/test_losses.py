@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from unetseg.training.losses import SegmentationLoss
-from unetseg.training.targets import border_weight_map
+from unetseg.training.targets import border_weight_map, weight_radius
 
 
 def two_squares_with_gap(gap: int = 2) -> np.ndarray:
@@ -120,3 +121,24 @@ def test_loss_has_gradients():
     logits.requires_grad_(True)
     SegmentationLoss(3)(logits, target).backward()
     assert logits.grad.abs().sum() > 0
+
+
+def unbounded_weight_map(labels, w0=10.0, sigma=5.0):
+    """The formula with one distance transform of the whole image per instance: the reference."""
+    ids = [label for label in np.unique(labels) if label > 0]
+    distances = np.sort(np.stack([ndimage.distance_transform_edt(labels != label) for label in ids]), axis=0)
+    weights = 1 + w0 * np.exp(-((distances[0] + distances[1]) ** 2) / (2 * sigma**2))
+    return np.where(labels == 0, weights, 1.0)
+
+
+@pytest.mark.parametrize("w0, sigma", [(10.0, 5.0), (4.0, 2.0), (30.0, 8.0)])
+def test_weights_bounded_to_instance_boxes_equal_the_whole_image_formula(w0, sigma):
+    rng = np.random.default_rng(int(w0))
+    labels = np.zeros((150, 170), np.int32)
+    for label in range(1, 30):  # scattered rectangles, some touching, some far apart
+        y, x, h, w = rng.integers(0, 140), rng.integers(0, 160), rng.integers(2, 12), rng.integers(2, 12)
+        labels[y : y + h, x : x + w] = label
+    assert weight_radius(w0, sigma) < 75  # the bound really cuts the work here
+    np.testing.assert_allclose(
+        border_weight_map(labels, w0, sigma), unbounded_weight_map(labels, w0, sigma), rtol=1e-6, atol=2e-6
+    )

@@ -5,11 +5,13 @@ import pytest
 
 from unetseg.metrics import (
     SCORE_KEYS,
+    aggregated_jaccard,
     as_instances,
     foreground_dice,
     foreground_iou,
     instance_matches,
     instance_scores,
+    panoptic_quality,
     segmentation_scores,
     summarize,
 )
@@ -221,3 +223,61 @@ def test_summarize_means_and_pooled_dice():
     assert summary["pooled_dice"] == pytest.approx(2 * 10 / (10 + 40))
     assert (summary["tp"], summary["fn"], summary["n_gt"]) == (1, 1, 2)
     assert summarize([])["dice"] is None and summarize([])["images"] == 0
+
+
+# --- Panoptic quality and aggregated Jaccard index, against hand-computed cases ---------------------
+
+
+def two_halves() -> np.ndarray:
+    labels = np.zeros((4, 8), np.int32)
+    labels[:, :4] = 1
+    labels[:, 4:] = 2
+    return labels
+
+
+def test_pq_and_aji_of_a_perfect_prediction_are_one():
+    labels = two_halves()
+    assert panoptic_quality(labels * 7, labels) == {"pq": 1.0, "sq": 1.0, "rq": 1.0}
+    assert aggregated_jaccard(labels * 7, labels) == 1.0
+
+
+def test_a_merge_costs_pq_everything_and_aji_half():
+    # Two 16-pixel GT objects, one 32-pixel prediction: each IoU is exactly 0.5 (not a match).
+    # AJI: both GT objects pair with the one prediction: (16 + 16) / (32 + 32).
+    merged = (two_halves() > 0).astype(np.int32)
+    assert panoptic_quality(merged, two_halves()) == {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+    assert aggregated_jaccard(merged, two_halves()) == pytest.approx(0.5)
+
+
+def test_pq_and_aji_of_a_shrunken_object_and_a_false_one():
+    gt = np.zeros((8, 8), np.int32)
+    gt[:4, :4] = 1  # 16 pixels
+    pred = np.zeros((8, 8), np.int32)
+    pred[:4, :3] = 1  # 12 pixels inside it: IoU 0.75
+    pred[6:8, 6:8] = 2  # 4 pixels of nothing
+    # TP 1 (IoU 0.75), FP 1, FN 0: SQ 0.75, RQ 1 / (1 + 0.5), PQ 0.5.
+    scores = panoptic_quality(pred, gt)
+    assert scores["sq"] == pytest.approx(0.75)
+    assert scores["rq"] == pytest.approx(2 / 3)
+    assert scores["pq"] == pytest.approx(0.5)
+    # AJI: 12 / (16 + 4 of the unpaired prediction).
+    assert aggregated_jaccard(pred, gt) == pytest.approx(0.6)
+
+
+def test_a_split_object_pairs_with_one_half_in_aji():
+    gt = np.zeros((4, 4), np.int32)
+    gt[:] = 1
+    pred = np.zeros((4, 4), np.int32)
+    pred[:, :2], pred[:, 2:] = 1, 2  # two 8-pixel halves, IoU 0.5 each
+    assert panoptic_quality(pred, gt)["pq"] == 0.0  # TP 0, FP 2, FN 1
+    # The first half pairs (ties go to the lower label): 8 / (16 + 8 of the other half).
+    assert aggregated_jaccard(pred, gt) == pytest.approx(1 / 3)
+
+
+def test_pq_and_aji_of_empty_images_and_in_segmentation_scores():
+    empty = np.zeros((4, 8), np.int32)
+    assert panoptic_quality(empty, empty)["pq"] == 1.0 and aggregated_jaccard(empty, empty) == 1.0
+    assert panoptic_quality(empty, two_halves())["pq"] == 0.0 and aggregated_jaccard(empty, two_halves()) == 0.0
+    assert aggregated_jaccard(two_halves(), empty) == 0.0
+    scores = segmentation_scores((two_halves() > 0).astype(np.uint8) * 255, two_halves())
+    assert scores["pq"] == 0.0 and scores["aji"] == pytest.approx(0.5)  # the binary mask is one component

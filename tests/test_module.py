@@ -136,6 +136,9 @@ def test_read_metrics_and_plot_curves(tmp_path):
     assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+CL = torch.channels_last
+
+
 def test_checkpoint_from_a_python_fit_loads(shared_dataset, tmp_path):
     data = SegmentationDataModule(
         root=str(shared_dataset), tile_size=32, batch_size=2, tiles_per_epoch=2, num_workers=0
@@ -148,6 +151,25 @@ def test_checkpoint_from_a_python_fit_loads(shared_dataset, tmp_path):
         enable_model_summary=False,
         limit_val_batches=2,
     )
-    trainer.fit(SegmentationModule(tiny_unet()), data)
+    module = SegmentationModule(tiny_unet())
+    conv = module.net.down[0][1].body[0].weight  # (8, 4, 3, 3): its layout is not trivially both
+    assert not conv.is_contiguous(memory_format=CL)
+    trainer.fit(module, data)
+    assert module.net.down[0][1].body[0].weight.is_contiguous(memory_format=CL)  # trained NHWC on the CPU
     model = SegmentationModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
     assert model.hparams["input_spec"]["normalization"] == {"low": 1.0, "high": 99.8, "clip": True}
+
+
+def test_deep_supervision_trains_on_every_head():
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, classes=1, depth=2, width=4, skip="nested", deep_supervision=True)
+    module = SegmentationModule(net)
+    batch = {"image": torch.rand(2, 1, 32, 32), "target": (torch.rand(2, 32, 32) > 0.5).long()}
+    net.train()
+    heads = net(batch["image"])
+    assert isinstance(heads, (list, tuple)) and len(heads) == 2
+    loss = module.training_step(batch, 0)
+    expected = torch.stack([module.loss(logits, batch["target"]) for logits in heads]).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)

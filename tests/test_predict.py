@@ -10,6 +10,7 @@ import torch
 from skimage import io as skio
 
 import unetseg.weights
+from unetseg.batch import plan_outputs
 from unetseg.checkpoint import CheckpointError, load_predictor
 from unetseg.inference import TilingConfig, predict_tiled
 from unetseg.inference.postprocess import to_mask
@@ -17,12 +18,7 @@ from unetseg.io import ImageReadError, Normalization, to_channels
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import Calibration, open_image, read_calibration
 from unetseg.models import UNet
-from unetseg.predict import (
-    PredictSettings,
-    plan_outputs,
-    predict_file,
-    predict_image,
-)
+from unetseg.predict import PredictSettings, predict_file, predict_image
 from unetseg.spec import InputSpec
 from unetseg.synthetic import nuclei_image
 from unetseg.training.data import load_sample

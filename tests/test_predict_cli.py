@@ -11,9 +11,9 @@ from skimage import io as skio
 
 import unetseg.cli.predict
 import unetseg.weights
+from unetseg.batch import PredictSummary
 from unetseg.cli.predict import build_parser, main
 from unetseg.models import UNet
-from unetseg.predict import PredictSummary
 from unetseg.synthetic import nuclei_image
 
 REPO = Path(__file__).resolve().parents[1]

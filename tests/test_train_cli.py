@@ -197,7 +197,7 @@ def test_fast_dev_run_of_the_smp_baseline(capture_cli, shared_dataset, tmp_path)
     assert cli.model.hparams["net"]["class_path"] == "unetseg.models.baseline.SMPUnet"
 
 
-def test_channels_and_classes_are_stated_once_under_data(capture_cli, shared_dataset, tmp_path):
+def test_channels_and_classes_are_stated_once_under_data(capture_cli, shared_dataset, tmp_path, capsys):
     # tiny.yaml's network says in_channels 1, classes 1: the data's 3 channels and boundary targets win.
     cli = capture_cli(
         tiny_args(
@@ -213,6 +213,7 @@ def test_channels_and_classes_are_stated_once_under_data(capture_cli, shared_dat
     )
     assert cli.model.net.config["in_channels"] == 3 and cli.model.net.config["classes"] == 3
     assert cli.model.hparams["input_spec"]["in_channels"] == 3
+    assert "warning: every image is grey but data.in_channels is 3" in capsys.readouterr().err
 
 
 def test_a_pretrained_network_of_other_channels_is_one_line_naming_both(shared_dataset, tmp_path, checkpoint, capsys):
@@ -253,3 +254,22 @@ def test_fit_help_lists_unetseg_networks_not_torch_nn(capsys):
     assert "known subclasses: unetseg.UNet, unetseg.SMPUnet" in " ".join(out.split())
     assert "torch.nn.Conv2d" not in out and "timm" not in out
     assert len(out.splitlines()) < 1000  # was 2108 with every torch.nn and timm class
+
+
+@pytest.mark.parametrize(
+    "native, config, expected",
+    [
+        (True, {}, "bf16-mixed"),
+        (False, {}, "32-true"),
+        (True, {"accelerator": "cpu", "precision": None}, "bf16-mixed"),
+        (True, {"precision": "32-true"}, None),  # the config's choice stands
+        (False, {"precision": "bf16-mixed"}, None),
+    ],
+)
+def test_precision_is_chosen_per_machine_unless_the_config_sets_it(monkeypatch, native, config, expected):
+    from unetseg.cli.train import automatic_precision
+    from unetseg.inference import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert automatic_precision(config) == expected

@@ -5,13 +5,18 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
-from unetseg.checkpoint import load_predictor, store_postprocess
+from unetseg.checkpoint import load_predictor, read_checkpoint, save_checkpoint, slim_checkpoint, store_postprocess
+from unetseg.cli.train import main as train_main
 from unetseg.cli.tune import main as tune_main
+from unetseg.inference import TilingConfig
 from unetseg.inference.postprocess import POSTPROCESS_DEFAULTS, label_settings, to_labels
 from unetseg.metrics import instance_scores
-from unetseg.predict import PredictSettings
+from unetseg.predict import PredictSettings, predict_image
 from unetseg.spec import InputSpec
+from unetseg.synthetic import nuclei_image
+from unetseg.training.targets import make_target
 from unetseg.tune import mean_score, tune_postprocess
 
 
@@ -126,8 +131,6 @@ def test_distance_targets_split_objects_that_touch_along_a_long_edge():
     labels = np.zeros((40, 60), np.int32)
     labels[5:35, 5:30] = 1
     labels[5:35, 30:55] = 2
-    from unetseg.training.targets import make_target
-
     target = make_target(labels, "distance")
     assert set(np.unique(target)) == {0, 1, 2, 3}
     probs = np.stack([(target == k).astype(np.float32) for k in range(4)])
@@ -137,3 +140,51 @@ def test_distance_targets_split_objects_that_touch_along_a_long_edge():
     assert instance_scores(found, labels)["tp"] == 2
     merged = to_labels(np.stack([probs[0], probs[1] + probs[3], probs[2]]), min_size=5)
     assert instance_scores(merged, labels)["tp"] == 0  # 3-class seeds merge them
+
+
+def test_a_distance_model_trains_predicts_labels_and_tunes(shared_dataset, tmp_path):
+    run = tmp_path / "run"
+    train_main(
+        [
+            "--config",
+            "tiny",
+            "--data.root",
+            str(shared_dataset),
+            "--data.targets",
+            "distance",
+            "--model.net.init_args.classes",
+            "4",
+            "--trainer.default_root_dir",
+            str(run),
+            "--trainer.max_epochs",
+            "1",
+            "--data.tiles_per_epoch",
+            "8",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    model_file = run / "checkpoints" / "last.ckpt"
+    model, spec = load_predictor(model_file)
+    assert (spec.targets, spec.classes) == ("distance", 4)
+    image, _ = nuclei_image(np.random.default_rng(0), (64, 64))
+    tiling = TilingConfig(tile_size=64, overlap=16, batch_size=4)
+    labels = predict_image(model, spec, image, PredictSettings(output="labels", tiling=tiling))
+    assert labels.shape == (64, 64) and labels.dtype == np.uint16
+    assert tune_main([str(model_file), str(shared_dataset), "--max-images", "2", "--tile-size", "64"]) == 0
+    assert load_predictor(model_file)[1].postprocess.keys() == POSTPROCESS_DEFAULTS.keys()
+
+
+def test_slim_checkpoint_keeps_values_beyond_float16_in_float32(checkpoint, tmp_path):
+    full = read_checkpoint(checkpoint)
+    key = next(name for name in full["state_dict"] if name.endswith("running_var"))
+    full["state_dict"][key] = full["state_dict"][key] + 70000.0  # as a long training's BatchNorm can reach
+    save_checkpoint(full, tmp_path / "full.ckpt")
+    slim = read_checkpoint(slim_checkpoint(tmp_path / "full.ckpt", tmp_path / "slim.ckpt"))
+    assert slim["state_dict"][key].dtype == torch.float32
+    assert torch.equal(slim["state_dict"][key], full["state_dict"][key])
+    weights = [name for name in slim["state_dict"] if name.endswith("weight")]
+    assert all(slim["state_dict"][name].dtype == torch.float16 for name in weights)
+    load_predictor(tmp_path / "slim.ckpt")  # finite: not refused

@@ -9,7 +9,10 @@ checked against bounds before anything is allocated, and never with weights from
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
+import os
 import pickle
 import re
 import warnings
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unetseg.inference.postprocess import label_settings
 from unetseg.io.files import atomic_output
 from unetseg.models import build_net, net_state_dict
 from unetseg.spec import InputSpec
@@ -248,12 +252,13 @@ def slim_checkpoint(source: str | Path, target: str | Path, half: bool = True) -
     """Write the shippable part of a training checkpoint: weights and hyperparameters.
 
     Optimiser state, callbacks and loops are dropped; floating-point weights are stored as
-    float16 when `half` (loaded back into float32 parameters). The result still loads with
-    `SegmentationModule.load_from_checkpoint` and `unetseg-predict --checkpoint`.
+    float16 when `half` (loaded back into float32 parameters), except tensors with values beyond
+    float16's range (BatchNorm running variances reach 1e5), which stay float32. The result
+    still loads with `SegmentationModule.load_from_checkpoint` and `unetseg-predict --checkpoint`.
     """
     checkpoint = read_checkpoint(source)
     state = {
-        key: value.half() if half and value.is_floating_point() else value
+        key: value.half() if half and value.is_floating_point() and fits_half(value) else value
         for key, value in checkpoint["state_dict"].items()
     }
     slim = {
@@ -266,21 +271,41 @@ def slim_checkpoint(source: str | Path, target: str | Path, half: bool = True) -
     return Path(target)
 
 
+def fits_half(tensor: torch.Tensor) -> bool:
+    """True when every value of a floating-point tensor stays finite in float16."""
+    return tensor.numel() == 0 or float(tensor.abs().max()) <= torch.finfo(torch.float16).max
+
+
 def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
     """`torch.save` atomically: into a temporary file beside `path`, flushed to disk (fsync), then renamed.
 
-    Never a copy across filesystems, so a kill or a full disk leaves the previous file whole.
+    Never a copy across filesystems, so a kill or a full disk leaves the previous file whole. The
+    disk space is reserved before writing; a full disk raises OSError naming `path`.
     """
-    with atomic_output(path, suffix=".tmp.ckpt") as temporary:
-        torch.save(checkpoint, temporary)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)  # in memory first: a full disk then fails a plain write, with an OSError
+    data = buffer.getbuffer()
+    try:
+        with atomic_output(path, suffix=".tmp.ckpt") as temporary, open(temporary, "wb") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, len(data))
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # unsupported: just write
+                    raise
+            handle.write(data)
+    except OSError as error:
+        failure = OSError(
+            f"{path}: cannot write the checkpoint ({error.strerror or error}); "
+            f"{'the previous one is intact' if Path(path).exists() else 'nothing was written'}"
+        )
+        failure.errno = error.errno
+        raise failure from error
     return Path(path)
 
 
 def store_postprocess(source: str | Path, target: str | Path, postprocess: dict) -> Path:
     """Write `source` to `target` (may be the same file) with `postprocess` as its input spec's
     post-processing settings (what `unetseg-tune` found); everything else is kept as it is."""
-    from unetseg.inference.postprocess import label_settings
-
     label_settings(postprocess)  # ValueError for unknown or out-of-range settings
     checkpoint = read_checkpoint(source)
     spec = (checkpoint.get("hyper_parameters") or {}).get("input_spec")

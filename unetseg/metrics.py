@@ -1,4 +1,5 @@
-"""Segmentation metrics on numpy arrays: foreground Dice/IoU, instance matching, DSB score, Rand error and VI.
+"""Segmentation metrics on numpy arrays: foreground Dice/IoU, instance matching, DSB score, panoptic quality,
+aggregated Jaccard index, Rand error and VI.
 
 Conventions, shared by every function here:
 
@@ -37,6 +38,10 @@ MEAN_KEYS = (
     "recall",
     "f1",
     "dsb_score",
+    "pq",
+    "sq",
+    "rq",
+    "aji",
     "adapted_rand_error",
     "vi",
     "vi_split",
@@ -220,6 +225,64 @@ def instance_scores(
     return _instance_scores_from_iou(_iou_from_table(_contingency(gt_labels, pred_labels)), thresholds)
 
 
+def _panoptic_from_iou(iou: sparse.csr_array) -> dict:
+    """Panoptic quality (Kirillov et al. 2019) from a (n_gt, n_pred) IoU matrix: matches at IoU > 0.5,
+    SQ the mean IoU of the matches, RQ = TP / (TP + FP/2 + FN/2) (the F1), PQ = SQ * RQ."""
+    n_gt, n_pred = iou.shape
+    if n_gt == 0 and n_pred == 0:
+        return {"pq": 1.0, "sq": 1.0, "rq": 1.0}
+    matched = iou.data[iou.data > MATCH_THRESHOLD]
+    tp = len(matched)
+    rq = tp / (tp + 0.5 * (n_pred - tp) + 0.5 * (n_gt - tp))
+    sq = float(matched.mean()) if tp else 0.0
+    return {"pq": sq * rq, "sq": sq, "rq": rq}
+
+
+def _aji_from_table(table: sparse.csr_array) -> float:
+    """Aggregated Jaccard index (Kumar et al. 2017) from a contingency table (see `aggregated_jaccard`)."""
+    n_gt, n_pred = table.shape[0] - 1, table.shape[1] - 1
+    if n_gt == 0 or n_pred == 0:
+        return 1.0 if n_gt == n_pred else 0.0
+    gt_area = np.asarray(table.sum(axis=1)).ravel()[1:]
+    pred_area = np.asarray(table.sum(axis=0)).ravel()[1:]
+    overlap = table[1:, 1:].tocoo()
+    iou = overlap.data / (gt_area[overlap.row] + pred_area[overlap.col] - overlap.data)
+    # Each GT object's best partner: sort by GT, then by IoU descending (then the lower label), keep the first.
+    order = np.lexsort((overlap.col, -iou, overlap.row))
+    rows, first = np.unique(overlap.row[order], return_index=True)
+    best = order[first]
+    intersection = float(overlap.data[best].sum())
+    union = float((gt_area[rows] + pred_area[overlap.col[best]] - overlap.data[best]).sum())
+    union += float(gt_area.sum() - gt_area[rows].sum())  # GT objects that touch no prediction
+    unused = np.ones(n_pred, dtype=bool)
+    unused[overlap.col[best]] = False
+    union += float(pred_area[unused].sum())  # predictions that are nobody's best partner
+    return intersection / union
+
+
+def panoptic_quality(pred_labels: np.ndarray, gt_labels: np.ndarray) -> dict:
+    """Panoptic quality of a predicted label image against GT labels: {"pq", "sq", "rq"}.
+
+    Objects match one-to-one at IoU > 0.5; SQ is the mean IoU of the matched pairs, RQ is
+    TP / (TP + FP/2 + FN/2), and PQ = SQ x RQ = sum of matched IoUs / (TP + FP/2 + FN/2).
+    Both images empty gives 1; no match gives 0.
+    """
+    return _panoptic_from_iou(_iou_from_table(_contingency(gt_labels, pred_labels)))
+
+
+def aggregated_jaccard(pred_labels: np.ndarray, gt_labels: np.ndarray) -> float:
+    """Aggregated Jaccard index (AJI) of a predicted label image against GT labels.
+
+    Each GT object is paired with the predicted object of highest IoU with it (a prediction may
+    be the partner of several GT objects, as in Kumar et al. 2017); AJI = sum of the pairs'
+    intersections / (sum of the pairs' unions + the areas of GT objects with no overlapping
+    prediction + the areas of predictions that are no GT object's partner). Unlike the DSB
+    score, it has no IoU threshold: a merge or a split costs in proportion to its pixels.
+    Both images empty gives 1; exactly one empty gives 0.
+    """
+    return _aji_from_table(_contingency(gt_labels, pred_labels))
+
+
 def _rand_and_vi(gt_labels: np.ndarray, pred_labels: np.ndarray, table: sparse.csr_array) -> dict:
     """Adapted Rand error (GT background ignored, as SNEMI3D) and VI (all pixels) from their contingency table."""
     gt_foreground = table[1:]
@@ -257,6 +320,8 @@ def segmentation_scores(
     Returns a flat dict of plain Python numbers:
         `dice`, `iou`: foreground (label > 0) overlap;
         `tp`, `fp`, `fn`, `n_pred`, `n_gt`, `precision`, `recall`, `f1`, `dsb_score`: as `instance_scores`;
+        `pq`, `sq`, `rq`: panoptic quality and its factors (`panoptic_quality`);
+        `aji`: aggregated Jaccard index (`aggregated_jaccard`);
         `adapted_rand_error`: 1 - Rand F-score over GT foreground pixels (skimage, SNEMI3D);
         `vi` = `vi_split` + `vi_merge`: variation of information over all pixels (skimage), with
             `vi_split` = H(pred | GT) (over-segmentation) and `vi_merge` = H(GT | pred);
@@ -266,10 +331,13 @@ def segmentation_scores(
     pred_pixels, gt_pixels, overlap_pixels = _foreground_counts(pred, gt)
     gt_labels, pred_labels = as_instances(gt, connectivity), as_instances(pred, connectivity)
     table = _contingency(gt_labels, pred_labels)
+    iou = _iou_from_table(table)
     return {
         "dice": _dice(pred_pixels, gt_pixels, overlap_pixels),
         "iou": _iou(pred_pixels, gt_pixels, overlap_pixels),
-        **_instance_scores_from_iou(_iou_from_table(table), thresholds),
+        **_instance_scores_from_iou(iou, thresholds),
+        **_panoptic_from_iou(iou),
+        "aji": _aji_from_table(table),
         **_rand_and_vi(gt_labels, pred_labels, table),
         "pred_pixels": pred_pixels,
         "gt_pixels": gt_pixels,

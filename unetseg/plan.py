@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,10 @@ MIN_PIXELS_SEEN = 12_000 * 128 * 128
 WIDTHS, BATCH_SIZES = (8, 16, 32), (4, 8)
 VAL_FRACTION = 0.15
 STARTUP_SECONDS = 15.0  # Lightning, the first checkpoint and the end summary, besides reading the data
-VALIDATION_SHARE = 0.08  # of the budget; sets how many validations (epochs) the run has
+VALIDATION_SHARE = 0.08
+MIN_VAL_TILES = (
+    32  # fewer make a noisy validation Dice  # of the budget; sets how many validations (epochs) the run has
+)
 
 
 # --- Choices from the data --------------------------------------------------------------------------------
@@ -93,8 +96,15 @@ def choose_targets(summary: DataSummary) -> tuple[str, str]:
 # --- Timing on this machine -----------------------------------------------------------------------------
 
 
-def native_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX), where autocast pays."""
+def training_device() -> torch.device:
+    """The device `accelerator: auto` trains on: the first GPU when there is one, else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def native_bf16(device: torch.device | None = None) -> bool:
+    """True when the device computes bfloat16 natively (a recent GPU; a CPU with AVX512-BF16 or AMX)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -114,13 +124,18 @@ class Candidate:
         return self.step_seconds + self.data_seconds
 
 
-def _median_time(function, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def _median_time(function, repeats: int, warmup: int = 1, device: torch.device | None = None) -> float:
+    def run():
         function()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it inside the timing
+
+    for _ in range(warmup):
+        run()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        function()
+        run()
         times.append(time.perf_counter() - started)
     return float(np.median(times))
 
@@ -141,30 +156,39 @@ def time_data(summary: DataSummary, tile: int, targets: str, tiles: int = 8, val
     return _median_time(lambda: [dataset[i] for i in range(count)], repeats=2) / count
 
 
-def time_step(net: torch.nn.Module, batch_size: int, tile: int, classes: int, bf16: bool, steps: int = 2) -> float:
+def time_step(
+    net: torch.nn.Module,
+    batch_size: int,
+    tile: int,
+    classes: int,
+    bf16: bool,
+    steps: int = 2,
+    device: torch.device = torch.device("cpu"),
+) -> float:
     """Median seconds of one training step (forward, loss, backward, AdamW) on random tiles."""
+    net = net.to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    loss = SegmentationLoss(classes, 1.0)
-    images = torch.rand(batch_size, net.in_channels, tile, tile)
-    target = torch.randint(0, max(classes, 2), (batch_size, tile, tile))
+    loss = SegmentationLoss(classes, 1.0).to(device)
+    images = torch.rand(batch_size, net.in_channels, tile, tile, device=device)
+    target = torch.randint(0, max(classes, 2), (batch_size, tile, tile), device=device)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             value = loss(net(images), target, None)
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
 
     net.train()
-    return _median_time(step, repeats=steps)
+    return _median_time(step, repeats=steps, device=device)
 
 
-def time_forward(net: torch.nn.Module, tile: int, bf16: bool) -> float:
+def time_forward(net: torch.nn.Module, tile: int, bf16: bool, device: torch.device = torch.device("cpu")) -> float:
     """Seconds of one validation forward pass of a single tile."""
-    images = torch.rand(1, net.in_channels, tile, tile)
-    net.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return _median_time(lambda: net(images), repeats=2)
+    net = net.to(device).eval()
+    images = torch.rand(1, net.in_channels, tile, tile, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return _median_time(lambda: net(images), repeats=2, device=device)
 
 
 # --- The plan -------------------------------------------------------------------------------------------
@@ -193,6 +217,7 @@ class Plan:
     budget_seconds: float
     reasons: dict[str, str]
     candidates: list[Candidate]
+    architecture: dict = field(default_factory=dict)  # UNet block/skip options the user asked for, timed as such
 
     @property
     def steps(self) -> int:
@@ -223,9 +248,16 @@ def make_plan(
     widths: tuple[int, ...] = WIDTHS,
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     bf16: bool | None = None,
+    architecture: dict | None = None,
 ) -> Plan:
-    """Choose tile, depth, targets and channels from the data, then width, batch and epochs by timing them here."""
-    bf16 = native_bf16() if bf16 is None else bf16
+    """Choose tile, depth, targets and channels from the data, then width, batch and epochs by timing them here.
+
+    `architecture` holds `UNet` options chosen by the user (e.g. block="dense", skip="nested"): the
+    candidates are timed with them and the config carries them.
+    """
+    architecture = dict(architecture or {})
+    device = training_device()
+    bf16 = native_bf16(device) if bf16 is None else bf16
     in_channels = 3 if summary.colour else 1
     targets, targets_reason = choose_targets(summary)
     classes = summary.classes if targets == "classes" else None
@@ -245,8 +277,8 @@ def make_plan(
     for width in sorted(widths):  # cheapest first: once a width cannot see enough tiles, wider ones cannot either
         timed = []
         for batch_size in sorted(batch_sizes):
-            net = UNet(in_channels, out_classes, depth=depth, width=width)
-            step = time_step(net, batch_size, tile, out_classes, bf16)
+            net = UNet(in_channels, out_classes, depth=depth, width=width, **architecture)
+            step = time_step(net, batch_size, tile, out_classes, bf16, device=device)
             # With workers on spare cores data preparation overlaps the step; on few cores it adds to it.
             data = tile_data * batch_size
             timed.append(
@@ -273,10 +305,14 @@ def make_plan(
     val_tiles = max(1, round(VAL_FRACTION * summary.pairs)) * float(
         np.mean([math.ceil(h / tile) * math.ceil(w / tile) for h, w in summary.shapes])
     )
-    net = UNet(in_channels, out_classes, depth=depth, width=chosen.width)
-    tile_validation = time_forward(net, tile, bf16) + time_data(summary, tile, targets, tiles=4, validation=True)
-    epochs = int(np.clip(train_seconds // 120, 3, 20))  # a validation every two minutes or more
-    val_batches = int(min(val_tiles, max(8, VALIDATION_SHARE * train_seconds / (epochs * tile_validation))))
+    net = UNet(in_channels, out_classes, depth=depth, width=chosen.width, **architecture)
+    tile_validation = time_forward(net, tile, bf16, device) + time_data(
+        summary, tile, targets, tiles=4, validation=True
+    )
+    # A validation every two minutes or more, each on at least MIN_VAL_TILES tiles (fewer validations if need be).
+    affordable = VALIDATION_SHARE * train_seconds / (min(val_tiles, MIN_VAL_TILES) * tile_validation)
+    epochs = int(np.clip(min(train_seconds // 120, affordable), 3, 20))
+    val_batches = int(min(val_tiles, max(MIN_VAL_TILES, VALIDATION_SHARE * train_seconds / (epochs * tile_validation))))
     validation_seconds = val_batches * tile_validation
     steps_per_epoch = max(1, int((train_seconds - epochs * validation_seconds) / (epochs * chosen.seconds)))
     estimate = overhead + epochs * (steps_per_epoch * chosen.seconds + validation_seconds)
@@ -288,7 +324,9 @@ def make_plan(
         "depth": depth_reason,
         "width and batch": size_reason,
         "epochs": f"a validation every ~2 min or more, on {some} of the held-out images ({validation_seconds:.0f} s)",
-        "precision": "the CPU computes bfloat16 natively" if bf16 else "float32 (no native bfloat16 on this CPU)",
+        "precision": f"{device.type.upper()} computes bfloat16 natively"
+        if bf16
+        else f"float32 (no native bfloat16 on {device})",
     }
     return Plan(
         summary=summary,
@@ -310,6 +348,7 @@ def make_plan(
         budget_seconds=budget_seconds,
         reasons=reasons,
         candidates=candidates,
+        architecture=architecture,
     )
 
 
@@ -357,7 +396,10 @@ def plan_config(plan: Plan, run_dir: str) -> dict:
             ],
         },
         "model": {
-            "net": {"class_path": "unetseg.models.UNet", "init_args": {"depth": plan.depth, "width": plan.width}},
+            "net": {
+                "class_path": "unetseg.models.UNet",
+                "init_args": {"depth": plan.depth, "width": plan.width, **plan.architecture},
+            },
             "lr": 0.003,
             "weight_decay": 0.0001,
             "scheduler": "cosine",

@@ -1,4 +1,4 @@
-"""Prediction of image files and folders with a trained model: orchestration only, files in, outputs out.
+"""Prediction of one image or file with a trained model: orchestration only, a file in, its outputs out.
 
 Each input is opened (`unetseg.io.tiff.open_image`, `unetseg.io.zarr.open_zarr`), read as its
 model's training read it (`to_channels`, then `Normalization` with the range of the whole image,
@@ -7,12 +7,12 @@ Uncompressed TIFFs are read through a memory map, compressed and tiled TIFFs and
 by chunk, and every output kind asked for is written from the same bands by `unetseg.outputs`
 (labels block by block), so a 12000 x 12000 image needs memory in proportion to its width.
 Every output is written to a temporary name and renamed, and carries the pixel size of its input.
+Folders (planning, sharding, the loop over files) are `unetseg.batch`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -27,35 +27,24 @@ from tqdm import tqdm
 from unetseg.inference import TilingConfig, iter_predict_bands
 from unetseg.inference.overlay import PNG_SUFFIXES, overlay_path, write_overlay
 from unetseg.inference.postprocess import label_settings, to_mask_tensor
-from unetseg.io import (
-    IMAGE_SUFFIXES,
-    TIFF_SUFFIXES,
-    DuplicateNameError,
-    ImageReadError,
-    find_images,
-    image_key,
-    is_image_file,
-)
 from unetseg.io.images import DEFAULT_MAX_PIXELS
+from unetseg.io.nifti import is_nifti
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import InputImage, open_image
+from unetseg.io.volumes import InputVolume
 from unetseg.io.zarr import ZARR_SUFFIX, is_zarr, open_zarr
 from unetseg.outputs import FORMATS, OUTPUTS, OutputWriter, open_writers
+from unetseg.predict_volumes import (
+    VolumeTiling,
+    model_spatial_dims,
+    predict_volume,
+    predict_volume_file,
+    volume_output,
+)
 from unetseg.quality import DomainReport
 from unetseg.spec import InputSpec
 
-__all__ = [
-    "FORMATS",
-    "OUTPUTS",
-    "PredictSettings",
-    "PredictSummary",
-    "output_targets",
-    "plan_outputs",
-    "predict_file",
-    "predict_files",
-    "predict_image",
-    "shard",
-]
+__all__ = ["FORMATS", "OUTPUTS", "PredictSettings", "open_input", "output_targets", "predict_file", "predict_image"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +63,7 @@ class PredictSettings:
         seed_threshold: seed class probability that starts an object in "labels".
         min_size: smallest object, in pixels, kept in "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
+        volume: tile size and overlap (Z, Y, X) of 3-D models (`unetseg.predict_volumes`).
         max_pixels: the most pixels (height x width x planes) an input may claim in its header;
             larger ones are refused unread (decompression bombs). None: no cap.
         overlay: also write `<stem>_overlay.png` next to each output: the input with the
@@ -89,6 +79,7 @@ class PredictSettings:
     output: str | tuple[str, ...] = "mask"
     threshold: float | None = None
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    volume: VolumeTiling = field(default_factory=VolumeTiling)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # inputs claiming more pixels are refused before decoding
     seed_threshold: float | None = None
     min_size: int | None = None
@@ -208,6 +199,15 @@ def predict_image(
     """
     settings.check(input_spec)
     image = np.asarray(image)
+    if model_spatial_dims(model) == 3:  # a volume (Z, Y, X[, C]) in 3-D tiles
+        if image.ndim not in (3, 4):
+            raise ValueError(f"a 3-D model predicts volumes (Z, Y, X) or (Z, Y, X, C); got shape {image.shape}")
+        output = volume_output(settings)
+        classes = input_spec.classes if output == "prob" and input_spec.classes > 1 else 0
+        shape = (image.shape[0], *([classes] if classes else []), *image.shape[1:3])
+        dtype = {"mask": np.uint8, "prob": np.float32, "labels": np.uint32}[output]
+        out = predict_volume(model, input_spec, InputVolume(image), settings, np.zeros(shape, dtype))
+        return out.astype(np.uint16) if output == "labels" and out.max(initial=0) < 2**16 else out
     if image.ndim == 2 or image.ndim == 3 and image.shape[-1] <= 4:
         arranged = InputImage(image[None])
     elif image.ndim in (3, 4):
@@ -287,6 +287,8 @@ def predict_file(
     """
     settings.check(input_spec)
     source = Path(source)
+    if is_nifti(source) or model_spatial_dims(model) == 3:
+        return predict_volume_file(model, input_spec, source, target, settings, progress)
     image = open_input(source, settings.max_pixels)
     targets = output_targets(source, target, settings)
     for kind in settings.outputs:
@@ -321,135 +323,3 @@ def predict_file(
         if measurements is not None:
             measurements.write(targets["measure"])
     return planes * image.height * image.width
-
-
-# --- Folders -----------------------------------------------------------------------------------------
-
-
-def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None) -> list[tuple[Path, Path]]:
-    """(input file, output TIFF) pairs: INPUT's image files, searched recursively, mirrored under OUTPUT.
-
-    A file INPUT gives one pair: OUTPUT itself when it ends in .tif/.tiff or .png, else OUTPUT/<stem>.tif;
-    another image suffix (.jpg...) is refused, as is a file name as OUTPUT of a folder INPUT.
-    Hidden files and folders, and anything inside OUTPUT, are not searched. `glob` filters the
-    image files by their path relative to INPUT (`PurePath.match`, so "*.tif" matches at any
-    depth). Raises ValueError for a missing INPUT, OUTPUT equal to INPUT, no image files, or two
-    inputs with one output name.
-    """
-    root, output = Path(input), Path(output)
-    if root.is_file() or is_zarr(root):
-        if not is_image_file(root):
-            raise ValueError(f"INPUT {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        named = output.suffix.lower() in TIFF_SUFFIXES + PNG_SUFFIXES
-        target = output if named else output / f"{image_key(root, root.parent)}.tif"
-        if output.suffix.lower() in IMAGE_SUFFIXES and output.suffix.lower() not in TIFF_SUFFIXES + PNG_SUFFIXES:
-            raise ValueError(f"OUTPUT {output}: outputs are .tif/.tiff, or .png for masks and labels")
-        if target.resolve() == root.resolve():
-            raise ValueError(f"OUTPUT {target} is the input file; choose another name")
-        if target != output and target.exists() and target.parent.resolve() == root.parent.resolve():
-            raise ValueError(
-                f"OUTPUT {target} exists beside the input and may be one of your images; it is never "
-                "written over: choose another folder, or name the output file"
-            )
-        return [(root, target)]
-    if not root.is_dir():
-        raise ValueError(f"INPUT {root}: no such file or folder")
-    if output.suffix.lower() in IMAGE_SUFFIXES:
-        raise ValueError(f"OUTPUT {output}: a folder INPUT needs an OUTPUT folder, not a file name")
-    if output.resolve() == root.resolve():
-        raise ValueError(f"OUTPUT {output} is the INPUT folder; outputs would replace inputs, choose another folder")
-    inside = output.resolve().is_relative_to(root.resolve())
-    try:
-        files = find_images(root, glob, exclude=output if inside else None)
-    except DuplicateNameError as error:
-        raise ValueError(
-            f"{error.first} and {error.second} would both be written to {output / error.key}.tif; rename one"
-        ) from None
-    if not files:
-        what = f"matching {glob!r}" if glob else f"({', '.join(IMAGE_SUFFIXES)})"
-        raise ValueError(f"INPUT {root}: no image files {what} in this folder or below")
-    pairs = [(path, output / f"{key}.tif") for key, path in files.items()]
-    inputs = {path.resolve() for path in (files if glob is None else find_images(root)).values()}
-    clashes = [target for _, target in pairs if target.resolve() in inputs]
-    if clashes:
-        raise ValueError(
-            f"OUTPUT {clashes[0]} is an input file: outputs must not replace inputs, choose another folder"
-        )
-    return pairs
-
-
-@dataclass
-class PredictSummary:
-    """What a batch run did: files predicted, skipped (output exists) and failed (with the reason)."""
-
-    done: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)
-    failed: dict[Path, str] = field(default_factory=dict)
-    pixels: int = 0
-    seconds: float = 0.0  # time spent predicting the files done
-
-    def __str__(self) -> str:
-        rate = ""
-        if self.seconds > 0 and self.pixels:
-            per_second = self.pixels / self.seconds
-            rate = f" ({per_second / 1e6:.2f} Mpx/s)" if per_second >= 1e6 else f" ({per_second / 1e3:.1f} kpx/s)"
-        return (
-            f"{len(self.done)} done, {len(self.skipped)} skipped (output exists), {len(self.failed)} failed; "
-            f"{self.pixels / 1e6:.2f} Mpx in {self.seconds:.1f} s{rate}"
-        )
-
-
-def _reason(error: Exception, path: Path) -> str:
-    """The message of a file's error without its leading file name; the type too when it is unexpected."""
-    message = str(error)
-    message = message[len(f"{path}: ") :] if message.startswith(f"{path}: ") else message
-    if not isinstance(error, (ImageReadError, ValueError, OSError)):
-        message = f"{type(error).__name__}: {message}"
-    return " ".join(message.split())  # one line per file, whatever the reader wrote
-
-
-def shard(pairs: Sequence[tuple[Path, Path]], index: int, count: int) -> list[tuple[Path, Path]]:
-    """This process's share of the files: every count-th pair from `index` (0 <= index < count).
-
-    Shares of one sorted plan are disjoint and together cover it, so processes on one or many
-    machines predict a folder together and each output is written exactly once.
-    """
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: need 0 <= index < count")
-    return list(pairs[index::count])
-
-
-def predict_files(
-    model: nn.Module,
-    input_spec: InputSpec,
-    pairs: Sequence[tuple[Path, Path]],
-    settings: PredictSettings = PredictSettings(),
-    overwrite: bool = False,
-    progress: bool = True,
-) -> PredictSummary:
-    """Predict each (input, output) pair with `predict_file`; a file that fails does not stop the others.
-
-    Outputs that exist are skipped unless `overwrite`, so an interrupted run resumes where it
-    stopped. Each failure is named on stderr as it happens ("error: FILE: reason").
-    `progress` shows bars over files and over the rows of each image (on a terminal).
-    """
-    settings.check(input_spec)
-    summary, domain = PredictSummary(), DomainReport()
-    for source, target in tqdm(pairs, desc="files", unit="file", disable=None if progress else True):
-        if not overwrite and all(path.exists() for path in output_targets(source, target, settings).values()):
-            summary.skipped.append(source)
-            continue
-        started = time.perf_counter()
-        try:
-            pixels = predict_file(model, input_spec, source, target, settings, progress, domain)
-        except Exception as error:  # one broken file must not stop the folder; MemoryError and friends included
-            summary.failed[source] = _reason(error, source)
-            log.error("%s: %s", source, summary.failed[source])
-            log.debug("%s: traceback", source, exc_info=True)
-            continue
-        summary.seconds += time.perf_counter() - started
-        summary.pixels += pixels
-        summary.done.append(source)
-    for line in domain.summary():
-        log.warning("%s", line)
-    return summary

@@ -38,13 +38,23 @@ def intensity_summary(
     images: Sequence[np.ndarray], ranges: Sequence[tuple[float, float]], normalization: Normalization
 ) -> dict:
     """What training images look like: the 1st-99th percentile spread of their (low, high) percentile values
-    and of their normalised medians, as plain data for the input spec."""
+    and of their normalised medians, and the share of grey images (RGB with equal channels included), as plain
+    data for the input spec."""
     if not images:
         return {}
     lows, highs = np.array([r[0] for r in ranges], float), np.array([r[1] for r in ranges], float)
     medians = np.array([normalized_median(image, r, normalization) for image, r in zip(images, ranges)])
     spread = lambda values: [round(float(v), 6) for v in np.percentile(values, [1, 99])]
-    return {"images": len(images), "low": spread(lows), "high": spread(highs), "median": spread(medians)}
+    grey = float(np.mean([is_grey(image) for image in images]))
+    summary = {"images": len(images), "low": spread(lows), "high": spread(highs), "median": spread(medians)}
+    return {**summary, "grey": round(grey, 3)}
+
+
+def is_grey(image: np.ndarray) -> bool:
+    """True for one channel, or RGB channels that are all equal (grey stored as RGB), on a strided sample."""
+    step = max(1, max(image.shape[-2:]) // SAMPLE_SIDE)
+    sample = image[:, ::step, ::step]
+    return len(sample) == 1 or bool(np.all(sample == sample[:1]))
 
 
 def stored_channels(plane: Any) -> int:
@@ -64,7 +74,9 @@ def domain_warnings(
     if plane.ndim == 3 and plane.shape[-1] not in (1, 3, 4):
         return warnings  # not an image the reader takes: it says so, naming the file
     channels = stored_channels(plane)
-    if channels != in_channels:
+    # A model trained mostly on grey images stored as RGB (DSB2018's fluorescence) expects grey repeated.
+    expected = channels == 1 and in_channels == 3 and intensity.get("grey", 0.0) >= 0.5
+    if channels != in_channels and not expected:
         conversion = CONVERSIONS.get((channels, in_channels), "a conversion")
         reason = f"has {channels} channel(s) but the model was trained on {in_channels}: it was given {conversion}"
         warnings.append(("channels", reason))

@@ -84,3 +84,98 @@ def default_dataset(count: int = 24, seed: int = 0) -> Path:
         make_nuclei_dataset(root, count=count, seed=seed)
         (root / ".complete").touch()
     return root
+
+
+# --- Volumes -----------------------------------------------------------------------------------------
+
+VOLUME_SHAPE, VOLUME_SPACING = (24, 96, 96), (2.0, 0.5, 0.5)  # (Z, Y, X) voxels and microns: thick slices
+
+
+def nuclei_volume(
+    rng: np.random.Generator, shape: tuple[int, int, int] = VOLUME_SHAPE, spacing=VOLUME_SPACING
+) -> tuple[np.ndarray, np.ndarray]:
+    """One float volume (Z, Y, X) in [0, 1] and its instance labels (uint16): touching ellipsoidal nuclei
+    imaged with anisotropic voxels (`spacing`, microns), a PSF elongated along Z, dimming with depth and noise.
+
+    Nuclei are placed in physical space (radius 3.5-6 microns), so with thick slices a nucleus
+    spans a few planes only, and neighbours touch along Z as well as in the plane.
+    """
+    spacing = np.asarray(spacing, dtype=np.float64)
+    extent = np.asarray(shape) * spacing  # microns
+    labels = np.zeros(shape, dtype=np.uint16)
+    mean_radius = rng.uniform(3.5, 6.0)
+    count = int(rng.uniform(0.3, 0.5) * np.prod(extent) / (4 / 3 * np.pi * mean_radius**3))
+    centres = rng.uniform(0, extent, size=(count, 3))
+    parents = rng.integers(0, max(count, 1), size=count)
+    clustered = rng.random(count) < 0.5
+    centres[clustered] = centres[parents[clustered]] + rng.normal(0, 1.4 * mean_radius, size=(clustered.sum(), 3))
+    for label, centre in enumerate(centres, start=1):
+        radii = mean_radius * rng.uniform(0.75, 1.25, size=3)
+        rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]  # a random orientation
+        low = np.maximum(np.floor((centre - radii.max()) / spacing).astype(int), 0)
+        high = np.minimum(np.ceil((centre + radii.max()) / spacing).astype(int) + 1, shape)
+        if np.any(high <= low):
+            continue
+        grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(low, high)), indexing="ij"), -1)
+        local = (grid * spacing - centre) @ rotation  # physical offsets in the nucleus's own axes
+        inside = ((local / radii) ** 2).sum(-1) <= 1.0
+        box = labels[tuple(slice(a, b) for a, b in zip(low, high))]
+        box[inside & (box == 0)] = label  # earlier nuclei stay on top: they touch, not overlap
+    min_voxels = int(0.15 * 4 / 3 * np.pi * mean_radius**3 / np.prod(spacing))
+    labels = remove_small(labels, min_size=max(min_voxels, 1)).astype(np.uint16)
+
+    brightness = rng.uniform(0.4, 1.0, size=int(labels.max()) + 1)
+    brightness[0] = 0.0
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), rng.uniform(0.8, 1.5) / spacing)
+    image = brightness[labels] * (1 + 0.3 * texture / (texture.std() + 1e-6))
+    psf = np.asarray([rng.uniform(1.2, 2.0), rng.uniform(0.3, 0.6), rng.uniform(0.3, 0.6)])  # microns, long in Z
+    image = ndimage.gaussian_filter(image, psf / spacing)
+    depth = np.exp(-rng.uniform(0.0, 0.6) * np.arange(shape[0]) / shape[0])[:, None, None]  # light lost with depth
+    image = image * depth + rng.uniform(0.03, 0.15)
+    image = rng.poisson(np.clip(image, 0, None) * rng.uniform(30, 200)) / 200.0  # shot noise
+    image = image + rng.normal(0, rng.uniform(0.01, 0.04), shape)  # read noise
+    image = np.clip(image / max(np.percentile(image, 99.9), 1e-6), 0, 1)
+    return image.astype(np.float32), labels
+
+
+def make_nuclei_volumes(
+    root: str | Path,
+    count: int = 8,
+    shape: tuple[int, int, int] = VOLUME_SHAPE,
+    spacing: tuple[float, float, float] = VOLUME_SPACING,
+    seed: int = 0,
+) -> Path:
+    """Write `count` volume/mask pairs to root/images and root/masks; returns root.
+
+    Even indices are 16-bit ZYX TIFF stacks with their voxel size (ImageJ spacing and
+    resolution, microns), odd ones gzipped NIfTI with it in the header; masks are uint16
+    instance labels in the image's format.
+    """
+    from unetseg.io.nifti import write_nifti
+    from unetseg.io.volumes import spacing_calibration
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tiff = spacing_calibration(spacing, "micron").tiff_kwargs("ZYX", np.uint16)
+    for index in range(count):
+        image, labels = nuclei_volume(rng, shape, spacing)
+        image = (image * 4095).round().astype(np.uint16)
+        name = f"volume_{index:03d}"
+        if index % 2 == 0:
+            tifffile.imwrite(root / "images" / f"{name}.tif", image, **tiff)
+            tifffile.imwrite(root / "masks" / f"{name}.tif", labels, **tiff)
+        else:
+            write_nifti(root / "images" / f"{name}.nii.gz", image, spacing=spacing, unit="micron")
+            write_nifti(root / "masks" / f"{name}.nii.gz", labels, spacing=spacing, unit="micron")
+    return root
+
+
+def default_volume_dataset(count: int = 8, seed: int = 0) -> Path:
+    """The embedded volume dataset, generated once into the cache folder ($UNETSEG_CACHE or ~/.cache/unetseg)."""
+    root = DEFAULT_CACHE / f"synthetic-volumes-v1-n{count}-seed{seed}"
+    if not (root / ".complete").exists():
+        make_nuclei_volumes(root, count=count, seed=seed)
+        (root / ".complete").touch()
+    return root

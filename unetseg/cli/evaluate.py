@@ -10,9 +10,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unetseg.io import IMAGE_SUFFIXES, DuplicateNameError, ImageReadError, find_images, is_image_file, read_labels
+from unetseg.io import (
+    IMAGE_SUFFIXES,
+    DuplicateNameError,
+    ImageReadError,
+    atomic_output,
+    find_images,
+    is_image_file,
+    read_image,
+    to_channels,
+)
+from unetseg.io.files import image_stem
+from unetseg.io.volumes import read_mask
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.metrics import CONNECTIVITY, DSB_THRESHOLDS, MATCH_THRESHOLD, SCORE_KEYS, segmentation_scores, summarize
+from unetseg.modality import cluster_name, image_features
 
 PROG = "unetseg-evaluate"
 MAX_TABLE_ROWS = 25  # more images than this: the table shows only the summary
@@ -23,6 +35,8 @@ TABLE_COLUMNS = (
     ("recall", "Rec"),
     ("f1", "F1"),
     ("dsb_score", "DSB"),
+    ("pq", "PQ"),
+    ("aji", "AJI"),
     ("adapted_rand_error", "ARand"),
     ("vi", "VI"),
 )
@@ -32,12 +46,14 @@ Score predicted masks (PRED) against ground-truth masks (GT). Each is a folder, 
 recursively, or a single file. Files are paired by sub-folder and name without suffix, so
 pred/a/img1.tif scores against gt/a/img1.png. Masks may be binary (0/1, 0/255) or instance
 labels (8 to 64 bits, kept exact); binary masks are split into 4-connected components for the
-object scores. ZYX TIFF stacks (as unetseg-predict writes them) are scored as 3D volumes.
+object scores. ZYX TIFF stacks and NIfTI volumes (.nii, .nii.gz) are scored in 3-D: objects
+are matched by voxel IoU, binary masks split into 6-connected components.
 JPEG masks are refused: lossy compression changes label values.
 
 Per image and as the mean over images: foreground Dice and IoU (label > 0); object precision,
 recall and F1 (a match is IoU > {MATCH_THRESHOLD}); the 2018 Data Science Bowl score, the mean
 of TP / (TP + FP + FN) over IoU thresholds {", ".join(map(str, DSB_THRESHOLDS))};
+panoptic quality (PQ = mean IoU of matches x F1) and the aggregated Jaccard index (AJI);
 adapted Rand error and variation of information (scikit-image). Also the pooled Dice of all
 pixels of all images.
 Both masks empty scores 1 (errors 0); exactly one empty scores 0 (Rand error 1).
@@ -85,7 +101,7 @@ def find_masks(root: Path, role: str) -> dict[str, Path]:
     if root.is_file():
         if not is_image_file(root):
             raise UsageError(f"{role} {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        return {root.stem: root}
+        return {image_stem(root): root}
     if not root.is_dir():
         raise UsageError(f"{role} {root}: no such file or folder")
     try:
@@ -110,7 +126,7 @@ def _read_pair(name: str, pred_path: Path, gt_path: Path, evaluation: Evaluation
     labels, errors = [], []
     for path in (pred_path, gt_path):
         try:
-            labels.append(read_labels(path, stack=True))
+            labels.append(read_mask(path))
         except ImageReadError as error:
             errors.append(str(error))
             print(f"error: unreadable: {error}", file=sys.stderr)
@@ -198,6 +214,29 @@ def format_report(evaluation: Evaluation, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def modality_groups(names: list[str], images: Path) -> dict[str, list[str]]:
+    """Scored image names by the modality of their input image in `images` (see `unetseg.modality`);
+    names without an input image are grouped under "no image"."""
+    files = find_masks(images, "--by-modality")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        path = files.get(name)
+        group = cluster_name(image_features(to_channels(read_image(path), 3))) if path else "no image"
+        groups.setdefault(group, []).append(name)
+    return dict(sorted(groups.items()))
+
+
+def format_groups(evaluation: Evaluation, groups: dict[str, list[str]]) -> tuple[str, dict]:
+    """Table rows of the mean scores of each group, and the summaries by group."""
+    width = max([len(f"{group} ({len(names)})") for group, names in groups.items()] + [len("group")]) + 2
+    lines, summaries = [], {}
+    for group, names in groups.items():
+        summaries[group] = summarize([evaluation.scores[name] for name in names])
+        lines.append(_format_row(f"{group} ({len(names)})", summaries[group], width))
+    header = f"{'group (images)':<{width}}" + "".join(f"{title:>7}" for _, title in TABLE_COLUMNS)
+    return "\n".join([header, "-" * len(header), *lines]), summaries
+
+
 def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Path, gt_root: Path) -> None:
     """Write the summary, the per-image scores and the unscored files as one JSON document."""
     document = {
@@ -212,8 +251,8 @@ def write_json(path: Path, evaluation: Evaluation, summary: dict, pred_root: Pat
         "problems": evaluation.problems(),
         "images": evaluation.scores,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    with atomic_output(path, suffix=".tmp.json") as temporary:
+        temporary.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, evaluation: Evaluation) -> None:
@@ -228,8 +267,7 @@ def write_csv(path: Path, evaluation: Evaluation) -> None:
         rows += [
             {"image": item["image"], "status": status, "pred": item.get("pred"), "gt": item.get("gt")} for item in items
         ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_output(path, suffix=".tmp.csv") as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["image", "status", "pred", "gt", *SCORE_KEYS])
         writer.writeheader()
         writer.writerows(rows)
@@ -244,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("gt", type=Path, metavar="GT", help="ground-truth masks: a folder (recursive) or a file")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write summary, per-image scores and unscored files")
     parser.add_argument("--per-image", type=Path, metavar="CSV", help="write one CSV row per image")
+    parser.add_argument(
+        "--by-modality",
+        type=Path,
+        metavar="IMAGES",
+        help="also report the mean scores per image type (fluorescence, grey brightfield, colour), "
+        "from the input images in this folder, paired by name",
+    )
     add_verbosity_flags(parser)
     return parser
 
@@ -261,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = evaluate(pred_files, gt_files)
     summary = summarize(list(evaluation.scores.values()))
     print(format_report(evaluation, summary))
+    if args.by_modality:
+        try:
+            table, by_modality = format_groups(evaluation, modality_groups(list(evaluation.scores), args.by_modality))
+        except (UsageError, ImageReadError) as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
+        summary["by_modality"] = by_modality
+        print(table)
     print(f"{len(gt_files)} GT image(s) in {time.perf_counter() - started:.1f} s")
     try:
         if args.json:

@@ -18,7 +18,7 @@ DESCRIPTION = """\
 Plan a training run from the data and this machine. DATA holds images/ and masks/, paired by
 name (as unetseg-train reads them). The folder is read once: image sizes, channels, dtype and
 intensity range; mask kind (binary, instance labels or classes), object sizes and how many
-objects touch. From these come the tile size (4 x the large objects), the depth (receptive
+objects touch. From these come the tile size (2 x the large objects), the depth (receptive
 field >= 2 x the largest objects), the targets (boundary when instances touch) and the
 channels. A few training steps of each candidate width and batch are timed on this machine,
 and the widest network that sees enough tiles within --budget is kept; the epochs fill the
@@ -39,6 +39,7 @@ def positive_ints(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of unetseg-plan."""
+    from unetseg.models.unet import BLOCKS, SKIPS
     from unetseg.plan import BATCH_SIZES, WIDTHS
 
     parser = argparse.ArgumentParser(
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("data", type=Path, metavar="DATA", help="folder with images/ and masks/")
     parser.add_argument("--budget", default="1h", help="training time to fill: 20m, 1h, 1h30m (default 1h)")
-    parser.add_argument("--out", type=Path, metavar="FILE.yaml", help="config to write (default: configs/DATA.yaml)")
+    parser.add_argument("--out", type=Path, metavar="FILE.yaml", help="the config to write (default: DATA's name.yaml)")
     parser.add_argument("--run-dir", metavar="DIR", help="the run folder of the training (default: runs/DATA)")
     parser.add_argument(
         "--widths",
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B,B",
         help=f"candidate batch sizes to time (default {','.join(map(str, BATCH_SIZES))})",
     )
+    parser.add_argument("--block", choices=BLOCKS, help="U-Net block to plan for (default: plain)")
+    parser.add_argument("--skip", choices=SKIPS, help="long skip connections to plan for (default: concat)")
+    parser.add_argument("--blocks-per-level", type=int, metavar="N", help="blocks stacked per level (default 1)")
     add_verbosity_flags(parser)
     return parser
 
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from unetseg.plan import make_plan, parse_budget, plan_config, plan_report, survey
 
     name = args.data.resolve().name
-    out = args.out or Path("configs") / f"{name}.yaml"
+    out = args.out or Path(f"{name}.yaml")
     if out.suffix not in (".yaml", ".yml"):
         print(f"{PROG}: error: --out {out}: expected a .yaml file", file=sys.stderr)
         return 2
@@ -82,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("reading %s ...", args.data)
         summary = survey(args.data)
         log.info("timing candidate networks on this machine ...")
-        plan = make_plan(summary, budget, widths=args.widths, batch_sizes=args.batch_sizes)
+        architecture = {"block": args.block, "skip": args.skip, "blocks_per_level": args.blocks_per_level}
+        architecture = {key: value for key, value in architecture.items() if value is not None}
+        plan = make_plan(summary, budget, widths=args.widths, batch_sizes=args.batch_sizes, architecture=architecture)
     except ValueError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

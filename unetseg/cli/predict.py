@@ -9,16 +9,19 @@ from pathlib import Path
 
 import torch
 
+from unetseg.batch import plan_outputs, predict_files, shard
 from unetseg.checkpoint import CheckpointError, load_predictor
 from unetseg.inference.overlay import overlay_path
 from unetseg.inference.tiling import BLENDS, TilingConfig
 from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
-from unetseg.predict import FORMATS, OUTPUTS, PredictSettings, plan_outputs, predict_files, shard
+from unetseg.predict import FORMATS, OUTPUTS, PredictSettings
+from unetseg.predict_volumes import VolumeTiling
 from unetseg.weights import MODELS, model_path
 
 log = logging.getLogger("unetseg.cli.predict")
 DEFAULTS = TilingConfig()
+VOLUME_DEFAULTS = VolumeTiling()
 MIN_TILE, MAX_TILE = 16, 8192  # smaller tiles are all padding; a batch of 8 larger ones is > 2 GB per channel
 
 PROG = "unetseg-predict"
@@ -37,6 +40,9 @@ TIFF inputs (resolution, ImageJ unit and spacing, OME physical size) is copied t
 A file INPUT may name its OUTPUT .png (masks and labels, 8/16-bit). Inputs unlike the model's
 training images (another channel count; intensities or brightness outside the training range,
 for checkpoints that recorded them) get a warning saying what was converted or differs.
+Volumes: a 3-D model (UNet spatial_dims 3) predicts ZYX TIFF stacks and NIfTI (.nii, .nii.gz)
+in 3-D tiles (--volume-tile, --volume-overlap); NIfTI outputs are NIfTI with the input's
+affine and header, labels come from a 3-D watershed.
 
 outputs (--output):
   mask    uint8: 0/255 foreground for one-class and boundary models, the class index for
@@ -64,6 +70,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def zyx(text: str) -> tuple[int, int, int]:
+    """argparse type: Z,Y,X non-negative integers, or one integer for every axis."""
+    parts = text.split(",")
+    if len(parts) not in (1, 3) or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X (e.g. 16,128,128) or one integer, got {text}")
+    values = tuple(int(part) for part in parts)
+    return values * 3 if len(values) == 1 else values
 
 
 def tile_size(text: str) -> int:
@@ -120,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BLENDS,
         default=DEFAULTS.blend,
         help=f"how overlapping tiles are merged (default {DEFAULTS.blend})",
+    )
+    parser.add_argument(
+        "--volume-tile",
+        type=zyx,
+        default=VOLUME_DEFAULTS.tile_size,
+        metavar="Z,Y,X",
+        help=f"3-D tiles of a 3-D model, in voxels (default {','.join(map(str, VOLUME_DEFAULTS.tile_size))})",
+    )
+    parser.add_argument(
+        "--volume-overlap",
+        type=zyx,
+        default=VOLUME_DEFAULTS.overlap,
+        metavar="Z,Y,X",
+        help=f"voxels shared by neighbouring 3-D tiles (default {','.join(map(str, VOLUME_DEFAULTS.overlap))})",
     )
     parser.add_argument("--tta", action="store_true", help="average the 8 flips and rotations of each tile")
     parser.add_argument(
@@ -240,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             tta=args.tta,
             amp=PRECISIONS[args.precision],
         )
+        volume = VolumeTiling(args.volume_tile, args.volume_overlap)
         settings = PredictSettings(
             output=args.output[0] if len(args.output) == 1 else tuple(args.output),
             format=args.format,
@@ -250,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             max_pixels=args.max_pixels,
             seed_threshold=args.seed_threshold,
             min_size=args.min_size,
+            volume=volume,
             overlay=args.overlay,
         )
         index, count = resolve_shard(args.shard)

@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from unetseg.inference.precision import trainer_precision
 from unetseg.logs import setup_logging, verbosity_level
 from unetseg.spec import output_classes
 from unetseg.training.callbacks import FinalCheckpoint, HistoryCSVLogger, MetricsHistory
@@ -28,8 +29,8 @@ usage: unetseg-train [fit] --config CONFIG [--data.root DIR] [--OPTION VALUE ...
        unetseg-train fit --help        every option, with its type and default
 
 Train a segmentation network from a YAML config. CONFIG is a file (e.g. one written by
-`unetseg-plan DATA`) or the name of a packaged config: {configs}. Any value in it can be
-overridden on the command line.
+`unetseg-plan DATA`) or the name of a packaged config ({configs}).
+Any value in it can be overridden on the command line.
 
 data (images/ and masks/ under --data.root, paired by file name):
   --data.root DIR              the training folder (null: the embedded synthetic nuclei)
@@ -52,7 +53,7 @@ training:
   --trainer.max_epochs N       epochs
   --trainer.max_time D:H:M:S   stop at this wall-clock time whatever the epoch
   --trainer.default_root_dir DIR   the run folder (checkpoints, metrics.csv, curves.png, config.yaml)
-  --trainer.precision P        32-true | bf16-mixed | 16-mixed
+  --trainer.precision P        32-true | bf16-mixed | 16-mixed (unset: bf16-mixed where native)
   --ckpt_path last             resume the run in the run folder
   -v, --verbose / -q, --quiet  more output (dependency messages, tracebacks) / warnings only
 
@@ -103,10 +104,19 @@ def default_loggers(root: str) -> list:
     return loggers + [TensorBoardLogger(root, name="", version="", default_hp_metric=False)]
 
 
+def automatic_precision(trainer_config: dict) -> str | None:
+    """trainer.precision for a config that leaves it unset: "bf16-mixed" where bfloat16 is native, else "32-true";
+    None when the config sets it."""
+    if trainer_config.get("precision") is not None:
+        return None
+    return trainer_precision(str(trainer_config.get("accelerator") or "auto"))
+
+
 class TrainCLI(LightningCLI):
     """LightningCLI whose default loggers write into trainer.default_root_dir (the run folder), whose
     network takes its channels and classes from the data, whose checkpoints are written atomically in
-    the run folder (`AtomicCheckpointIO`), and whose progress bar shows only on a terminal."""
+    the run folder (`AtomicCheckpointIO`), whose progress bar shows only on a terminal, and whose
+    precision, unless the config sets it, is bf16-mixed on hardware with native bfloat16."""
 
     def add_arguments_to_parser(self, parser) -> None:
         # Stated once, under data: the network follows (a value given for the network is overridden).
@@ -117,6 +127,9 @@ class TrainCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
+        precision = automatic_precision(trainer_config)
+        if precision is not None:
+            kwargs["precision"] = precision
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir") or "runs/default")
         if not sys.stderr.isatty():
@@ -125,7 +138,11 @@ class TrainCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]  # checkpoints written atomically in the run folder
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.checkpoint_callbacks:  # any config, e.g. one from unetseg-plan
+            # A resumed or restarted run replaces best.ckpt / last.ckpt, never leaves a stale one beside best-v1.ckpt.
+            callback._enable_version_counter = False
+        return trainer
 
 
 def split_verbosity(argv: list[str]) -> tuple[list[str], int, int]:

@@ -324,7 +324,17 @@ def predict_tiled(
     Takes the arguments of `iter_predict_bands`, plus:
         out: a (classes, H, W) array written band by band and returned, e.g. a
             `tifffile.memmap` for images too large for memory; None allocates one.
+
+    A volume (C, Z, Y, X) with a 3-D model (3-D convolution weights) is predicted in 3-D tiles,
+    slab by slab along Z (`unetseg.inference.volume.iter_predict_slabs`); tile_size and overlap
+    may then give one value per axis (Z, Y, X).
     """
+    if len(image.shape) == 4 and any(parameter.ndim == 5 for parameter in model.parameters()):
+        from unetseg.inference.volume import predict_volume_tiled
+
+        options = dict(tile_size=tile_size, overlap=overlap, batch_size=batch_size, blend=blend, pad_mode=pad_mode)
+        options.update(tta=tta, normalize=normalize, device=device, amp=amp, compile=compile)
+        return predict_volume_tiled(model, image, out=out, **options)
     height, width = tuple(image.shape)[-2:] if len(image.shape) == 3 else (0, 0)
     bands = iter_predict_bands(
         model,

@@ -53,8 +53,10 @@ def to_labels(
     min_size: int = 15,
     min_distance: int = 4,
     seed_threshold: float | None = None,
+    spacing: tuple[float, ...] | None = None,
 ) -> np.ndarray:
-    """(classes, H, W) probabilities -> instance labels (H, W), uint16 or uint32 when needed.
+    """(classes, H, W) or (classes, Z, Y, X) probabilities -> instance labels (H, W) or (Z, Y, X), uint16 or
+    uint32 when needed.
 
     One class (foreground): threshold, then a watershed of the distance transform from its
     maxima splits touching objects (the classic Otsu-and-watershed recipe, on a learnt mask).
@@ -65,6 +67,9 @@ def to_labels(
     watershed runs on the expected distance level (interior counts half, centre fully).
     Objects smaller than `min_size` pixels are removed and labels renumbered 1..n.
     `seed_threshold` (default: `threshold`) is the seed class probability that makes a seed.
+    `spacing` (one value per axis, e.g. voxel size (Z, Y, X)) makes the distance transform and
+    the peak neighbourhood physical, so thick slices are not taken for thin ones; `min_distance`
+    is then counted in the finest axis's pixels. Volumes use face connectivity, as images do.
     """
     classes = probs.shape[0]
     if classes in (3, 4):
@@ -77,9 +82,13 @@ def to_labels(
         labels = watershed(-relief, markers=seeds, mask=foreground)
     elif classes == 1:
         foreground = probs[0] > threshold
-        distance = ndimage.distance_transform_edt(foreground)
+        distance = ndimage.distance_transform_edt(foreground, sampling=spacing)
         peaks = peak_local_max(
-            distance, min_distance=min_distance, labels=connected_components(foreground), exclude_border=False
+            distance,
+            min_distance=min_distance,
+            footprint=peak_footprint(min_distance, spacing),
+            labels=connected_components(foreground),
+            exclude_border=False,
         )
         markers = np.zeros(foreground.shape, dtype=np.int32)
         markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
@@ -91,6 +100,15 @@ def to_labels(
         )
     labels = remove_small(labels, min_size)
     return labels.astype(np.uint16 if labels.max() < 2**16 else np.uint32)
+
+
+def peak_footprint(min_distance: int, spacing: tuple[float, ...] | None) -> np.ndarray | None:
+    """The box in which a distance maximum must be the largest: `min_distance` pixels of the finest axis,
+    fewer along coarser axes; None (skimage's square of side 2 min_distance + 1) without spacing."""
+    if spacing is None:
+        return None
+    finest = min(spacing)
+    return np.ones([2 * max(1, round(min_distance * finest / step)) + 1 for step in spacing], dtype=bool)
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:

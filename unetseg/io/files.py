@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path, PurePosixPath
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
 ZARR_SUFFIXES = (".zarr",)  # OME-Zarr images are folders
 
@@ -26,11 +26,22 @@ class DuplicateNameError(ValueError):
         self.first, self.second, self.key = first, second, key
 
 
+def image_suffix(path: Path) -> str:
+    """A file's suffix in lower case, ".nii.gz" counted as one (NIfTI volumes are often gzipped)."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def image_stem(path: Path) -> str:
+    """A file's name without its (image) suffix: `brain.nii.gz` -> `brain`."""
+    return path.name[: len(path.name) - len(image_suffix(path))] if image_suffix(path) else path.name
+
+
 def is_image_file(path: Path) -> bool:
-    """True for a file whose suffix is one we can read, or an OME-Zarr (.zarr) folder."""
+    """True for a file whose suffix is one we can read (.nii.gz counted as one), or an OME-Zarr (.zarr) folder."""
     if path.name.startswith("."):
         return False
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES or path.is_dir() and is_zarr_folder(path)
+    return path.is_file() and image_suffix(path) in IMAGE_SUFFIXES or path.is_dir() and is_zarr_folder(path)
 
 
 def is_zarr_folder(path: Path) -> bool:
@@ -39,8 +50,12 @@ def is_zarr_folder(path: Path) -> bool:
 
 
 def image_key(path: Path, root: Path) -> str:
-    """A file's name for pairing: its path under `root` without suffix (`sub/cell_01`; `a.ome.zarr` -> `a`)."""
-    key = path.relative_to(root).with_suffix("")
+    """A file's name for pairing: its path under `root` without suffix (`sub/cell_01`; `a.ome.zarr` -> `a`;
+    `ct/brain.nii.gz` -> `ct/brain`)."""
+    relative = path.relative_to(root)
+    if image_suffix(path) == ".nii.gz":
+        return (relative.parent / image_stem(path)).as_posix()
+    key = relative.with_suffix("")
     if path.suffix.lower() in ZARR_SUFFIXES and key.suffix.lower() == ".ome":
         key = key.with_suffix("")
     return key.as_posix()

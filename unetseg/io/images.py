@@ -14,7 +14,7 @@ import tifffile
 from PIL import Image
 from skimage import io as skio
 
-from unetseg.io.files import TIFF_SUFFIXES
+from unetseg.io.files import TIFF_SUFFIXES, image_suffix
 
 # Pixels (height x width x planes, channels not counted) an image may claim before it is refused
 # unread: a 30000 x 30000 RGB image passes, a 50000 x 50000 decompression bomb does not.
@@ -51,12 +51,19 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     """Read an image file as stored: (H, W), (H, W, C) or a (Z, H, W[, C]) stack, original dtype.
 
     Files whose header claims more than `max_pixels` pixels are refused before decoding (None: no cap).
+    NIfTI volumes come as (Z, Y, X) (see `unetseg.io.nifti`), a single slice as (Y, X).
     """
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty")
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        from unetseg.io.nifti import open_nifti, read_nifti  # nibabel is an optional extra
+
+        check_pixels(path, open_nifti(path).voxels.shape, 1, max_pixels)
+        volume = read_nifti(path)
+        return volume[0] if len(volume) == 1 else volume
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # our own cap replaces Pillow's (179 Mpx, below a 30000 x 30000 image)
     try:
@@ -137,11 +144,11 @@ def read_labels(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, s
 
 
 def _is_colour(path: Path) -> bool:
-    """True when a 3D file holds (H, W, RGB[A]) rather than a (Z, H, W) stack: not a TIFF whose axes say Z."""
+    """True when a 3D file of 3 or 4 planes holds (H, W, RGB[A]): unless ImageJ or OME metadata say Z or T."""
     if path.suffix.lower() not in TIFF_SUFFIXES:
         return True
     with tifffile.TiffFile(path) as tif:
-        return tif.series[0].axes[0] not in "ZTQI"
+        return not ((tif.is_imagej or tif.is_ome) and tif.series[0].axes[0] in "ZT")
 
 
 def _exact_labels(mask: np.ndarray, path: Path) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from unetseg.metrics import as_instances
 from unetseg.modality import cluster_weights, image_features, modality_names
 from unetseg.quality import intensity_summary
 from unetseg.spec import InputSpec, output_classes
-from unetseg.synthetic import default_dataset
+from unetseg.synthetic import default_dataset, default_volume_dataset
 from unetseg.training.augment import Augmentation, build_transform
-from unetseg.training.targets import border_weight_map, make_target
+from unetseg.training.targets import border_weight_map, compact_target, make_target
+from unetseg.training.volumes import load_volume_sample, volume_datasets
 
 
 @dataclass
@@ -71,7 +73,9 @@ def load_sample(
     """Read and check one pair, and take its whole-image normalisation range."""
     image = read_image(image_path)
     if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
-        raise ImageReadError(f"{image_path}: a {image.shape} stack; training takes 2D images (H, W[, C])")
+        raise ImageReadError(
+            f"{image_path}: a {image.shape} stack; 2-D training takes images (H, W[, C]); set data.spatial_dims: 3"
+        )
     stored_channels = 1 if image.ndim == 2 else min(image.shape[-1], 3)
     image = to_channels(image, in_channels, image_path)
     labels = read_labels(mask_path)
@@ -98,6 +102,11 @@ class TileDataset(Dataset):
     pixel with probability `foreground_oversampling` (nnU-Net samples a third this way).
     Grid tiles cover each image once, the last row and column shifted to stay inside; images
     smaller than a tile give one smaller tile, so validation never scores padding.
+
+    The target and the border weight map of each image are computed once, here, and cut and
+    augmented with the image (albumentations moves them as extra masks, nearest-neighbour),
+    so a tile costs a crop and its augmentation; weights near a tile's edge also see the
+    instances just outside it.
     """
 
     def __init__(
@@ -121,6 +130,15 @@ class TileDataset(Dataset):
         self.border_weights, self.border_w0, self.border_sigma = border_weights, border_w0, border_sigma
         self.grid = None if length else [(i, y, x) for i, s in enumerate(samples) for y, x in tile_grid(s, tile_size)]
         self.length = length or len(self.grid)
+        # (target, weight or None) per image; threads, as the distance transforms release the GIL.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            self.maps = list(pool.map(self.image_targets, samples))
+
+    def image_targets(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
+        """The whole image's target (compact integer type) and border weight map (float32, or None)."""
+        target = compact_target(make_target(sample.labels, self.targets))
+        weight = border_weight_map(sample.labels, self.border_w0, self.border_sigma) if self.border_weights else None
+        return target, weight
 
     def __len__(self) -> int:
         return self.length
@@ -130,33 +148,42 @@ class TileDataset(Dataset):
             # Drawn from torch's generator, which DataLoader seeds per worker and per epoch; the
             # rank is mixed in because Lightning seeds every DDP process alike.
             rng = np.random.default_rng([int(torch.randint(2**62, ())), process_rank()])
-            sample, y, x = self.random_tile(rng)
+            sample_index, y, x = self.random_tile(rng)
         else:
             sample_index, y, x = self.grid[index]
-            sample, rng = self.samples[sample_index], None
-        size = self.tile_size
-        image = sample.image[:, y : y + size, x : x + size]
-        labels = sample.labels[y : y + size, x : x + size]
-        image = self.normalization.apply(image, sample.value_range)  # (C, h, w) float32
+            rng = None
+        sample, (target, weight) = self.samples[sample_index], self.maps[sample_index]
+        window = slice(y, y + self.tile_size), slice(x, x + self.tile_size)
+        image = self.normalization.apply(sample.image[(slice(None), *window)], sample.value_range)  # (C, h, w) float32
+        target = target[window]
+        weight = weight[window] if weight is not None else None
+        labels = sample.labels[window].astype(np.int32) if self.instance_labels else None
         if self.transform is not None:
             self.transform.set_random_seed(int(rng.integers(2**31)))
-            out = self.transform(image=np.moveaxis(image, 0, -1), mask=labels.astype(np.int32))
-            image, labels = np.moveaxis(out["image"], -1, 0), out["mask"]
+            masks = [mask for mask in (target, weight, labels) if mask is not None]
+            out = self.transform(image=np.moveaxis(image, 0, -1), masks=masks)
+            image, moved = np.moveaxis(out["image"], -1, 0), iter(out["masks"])
+            target = next(moved)
+            weight = next(moved) if weight is not None else None
+            labels = next(moved) if labels is not None else None
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "target": torch.from_numpy(make_target(labels, self.targets)),
+            "target": torch.from_numpy(np.asarray(target, dtype=np.int64)),
+            "name": sample.name,  # which image a tile came from, for messages about a batch
         }
-        if self.instance_labels:  # for instance scores (DSB) of whole validation images
-            item["labels"] = torch.from_numpy(labels.astype(np.int32))
-        if self.border_weights:
-            item["weight"] = torch.from_numpy(border_weight_map(labels, self.border_w0, self.border_sigma))
+        if labels is not None:  # for instance scores (DSB) of whole validation images
+            item["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int32))
+        if weight is not None:
+            item["weight"] = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
         return item
 
-    def random_tile(self, rng: np.random.Generator) -> tuple[Sample, int, int]:
+    def random_tile(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """(sample index, top, left) of a random tile."""
         if self.sample_weights is None:
-            sample = self.samples[rng.integers(len(self.samples))]
+            index = int(rng.integers(len(self.samples)))
         else:
-            sample = self.samples[rng.choice(len(self.samples), p=self.sample_weights)]
+            index = int(rng.choice(len(self.samples), p=self.sample_weights))
+        sample = self.samples[index]
         height, width = sample.labels.shape
         size = self.tile_size
         if len(sample.foreground) and rng.random() < self.foreground_oversampling:
@@ -165,7 +192,7 @@ class TileDataset(Dataset):
             x = int(np.clip(cx - size // 2, 0, width - size))
         else:
             y, x = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
-        return sample, y, x
+        return index, y, x
 
 
 def process_rank() -> int:
@@ -213,6 +240,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             size), 1 draws the groups evenly, 0.5 by the square root of their size.
         num_workers: DataLoader workers; None picks min(4, CPUs - 1).
         seed: seed of the train/validation split.
+        spatial_dims: 2 for images, 3 for volumes (3-D TIFF stacks, NIfTI) trained in 3-D patches
+            (`unetseg.training.volumes`); root None then uses the embedded synthetic volumes.
+        patch_size: 3-D only: (Z, Y, X) size of training and validation patches; None means
+            tile_size along every axis. Border weights are 2-D only.
     """
 
     def __init__(
@@ -237,10 +268,18 @@ class SegmentationDataModule(pl.LightningDataModule):
         border_sigma: float = 5.0,
         num_workers: int | None = None,
         seed: int = 0,
+        spatial_dims: int = 2,
+        patch_size: list[int] | None = None,
         modality_balance: float = 0.0,
     ):
         super().__init__()
         output_classes(targets, classes)  # checks targets and classes
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims!r}")
+        if spatial_dims == 3 and border_weights:
+            raise ValueError("border_weights is 2-D only; set it false for spatial_dims 3")
+        self.spatial_dims = spatial_dims
+        self.patch_size = list(patch_size) if patch_size is not None else [tile_size] * 3
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         if in_channels not in (1, 3):
@@ -248,11 +287,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         for option, value in (("tile_size", tile_size), ("val_tile_size", val_tile_size), ("batch_size", batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"data.{option} must be a positive integer, got {value!r}")
-        if not isinstance(tiles_per_epoch, int) or tiles_per_epoch < batch_size:
-            raise ValueError(
-                f"data.tiles_per_epoch must be at least data.batch_size ({batch_size}) so an epoch has a batch, "
-                f"got {tiles_per_epoch!r}"
-            )
+        if isinstance(tiles_per_epoch, bool) or not isinstance(tiles_per_epoch, int) or tiles_per_epoch < 1:
+            raise ValueError(f"data.tiles_per_epoch must be a positive integer, got {tiles_per_epoch!r}")
         # No save_hyperparameters(): checkpoints stay plain data (weights_only loading); the
         # run folder's config.yaml and the module's input_spec record what matters.
         self.root, self.images, self.masks, self.in_channels = root, images, masks, in_channels
@@ -285,7 +321,8 @@ class SegmentationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
             return
-        root = Path(self.root) if self.root else default_dataset()
+        volumes = self.spatial_dims == 3
+        root = Path(self.root) if self.root else default_volume_dataset() if volumes else default_dataset()
         pairs = find_pairs(root, self.images, self.masks)
         if len(pairs) < 2:
             raise ValueError(f"{root}: found {len(pairs)} image/mask pair; need at least 2 (training and validation)")
@@ -294,7 +331,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         samples, problems = {}, []
         for name, (image_path, mask_path) in zip(names, pairs):
             try:
-                samples[name] = load_sample(image_path, mask_path, self.in_channels, self.normalization, name)
+                load = load_volume_sample if volumes else load_sample
+                samples[name] = load(image_path, mask_path, self.in_channels, self.normalization, name)
                 self.check_mask_values(samples[name].labels, mask_path)
                 if self.targets != "classes":  # binary masks -> one instance per connected object
                     samples[name].labels = as_instances(samples[name].labels)
@@ -306,6 +344,19 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"{len(problems)} of {len(pairs)} training pairs cannot be used:\n  " + "\n  ".join(problems)
             )
+        if volumes:
+            self.train_set, self.val_set = volume_datasets(
+                samples,
+                self.split,
+                self.patch_size,
+                self.normalization,
+                self.targets,
+                self.tiles_per_epoch,
+                self.augmentation,
+                self.foreground_oversampling,
+            )
+            self.write_split()
+            return
         train = [pad_sample(samples[name], self.tile_size) for name in self.split["train"]]
         weights = None
         if self.modality_balance > 0:
@@ -369,6 +420,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         (Path(log_dir) / "split.json").write_text(json.dumps(self.split, indent=1))
 
     def train_dataloader(self) -> DataLoader:
+        if self.tiles_per_epoch < self.batch_size:  # drop_last would leave an epoch without a batch
+            raise ValueError(
+                f"data.tiles_per_epoch ({self.tiles_per_epoch}) must be at least data.batch_size ({self.batch_size})"
+            )
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,

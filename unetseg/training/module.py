@@ -23,6 +23,7 @@ from unetseg.checkpoint import (
     resolve_model,
 )
 from unetseg.inference.postprocess import to_labels
+from unetseg.inference.precision import channels_last
 from unetseg.metrics import instance_scores
 from unetseg.models import UNet, build_net, describe_net
 from unetseg.spec import InputSpec
@@ -52,7 +53,7 @@ class SegmentationModule(pl.LightningModule):
         pretrained: a checkpoint, or the name of a shipped model ("nuclei"), whose network
             weights start this training (fine-tuning); the network must have the same shape.
         instance_metrics: when validation batches carry instance "labels" (whole images, one
-            per batch) and the network gives instances (1 or 3 classes), log `val/dsb` (the
+            per batch) and the network gives instances (1, 3 or 4 classes), log `val/dsb` (the
             DSB score) and `val/f1` (F1 at IoU 0.5) of `to_labels` at its default settings:
             what to select checkpoints by (`monitor: val/dsb`).
 
@@ -137,6 +138,9 @@ class SegmentationModule(pl.LightningModule):
         return self.net(image)
 
     def on_fit_start(self) -> None:
+        volumetric = any(parameter.ndim == 5 for parameter in self.net.parameters())  # channels_last is 4-D only
+        if channels_last(self.device) and not volumetric:  # NHWC convolutions: faster in oneDNN (CPU), tensor cores
+            self.net.to(memory_format=torch.channels_last)  # NCHW inputs follow the weights from the first conv
         spec: InputSpec | None = getattr(self.trainer.datamodule, "input_spec", None)
         if spec is None:
             return
@@ -154,9 +158,14 @@ class SegmentationModule(pl.LightningModule):
         self.hparams["input_spec"] = spec.to_dict()
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
-        logits = self.net(batch["image"])
-        loss = self.loss(logits, batch["target"], batch.get("weight"))
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits), sync_dist=True)
+        outputs = self.net(batch["image"])
+        # Deep supervision (UNet skip="nested"): one logits tensor per decoder depth in training, each scored
+        # against the same target and averaged, as UNet++ trains; in eval the net returns the last one only.
+        heads = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        loss = torch.stack([self.loss(logits, batch["target"], batch.get("weight")) for logits in heads]).mean()
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(heads[0]), sync_dist=True
+        )
         return loss
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
@@ -167,9 +176,9 @@ class SegmentationModule(pl.LightningModule):
         self.val_metrics.update(predicted > 0, target > 0)
         if self.val_class_dice is not None:
             self.val_class_dice.update(predicted, target)
-        if self.hparams.instance_metrics and "labels" in batch and self.classes in (1, 3):
+        if self.hparams.instance_metrics and "labels" in batch and self.classes in (1, 3, 4):
             probs = torch.sigmoid(logits) if self.classes == 1 else torch.softmax(logits, dim=1)
-            probs = probs.float().cpu().numpy()
+            probs = probs.detach().float().cpu().numpy()
             for image_probs, labels in zip(probs, batch["labels"].cpu().numpy()):
                 scores = instance_scores(to_labels(image_probs), labels)
                 self.val_instances.append((scores["dsb_score"], scores["f1"]))

@@ -61,9 +61,12 @@ class RunReport(pl.Callback):
         stored = getattr(data, "stored_channels", None)
         if stored:
             counts = ", ".join(f"{count} with {channels} channel(s)" for channels, count in sorted(stored.items()))
-            converted = [c for c in stored if c != data.in_channels]
-            note = f"; converted to {data.in_channels}" if converted else ""
-            log.info("images: %s%s (in_channels %d)", counts, note, data.in_channels)
+            log.info("images: %s (data.in_channels %d)", counts, data.in_channels)
+            if set(stored) == {1} and data.in_channels == 3:
+                log.warning(
+                    "every image is grey but data.in_channels is 3: each is repeated to RGB (3x the input work, "
+                    "and the model will expect RGB); set --data.in_channels 1 unless you will predict colour images"
+                )
         net = pl_module.net if hasattr(pl_module, "net") else pl_module
         config = ", ".join(f"{k} {v}" for k, v in getattr(net, "config", {}).items() if k in ("depth", "width"))
         parameters = sum(p.numel() for p in net.parameters())

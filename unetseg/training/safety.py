@@ -59,10 +59,11 @@ class FiniteLoss(pl.Callback):
     """
 
     def __init__(self) -> None:
-        self.batch_index = -1
+        self.batch_index, self.names = -1, []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         self.batch_index = batch_idx
+        self.names = sorted(set(batch.get("name", []))) if isinstance(batch, dict) else []
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         finite = bool(torch.isfinite(loss.detach()).all())
@@ -70,6 +71,13 @@ class FiniteLoss(pl.Callback):
             value = loss.detach().float().cpu().item() if loss.numel() == 1 else math.nan
             raise NonFiniteTrainingError(
                 f"training stopped: the loss is {value} at step {trainer.global_step} (epoch "
-                f"{trainer.current_epoch}, batch {self.batch_index} of the epoch); no checkpoint was written "
-                "from it. Lower --model.lr, or look for broken images (warnings above name files with NaN/Inf)"
+                f"{trainer.current_epoch}, batch {self.batch_index} of the epoch{self.tiles_from()}); no checkpoint "
+                "was written from it. Lower --model.lr, or look for broken images (warnings above name files with "
+                "NaN/Inf)"
             )
+
+    def tiles_from(self) -> str:
+        """The images of the batch (", tiles from a, b"), when the data name them."""
+        if not self.names:
+            return ""
+        return ", tiles from " + ", ".join(self.names[:8]) + (", ..." if len(self.names) > 8 else "")

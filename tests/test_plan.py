@@ -1,0 +1,135 @@
+"""unetseg-plan: the data survey, the choices made from it, and the config it writes."""
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+from conftest import write_pair
+
+from unetseg.cli import plan as plan_cli
+from unetseg.cli.train import TrainCLI
+from unetseg.plan import (
+    choose_depth,
+    choose_targets,
+    choose_tile,
+    make_plan,
+    parse_budget,
+    plan_config,
+    receptive_field,
+)
+from unetseg.survey import mask_kind, survey
+from unetseg.training.data import SegmentationDataModule
+from unetseg.training.module import SegmentationModule
+
+
+def test_receptive_field_of_the_unet():
+    # Two 3x3 convolutions per level, 2x2 pooling and transposed convolutions: 47, 103, 215 px.
+    assert [receptive_field(depth) for depth in (2, 3, 4)] == [47, 103, 215]
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("20m", 1200), ("1h", 3600), ("1h30m", 5400), ("90s", 90), ("45", 2700), ("0.5h", 1800)]
+)
+def test_budgets(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1x", "h", "m20", "0m"])
+def test_bad_budgets_are_refused_by_name(text):
+    with pytest.raises(ValueError, match="--budget .*expected a duration such as 20m, 1h"):
+        parse_budget(text)
+
+
+def test_survey_of_touching_synthetic_nuclei(make_dataset):
+    summary = survey(make_dataset(count=6, shape=(96, 96)))
+    assert summary.pairs == 6 and summary.shapes == [(96, 96)] * 6
+    assert dict(summary.channels) == {1: 6} and not summary.colour
+    assert {str(dtype) for dtype in summary.dtypes} == {"uint8", "uint16"}  # PNGs and 12-bit TIFFs
+    assert summary.mask_kind == "instances"
+    assert 8 < np.median(summary.diameters) < 40  # nuclei of radius 6 to 16 px
+    assert summary.touching > 0.2  # half of the centres are clustered
+    assert choose_targets(summary)[0] == "boundary"
+    tile, _ = choose_tile(summary)
+    assert tile == 64 or tile % 32 == 0 and tile <= 96  # twice the large nuclei, at most the image side
+    depth, reason = choose_depth(summary, tile)
+    assert receptive_field(depth) >= 2 * np.percentile(summary.extents, 99) or "deepest" in reason
+    assert 2**depth <= tile // 4
+
+
+def test_mask_kinds():
+    binary = [np.array([255]), np.array([255]), np.array([])]
+    assert mask_kind(binary, [5, 3, 0]) == "binary"
+    classes = [np.array([1, 2]), np.array([1, 2, 3])]  # few values, many objects each
+    assert mask_kind(classes, [20, 30]) == "classes"
+    instances = [np.arange(1, 40), np.arange(1, 12)]  # one value per object
+    assert mask_kind(instances, [35, 12]) == "instances"
+
+
+def test_survey_of_grey_binary_masks_and_rgb_copies(tmp_path):
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        mask = np.zeros((64, 80), np.uint8)
+        mask[10:30, 10:30] = mask[40:50, 50:70] = 255
+        grey = (rng.random((64, 80)) * 200).astype(np.uint8)
+        write_pair(tmp_path, f"p{index}", np.stack([grey] * 3, axis=-1), mask)  # RGB files with equal channels
+    summary = survey(tmp_path)
+    assert summary.mask_kind == "binary" and dict(summary.channels) == {3: 3} and not summary.colour
+    assert sorted(summary.extents.tolist()) == [20, 20, 20, 20, 20, 20]
+    assert choose_targets(summary)[0] == "foreground"
+
+
+def test_unreadable_pairs_are_named(make_dataset):
+    root = make_dataset(count=3, shape=(64, 64))
+    tifffile.imwrite(root / "masks" / "nuclei_001.tif", np.zeros((10, 10), np.uint16))
+    with pytest.raises(ValueError, match="nuclei_001.tif: mask is"):
+        survey(root)
+
+
+def test_plan_fills_the_budget_and_its_config_trains(make_dataset, tmp_path):
+    summary = survey(make_dataset(count=6, shape=(96, 96)))
+    plan = make_plan(summary, budget_seconds=600, widths=(4, 8), batch_sizes=(2,), bf16=False)
+    assert plan.in_channels == 1 and plan.targets == "boundary" and plan.precision == "32-true"
+    assert plan.width in (4, 8) and plan.batch_size == 2 and plan.epochs >= 3
+    assert 0.5 * 600 <= plan.estimate_seconds <= 1.1 * 600  # filled, not exceeded
+    config = plan_config(plan, str(tmp_path / "run"))
+    assert config["model"]["net"]["init_args"] == {"depth": plan.depth, "width": plan.width}  # channels: data's
+    assert config["trainer"]["max_time"] == "00:00:12:30"  # the budget + 25%, a backstop
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = TrainCLI(SegmentationModule, SegmentationDataModule, run=False, args=["--config", str(path)])
+    assert cli.model.net.config["in_channels"] == 1 and cli.model.net.config["classes"] == 3
+    assert cli.datamodule.tile_size == plan.tile_size and cli.datamodule.border_weights
+
+
+def test_plan_times_and_writes_the_chosen_architecture(make_dataset, tmp_path):
+    summary = survey(make_dataset(count=4, shape=(80, 80)))
+    architecture = {"block": "dense", "skip": "nested"}
+    plan = make_plan(summary, budget_seconds=300, widths=(4,), batch_sizes=(2,), bf16=False, architecture=architecture)
+    init_args = plan_config(plan, str(tmp_path / "run"))["model"]["net"]["init_args"]
+    assert init_args == {"depth": plan.depth, "width": 4, "block": "dense", "skip": "nested"}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan_config(plan, str(tmp_path / "run"))))
+    cli = TrainCLI(SegmentationModule, SegmentationDataModule, run=False, args=["--config", str(path)])
+    assert cli.model.net.config["block"] == "dense" and cli.model.net.config["skip"] == "nested"
+
+
+def test_plan_command_writes_a_commented_config(make_dataset, tmp_path, capsys):
+    root = make_dataset(count=4, shape=(80, 80))
+    out = tmp_path / "configs" / "mine.yaml"
+    status = plan_cli.main([str(root), "--budget", "5m", "--widths", "4", "--batch-sizes", "2", "--out", str(out)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    for words in ("4 image/mask pairs", "targets: boundary", "tile_size:", "depth:", "estimated training time"):
+        assert words in printed
+    assert f"train with:  unetseg-train --config {out}" in printed
+    text = out.read_text()
+    assert text.startswith("# Written by `unetseg-plan") and "# estimated training time" in text
+    assert yaml.safe_load(text)["data"]["root"] == str(root.resolve())
+
+
+def test_plan_command_errors_in_one_line(tmp_path, capsys):
+    assert plan_cli.main([str(tmp_path / "nowhere")]) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unetseg-plan: ")]
+    assert error.startswith("unetseg-plan: error: ") and "nowhere/images: folder not found" in error
+    assert plan_cli.main([str(tmp_path), "--budget", "soon"]) == 2
+    assert "--budget 'soon'" in capsys.readouterr().err

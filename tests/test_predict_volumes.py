@@ -1,0 +1,212 @@
+"""Predicting volumes: NIfTI affine and header, and TIFF Z spacing, through predict -> write -> read; 2-D
+models on NIfTI plane by plane; `python -m unetseg train --config tiny3d` then predict on a NIfTI volume."""
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from torch import nn
+
+from unetseg.batch import plan_outputs
+from unetseg.cli import main as unetseg_main
+from unetseg.inference.volume import predict_volume_tiled
+from unetseg.io import ImageReadError
+from unetseg.io.nifti import open_nifti, write_nifti
+from unetseg.io.normalize import Normalization
+from unetseg.io.volumes import open_volume, spacing_calibration
+from unetseg.predict import PredictSettings, predict_file, predict_image
+from unetseg.predict_volumes import VolumeTiling
+from unetseg.spec import InputSpec
+from unetseg.synthetic import make_nuclei_volumes
+
+nibabel = pytest.importorskip("nibabel")
+SPEC = InputSpec(1, Normalization(0.0, 100.0), "foreground", 1)
+SMALL = VolumeTiling((8, 16, 16), (2, 4, 4))
+
+
+class Bright3D(nn.Module):
+    """A 3-D 'model': logits 20 (x - 0.5) of the normalised input, so the mask is the bright voxels."""
+
+    spatial_dims = 3
+
+    def __init__(self, dims: int = 3):
+        super().__init__()
+        self.spatial_dims = dims
+        self.scale = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        return self.scale * (x - 0.5)
+
+
+def blobs(shape=(10, 24, 20), seed=0) -> np.ndarray:
+    """A uint16 volume: dark background, two bright boxes."""
+    volume = np.random.default_rng(seed).integers(0, 100, shape).astype(np.uint16)
+    volume[2:6, 3:10, 4:12] = 1000
+    volume[6:9, 14:20, 8:16] = 1000
+    return volume
+
+
+def expected_mask(volume):
+    return np.where(volume > volume.min() + (volume.max() - volume.min()) / 2, 255, 0).astype(np.uint8)
+
+
+def test_nifti_affine_and_header_survive_predict_write_read(tmp_path):
+    volume = blobs()
+    affine = np.array([[0, 0, -2.5, 90.0], [0.8, 0, 0, -120.0], [0, 0.8, 0, 40.0], [0, 0, 0, 1]])  # oblique axes
+    image = nibabel.Nifti1Image(volume.T, affine)
+    image.header["descrip"] = b"scanner 7"
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=2)
+    nibabel.save(image, tmp_path / "ct.nii.gz")
+    for output in ("mask", "labels", "prob"):
+        target = tmp_path / output / "ct.nii.gz"
+        predict_file(Bright3D(), SPEC, tmp_path / "ct.nii.gz", target, PredictSettings(output=output, volume=SMALL))
+        written = nibabel.load(target)
+        np.testing.assert_allclose(written.affine, affine)
+        np.testing.assert_allclose(written.get_qform(), affine)
+        assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 2)
+        assert written.header["descrip"] == b"scanner 7"
+        assert written.header.get_xyzt_units() == ("mm", "sec")
+        assert written.header.get_zooms()[:3] == image.header.get_zooms()[:3]
+        data = open_nifti(target).voxels[:]
+        assert data.shape == volume.shape
+        if output == "mask":
+            np.testing.assert_array_equal(data, expected_mask(volume))
+        elif output == "labels":
+            assert written.get_data_dtype() == np.uint16 and data.max() == 2
+        else:
+            assert written.get_data_dtype() == np.float32 and 0.0 <= data.min() and data.max() <= 1.0
+
+
+@pytest.mark.parametrize("output, dtype", [("mask", np.uint8), ("prob", np.float32), ("labels", np.uint16)])
+def test_tiff_z_spacing_survives_predict_write_read(tmp_path, output, dtype):
+    volume = blobs()
+    calibration = spacing_calibration((2.5, 0.4, 0.4), "micron")
+    tifffile.imwrite(tmp_path / "stack.tif", volume, **calibration.tiff_kwargs("ZYX", np.uint16))
+    target = tmp_path / "out.tif"
+    predict_file(Bright3D(), SPEC, tmp_path / "stack.tif", target, PredictSettings(output=output, volume=SMALL))
+    opened = open_volume(target)
+    assert opened.shape == volume.shape and np.asarray(opened.voxels[:]).dtype == dtype
+    assert opened.spacing == pytest.approx((2.5, 0.4, 0.4)) and opened.unit == "micron"
+    if output == "mask":
+        np.testing.assert_array_equal(opened.voxels[:], expected_mask(volume))
+
+
+def test_nifti_spacing_goes_to_tiff_outputs(tmp_path):
+    write_nifti(tmp_path / "v.nii", blobs(), spacing=(3.0, 0.5, 0.25), unit="micron")
+    predict_file(Bright3D(), SPEC, tmp_path / "v.nii", tmp_path / "v.tif", PredictSettings(volume=SMALL))
+    assert open_volume(tmp_path / "v.tif").spacing == pytest.approx((3.0, 0.5, 0.25))
+
+
+def test_a_2d_model_predicts_a_nifti_volume_plane_by_plane(tmp_path):
+    volume = blobs()
+    write_nifti(tmp_path / "v.nii.gz", volume, spacing=(2.0, 1.0, 1.0))
+    settings = PredictSettings(output="prob")
+    predict_file(Bright3D(dims=2), SPEC, tmp_path / "v.nii.gz", tmp_path / "v_out.nii.gz", settings)
+    probs = open_nifti(tmp_path / "v_out.nii.gz").voxels[:]
+    planes = [predict_image(Bright3D(dims=2), SPEC, plane, settings) for plane in volume]
+    np.testing.assert_allclose(probs, np.stack(planes), atol=1e-6)
+    predict_file(Bright3D(dims=2), SPEC, tmp_path / "v.nii.gz", tmp_path / "m.nii.gz", PredictSettings())
+    masks = [predict_image(Bright3D(dims=2), SPEC, plane, PredictSettings()) for plane in volume]
+    np.testing.assert_array_equal(open_nifti(tmp_path / "m.nii.gz").voxels[:], np.stack(masks))
+
+
+def test_predict_image_of_a_3d_model_is_the_tiled_volume(tmp_path):
+    volume = blobs().astype(np.float32)
+    probs = predict_image(Bright3D(), SPEC, volume, PredictSettings(output="prob", volume=SMALL))
+    low, high = volume.min(), volume.max()
+    reference = predict_volume_tiled(
+        Bright3D(), ((volume - low) / (high - low))[None], tile_size=(8, 16, 16), overlap=(2, 4, 4)
+    )
+    np.testing.assert_allclose(probs, reference[0], atol=1e-6)
+    with pytest.raises(ValueError, match="a 3-D model predicts volumes"):
+        predict_image(Bright3D(), SPEC, volume[0], PredictSettings())
+
+
+def test_plan_outputs_keep_nifti_as_nifti(tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for name in ("sub/a.nii.gz", "b.nii", "c.tif"):
+        (tmp_path / "in" / name).write_bytes(b"x")
+    pairs = plan_outputs(tmp_path / "in", tmp_path / "out")
+    assert [target.relative_to(tmp_path / "out").as_posix() for _, target in pairs] == [
+        "b.nii",
+        "c.tif",
+        "sub/a.nii.gz",
+    ]
+    assert plan_outputs(tmp_path / "in" / "b.nii", tmp_path / "o")[0][1] == tmp_path / "o" / "b.nii"
+    assert plan_outputs(tmp_path / "in" / "b.nii", tmp_path / "x.nii.gz")[0][1] == tmp_path / "x.nii.gz"
+
+
+def test_volumes_over_the_pixel_cap_are_refused_unread(tmp_path):
+    write_nifti(tmp_path / "v.nii.gz", blobs())
+    with pytest.raises(ImageReadError, match=r"v.nii.gz: claims 10x24x20 = 4,800 pixels, more than the limit of 1,000"):
+        predict_file(Bright3D(), SPEC, tmp_path / "v.nii.gz", tmp_path / "o.nii.gz", PredictSettings(max_pixels=1000))
+
+
+def test_volumes_refuse_what_they_cannot_write_yet(tmp_path):
+    write_nifti(tmp_path / "v.nii.gz", blobs())
+    with pytest.raises(ValueError, match="a volume is written as one output .* asked for mask, labels"):
+        predict_file(
+            Bright3D(), SPEC, tmp_path / "v.nii.gz", tmp_path / "o.nii.gz", PredictSettings(("mask", "labels"))
+        )
+
+
+def test_volume_tiling_is_checked():
+    with pytest.raises(ValueError, match="volume overlap"):
+        VolumeTiling((8, 16, 16), (8, 4, 4))
+    with pytest.raises(ValueError, match="volume tile_size must be an integer or 3 integers"):
+        VolumeTiling((8, 16), (2, 4, 4))
+
+
+def test_train_tiny3d_then_predict_a_nifti_volume_end_to_end(tmp_path, synthetic_cache, capsys):
+    data = make_nuclei_volumes(tmp_path / "data", count=3, shape=(8, 32, 32))
+    run = tmp_path / "run"
+    unetseg_main(
+        [
+            "train",
+            "--config",
+            "tiny3d",
+            "--data.root",
+            str(data),
+            "--data.patch_size",
+            "[8, 32, 32]",
+            "--data.tiles_per_epoch",
+            "4",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.default_root_dir",
+            str(run),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+        ]
+    )
+    checkpoint = run / "checkpoints" / "best.ckpt"
+    assert checkpoint.is_file()
+    source = data / "images" / "volume_001.nii.gz"
+    status = unetseg_main(
+        [
+            "predict",
+            str(source),
+            str(tmp_path / "pred"),
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            "labels",
+            "--volume-tile",
+            "8,32,32",
+            "--volume-overlap",
+            "2,8,8",
+            "-q",
+        ]
+    )
+    assert status == 0, capsys.readouterr().err
+    written = nibabel.load(tmp_path / "pred" / "volume_001.nii.gz")
+    original = nibabel.load(source)
+    assert written.shape == original.shape == (32, 32, 8)
+    np.testing.assert_allclose(written.affine, original.affine)
+    assert written.header.get_zooms() == pytest.approx((0.5, 0.5, 2.0))

@@ -1,0 +1,164 @@
+"""Volumes: 3-D TIFF (ZYX, ZCYX) and NIfTI files opened lazily in (Z, Y, X[, C]) order, their voxel
+spacing, a lazy (C, Z, Y, X) channel view, and whole-volume percentile ranges.
+
+Spacing is always (Z, Y, X) in the file's unit: from NIfTI pixdim, or from a TIFF's resolution
+tags (Y, X) and ImageJ `spacing` or OME `PhysicalSizeZ` (Z). A missing value is None, never a
+guess, so the caller decides (e.g. isotropic voxels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unetseg.io.files import TIFF_SUFFIXES, image_suffix
+from unetseg.io.images import DEFAULT_MAX_PIXELS, ImageReadError, check_pixels, read_image, to_channels
+from unetseg.io.nifti import NiftiVolume, is_nifti, open_nifti
+from unetseg.io.normalize import Normalization, value_range
+from unetseg.io.tiff import Calibration, _ratio, native, open_image, release_pages
+
+Spacing = tuple[float | None, float | None, float | None]  # (Z, Y, X)
+
+
+@dataclass
+class InputVolume:
+    """A volume opened for prediction or training.
+
+    voxels: (Z, Y, X) or (Z, Y, X, C), read lazily plane by plane (a memory map, a NIfTI proxy).
+    spacing: voxel size (Z, Y, X) in `unit`; an entry is None where the file does not say.
+    calibration: the TIFF pixel size written with TIFF outputs (Z spacing included).
+    nifti: the NIfTI input whose affine and header NIfTI outputs keep; None for TIFF inputs.
+    """
+
+    voxels: Any
+    spacing: Spacing = (None, None, None)
+    unit: str | None = None
+    calibration: Calibration = field(default_factory=Calibration)
+    nifti: NiftiVolume | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X)."""
+        return tuple(int(n) for n in self.voxels.shape[:3])
+
+
+def is_volume_file(path: str | Path) -> bool:
+    """True for a file that may hold a volume: NIfTI or TIFF (a TIFF may also be a 2-D image)."""
+    return is_nifti(path) or image_suffix(Path(path)) in TIFF_SUFFIXES
+
+
+def tiff_spacing(calibration: Calibration) -> Spacing:
+    """(Z, Y, X) voxel size in the calibration's unit; None where the TIFF does not say."""
+    y = x = None
+    if calibration.resolution is not None:
+        x, y = (1.0 / _ratio(value) if _ratio(value) else None for value in calibration.resolution)
+    return calibration.spacing, y, x
+
+
+def spacing_calibration(spacing: Spacing, unit: str | None = "micron") -> Calibration:
+    """The TIFF calibration of a voxel spacing (Z, Y, X): resolution in pixels per unit, ImageJ spacing.
+
+    Used to write TIFF outputs of NIfTI inputs, and synthetic volumes, with their voxel size.
+    """
+    z, y, x = spacing
+    resolution = (1.0 / x, 1.0 / y) if x and y else None
+    return Calibration(resolution, 1 if resolution else None, unit if resolution else None, z)
+
+
+def open_volume(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputVolume:
+    """Open a volume: a NIfTI file, or a TIFF read as a Z stack (ZYX, ZCYX/ZYXC through its ImageJ or OME axes).
+
+    A 2-D TIFF opens as a volume of one plane. Volumes whose header claims more than `max_pixels`
+    voxels are refused unread (None: no cap). Raises ImageReadError naming the file otherwise.
+    """
+    path = Path(path)
+    if is_nifti(path):
+        nifti = open_nifti(path)
+        check_pixels(path, nifti.voxels.shape, 1, max_pixels)
+        calibration = spacing_calibration(nifti.spacing, nifti.unit)
+        return InputVolume(nifti.voxels, nifti.spacing, nifti.unit, calibration, nifti)
+    if image_suffix(path) not in TIFF_SUFFIXES:
+        raise ImageReadError(f"{path}: a volume must be a TIFF stack or a NIfTI file (.nii, .nii.gz)")
+    image = open_image(path, max_pixels)
+    return InputVolume(image.planes, tiff_spacing(image.calibration), image.calibration.unit, image.calibration)
+
+
+def read_volume(path: str | Path) -> InputVolume:
+    """`open_volume` with the voxels read into memory in native byte order (training data)."""
+    volume = open_volume(path)
+    volume.voxels = np.ascontiguousarray(native(volume.voxels[:]))
+    return volume
+
+
+def read_volume_labels(path: str | Path) -> np.ndarray:
+    """A volume mask as (Z, Y, X) integers (int32 where they fit): binary, instance labels or class indices,
+    from a TIFF stack or NIfTI."""
+    path = Path(path)
+    return _volume_labels(
+        np.asarray(read_image(path) if not is_nifti(path) else native(open_nifti(path).voxels[:])), path
+    )
+
+
+def _volume_labels(mask: np.ndarray, path: Path) -> np.ndarray:
+    """A read volume mask checked, (Z, Y, X), its labels kept exact (int32 where they fit)."""
+    from unetseg.io.images import _exact_labels
+
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise ImageReadError(f"{path}: a volume mask must be (Z, Y, X); this one has shape {mask.shape}")
+    return _exact_labels(mask, path)
+
+
+def volume_to_channels(voxels: np.ndarray, in_channels: int, path: str | Path = "volume") -> np.ndarray:
+    """(Z, Y, X[, C]) -> (in_channels, Z, Y, X), converting channels as `to_channels` does for an image."""
+    depth, height, width = voxels.shape[:3]
+    flat = voxels.reshape((depth * height, width) + voxels.shape[3:])  # planes stacked: conversion is per voxel
+    return to_channels(flat, in_channels, path).reshape(in_channels, depth, height, width)
+
+
+class VolumeChannels:
+    """A lazy (in_channels, Z, Y, X) view of (Z, Y, X[, C]) voxels: `view[:, z0:z1]` reads and converts only
+    those planes (how the tiled engine reads a volume, slab by slab), releasing memory-mapped pages."""
+
+    def __init__(self, voxels: Any, in_channels: int, path: str | Path = "volume"):
+        self.voxels, self.in_channels, self.path = voxels, in_channels, path
+        self.shape = (in_channels, *(int(n) for n in voxels.shape[:3]))
+
+    def __getitem__(self, key) -> np.ndarray:
+        channels, planes = key
+        if channels != slice(None) or not isinstance(planes, slice):
+            raise IndexError("VolumeChannels supports only view[:, start:stop]")
+        start, stop, _ = planes.indices(self.shape[1])
+        slab = volume_to_channels(native(self.voxels[start:stop]), self.in_channels, self.path)
+        release_pages(self.voxels)
+        return slab
+
+    def iter_bands(self):
+        """(first row, band (C, Y, X)) per plane, rows counted over the planes stacked, for `value_range`."""
+        height = self.shape[2]
+        for z in range(self.shape[1]):
+            yield z * height, self[:, z : z + 1][:, 0]
+
+
+def volume_range(voxels: Any, in_channels: int, normalization: Normalization, path: str | Path = "volume"):
+    """The (low, high) percentile values of a whole volume (all channels), read plane by plane.
+
+    The one percentile rule (`value_range`) over the planes stacked as rows, so training and
+    prediction of a volume get the same range whatever holds the voxels.
+    """
+    view = VolumeChannels(voxels, in_channels, path)
+    channels, depth, height, width = view.shape
+    return value_range(view.iter_bands(), (channels, depth * height, width), normalization.low, normalization.high)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask of an image (H, W) or of a volume (Z, Y, X), integer labels kept exact: what `unetseg-evaluate`
+    scores. NIfTI files are volumes; anything else is read by `read_labels` (TIFF stacks included)."""
+    from unetseg.io.images import read_labels
+
+    path = Path(path)
+    return read_volume_labels(path) if is_nifti(path) else read_labels(path, stack=True)

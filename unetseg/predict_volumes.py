@@ -1,0 +1,206 @@
+"""Prediction of volumes (3-D TIFF stacks, NIfTI): files in, outputs out, geometry kept.
+
+A 3-D model predicts the whole volume in 3-D tiles, slab by slab along Z
+(`unetseg.inference.volume`), normalised with the percentiles of the whole volume as its
+training was; a 2-D model predicts a NIfTI volume plane by plane (each plane normalised by
+itself, as 2-D TIFF stacks are). Masks and probabilities of TIFF outputs are written slab by
+slab through a memory map; NIfTI outputs and instance labels (a 3-D watershed that needs the
+whole probability volume) are made in memory. NIfTI outputs keep the input's affine and
+header; TIFF outputs carry the voxel size (ImageJ spacing, OME PhysicalSizeZ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+from tqdm import tqdm
+
+from unetseg.inference import iter_predict_bands
+from unetseg.inference.postprocess import to_labels, to_mask_tensor
+from unetseg.inference.volume import iter_predict_slabs, per_axis
+from unetseg.io.files import image_suffix
+from unetseg.io.nifti import is_nifti, write_nifti
+from unetseg.io.normalize import ChannelBands, plane_range
+from unetseg.io.tiff import atomic_memmap, release_pages, write_tiff
+from unetseg.io.volumes import InputVolume, VolumeChannels, open_volume, volume_range
+from unetseg.spec import InputSpec
+
+__all__ = [
+    "VolumeTiling",
+    "model_spatial_dims",
+    "output_suffix",
+    "predict_volume",
+    "predict_volume_file",
+    "volume_output",
+]
+
+
+@dataclass(frozen=True)
+class VolumeTiling:
+    """3-D tiles of a 3-D model, one size per axis (Z, Y, X): thick-slice data want short tiles along Z.
+
+    Blend, batch size, padding, TTA and precision are those of the 2-D `TilingConfig`.
+    """
+
+    tile_size: tuple[int, int, int] = (16, 128, 128)
+    overlap: tuple[int, int, int] = (4, 32, 32)
+
+    def __post_init__(self):
+        tiles, overlaps = per_axis(self.tile_size, "volume tile_size"), per_axis(self.overlap, "volume overlap")
+        object.__setattr__(self, "tile_size", tiles)
+        object.__setattr__(self, "overlap", overlaps)
+        for size, margin in zip(tiles, overlaps):
+            if not 0 <= margin < size:
+                raise ValueError(f"volume overlap {overlaps} must be >= 0 and < tile_size {tiles} on every axis")
+
+
+def model_spatial_dims(model: nn.Module) -> int:
+    """3 for a volumetric network (`UNet(spatial_dims=3)`), else 2."""
+    return int(getattr(model, "spatial_dims", 2))
+
+
+def output_suffix(source: Path) -> str:
+    """The output suffix for an input: NIfTI stays NIfTI (.nii or .nii.gz as given), anything else is TIFF."""
+    return image_suffix(source) if is_nifti(source) else ".tif"
+
+
+def volume_output(settings) -> str:
+    """The one output kind a volume is written as; ValueError for what volumes do not support (yet):
+    several kinds at once, overlays, ROIs, measurements, OME-Zarr."""
+    kinds = tuple(getattr(settings, "kinds", (settings.output,)))
+    extras = [name for name in ("overlay", "rois", "measure") if getattr(settings, name, False)]
+    output_format = getattr(settings, "format", "tiff")
+    if len(kinds) != 1 or extras or output_format != "tiff":
+        asked = ", ".join([*kinds, *extras, *([output_format] if output_format != "tiff" else [])])
+        raise ValueError(f"a volume is written as one output (mask, prob or labels), TIFF or NIfTI; asked for {asked}")
+    return kinds[0]
+
+
+def _layout(output: str, classes: int) -> tuple[tuple[str, ...], np.dtype]:
+    """(axes after Z, dtype) of an output; probabilities of several classes get a C axis (ZCYX)."""
+    axes = ("C",) if output == "prob" and classes > 1 else ()
+    return axes, np.dtype({"mask": np.uint8, "prob": np.float32, "labels": np.uint32}[output])
+
+
+def _slabs(model, spec: InputSpec, volume: InputVolume, settings, path) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(z_start, z_stop, probs (classes, planes, Y, X)) over the volume, by a 3-D or a 2-D model; for
+    output "mask" the uint8 mask (planes, Y, X), thresholded on the device."""
+    tiling = settings.tiling
+    common = dict(batch_size=tiling.batch_size, blend=tiling.blend, pad_mode=tiling.pad_mode, tta=tiling.tta)
+    common.update(amp=tiling.amp, compile=tiling.compile)
+    if volume_output(settings) == "mask":  # thresholded on the device: uint8 slabs cross to the host
+        threshold = settings.label_options(spec)["threshold"]
+        common["band_transform"] = partial(_device_mask, spec=spec, threshold=threshold)
+    normalization = spec.normalization
+    if model_spatial_dims(model) == 3:
+        value_range = volume_range(volume.voxels, spec.in_channels, normalization, path)
+        volume_tiling = getattr(settings, "volume", None) or VolumeTiling()
+        yield from iter_predict_slabs(
+            model,
+            VolumeChannels(volume.voxels, spec.in_channels, path),
+            tile_size=volume_tiling.tile_size,
+            overlap=volume_tiling.overlap,
+            normalize=partial(normalization.apply, value_range=value_range),
+            **common,
+        )
+        return
+    for z in range(volume.shape[0]):  # a 2-D model: plane by plane, each normalised by itself
+        plane = volume.voxels[z]
+        value_range = plane_range(plane, spec.in_channels, normalization, path)
+        bands = iter_predict_bands(
+            model,
+            ChannelBands(plane, spec.in_channels, path),
+            tile_size=tiling.tile_size,
+            overlap=tiling.overlap,
+            normalize=partial(normalization.apply, value_range=value_range),
+            **common,
+        )
+        if volume_output(settings) == "mask":  # uint8 bands (rows, X)
+            yield z, z + 1, np.concatenate([band for _, _, band in bands], axis=0)[None]
+        else:
+            yield z, z + 1, np.concatenate([band for _, _, band in bands], axis=1)[:, None]
+
+
+def _device_mask(probs, spec: InputSpec, threshold: float):
+    """The uint8 mask of a slab (classes, planes, Y, X) of probabilities, computed where they are."""
+    if probs.shape[0] != spec.classes:
+        raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {spec.classes}")
+    return to_mask_tensor(probs, threshold, spec.targets)
+
+
+def predict_volume(
+    model: nn.Module,
+    spec: InputSpec,
+    volume: InputVolume,
+    settings,
+    out: Any,
+    path: str | Path = "volume",
+    on_planes: Callable[[int], Any] | None = None,
+) -> Any:
+    """Predict `volume` into `out`: (Z, Y, X) masks or labels, (Z, Y, X) or (Z, C, Y, X) probabilities.
+
+    `settings` is a `unetseg.predict.PredictSettings` (output, post-processing, tiling; its
+    `volume` tiling for 3-D models). Labels are made from the whole probability volume by the 3-D
+    watershed of `to_labels`, with the voxel spacing where the file gives all of it.
+    """
+    classes, output = spec.classes, volume_output(settings)
+    options = settings.label_options(spec)  # threshold, seed threshold, smallest object: stored or given
+    probs_volume = np.empty((classes, *volume.shape), np.float32) if output == "labels" else None
+    for start, stop, probs in _slabs(model, spec, volume, settings, path):
+        if output == "mask":
+            out[start:stop] = probs  # already the uint8 mask (planes, Y, X)
+        elif probs.shape[0] != classes:
+            raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {classes}")
+        elif probs_volume is not None:
+            probs_volume[:, start:stop] = probs
+        else:
+            out[start:stop] = probs[0] if classes == 1 else np.moveaxis(probs, 0, 1)
+        release_pages(out)
+        if on_planes is not None:
+            on_planes(stop - start)
+    if probs_volume is not None:
+        spacing = volume.spacing if all(volume.spacing) else None
+        out[...] = to_labels(probs_volume, spacing=spacing, **options)
+    return out
+
+
+def predict_volume_file(
+    model: nn.Module, spec: InputSpec, source: str | Path, target: str | Path, settings, progress: bool = False
+) -> int:
+    """Predict one volume file into `target` (NIfTI or TIFF, by its suffix); returns the voxels predicted.
+
+    NIfTI targets keep a NIfTI input's affine and header (only the data type changes); TIFF
+    targets carry the voxel size as ImageJ resolution and spacing (OME PhysicalSizeX/Y/Z for
+    uint32 labels).
+    """
+    source, target = Path(source), Path(target)
+    volume = open_volume(source, getattr(settings, "max_pixels", None))
+    depth, height, width = volume.shape
+    output = volume_output(settings)
+    extra_axes, dtype = _layout(output, spec.classes)
+    shape = (depth, *([spec.classes] if extra_axes else []), height, width)
+    axes = "Z" + "".join(extra_axes) + "YX"
+    with tqdm(total=depth, unit="plane", desc=source.name, leave=False, disable=None if progress else True) as bar:
+        if is_nifti(target) or output == "labels":
+            out = predict_volume(model, spec, volume, settings, np.zeros(shape, dtype), source, bar.update)
+            if output == "labels" and out.max(initial=0) < 2**16:
+                out = out.astype(np.uint16)
+            if is_nifti(target):
+                write_nifti(target, out, like=volume.nifti, spacing=_known(volume.spacing))
+            else:
+                write_tiff(target, out, **volume.calibration.tiff_kwargs(axes, out.dtype))
+        else:
+            with atomic_memmap(target, shape, dtype, **volume.calibration.tiff_kwargs(axes, dtype)) as out:
+                predict_volume(model, spec, volume, settings, out, source, bar.update)
+    return depth * height * width
+
+
+def _known(spacing) -> tuple[float, float, float]:
+    """A spacing with unknown entries as 1."""
+    return tuple(1.0 if value is None else float(value) for value in spacing)
