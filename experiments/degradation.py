@@ -101,14 +101,26 @@ def dice_score(net: nn.Module, tiles) -> float:
 def run_variant(block: str, norm: str, blocks_per_level: int, batches, val_tiles, args) -> dict:
     """Train one network on `batches` and measure it."""
     torch.manual_seed(0)
-    net = UNet(in_channels=1, classes=1, depth=args.depth, width=args.width, block=block, norm=norm,
-               blocks_per_level=blocks_per_level, layers=args.dense_layers)
+    net = UNet(
+        in_channels=1,
+        classes=1,
+        depth=args.depth,
+        width=args.width,
+        block=block,
+        norm=norm,
+        blocks_per_level=blocks_per_level,
+        layers=args.dense_layers,
+    )
     loss_fn = SegmentationLoss(classes=1)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    row = {"block": block, "norm": norm, "blocks_per_level": blocks_per_level,
-           "params": sum(p.numel() for p in net.parameters()),
-           "gflops_128": count_flops(net, 1) / 1e9,
-           "activation_mb_128": saved_activation_bytes(net, torch.zeros(1, 1, 128, 128)) / 2**20}
+    row = {
+        "block": block,
+        "norm": norm,
+        "blocks_per_level": blocks_per_level,
+        "params": sum(p.numel() for p in net.parameters()),
+        "gflops_128": count_flops(net, 1) / 1e9,
+        "activation_mb_128": saved_activation_bytes(net, torch.zeros(1, 1, 128, 128)) / 2**20,
+    }
     losses = []
     started = time.perf_counter()
     for image, target in batches:
@@ -118,9 +130,14 @@ def run_variant(block: str, norm: str, blocks_per_level: int, batches, val_tiles
         optimizer.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - started
-    finite = [value for value in losses[-args.last:] if np.isfinite(value)]
-    row.update(final_loss=float(np.mean(finite)) if finite else float("nan"), first_loss=losses[0],
-               losses=losses, steps_per_s=len(batches) / seconds, val_dice=dice_score(net, val_tiles))
+    finite = [value for value in losses[-args.last :] if np.isfinite(value)]
+    row.update(
+        final_loss=float(np.mean(finite)) if finite else float("nan"),
+        first_loss=losses[0],
+        losses=losses,
+        steps_per_s=len(batches) / seconds,
+        val_dice=dice_score(net, val_tiles),
+    )
     return row
 
 
@@ -132,8 +149,16 @@ def measure_speed(rows: list[dict], batches, args, steps: int = 8) -> None:
     """
     for row in rows:
         torch.manual_seed(0)
-        net = UNet(in_channels=1, classes=1, depth=args.depth, width=args.width, block=row["block"], norm=row["norm"],
-                   blocks_per_level=row["blocks_per_level"], layers=args.dense_layers)
+        net = UNet(
+            in_channels=1,
+            classes=1,
+            depth=args.depth,
+            width=args.width,
+            block=row["block"],
+            norm=row["norm"],
+            blocks_per_level=row["blocks_per_level"],
+            layers=args.dense_layers,
+        )
         loss_fn = SegmentationLoss(classes=1)
         optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
         for index, (image, target) in enumerate(batches[: steps + 2]):
@@ -148,13 +173,21 @@ def measure_speed(rows: list[dict], batches, args, steps: int = 8) -> None:
 def nested_cost(width: int = 32, depth: int = 4, tile_size: int = 256) -> list[dict]:
     """Parameters and FLOPs of concat vs nested (UNet++) skips, and dense blocks, at the default size."""
     rows = []
-    for name, kwargs in [("concat", {}), ("nested", dict(skip="nested")),
-                         ("nested + deep supervision (eval)", dict(skip="nested", deep_supervision=True)),
-                         ("concat, dense blocks", dict(block="dense")),
-                         ("concat, residual blocks", dict(block="residual"))]:
+    for name, kwargs in [
+        ("concat", {}),
+        ("nested", dict(skip="nested")),
+        ("nested + deep supervision (eval)", dict(skip="nested", deep_supervision=True)),
+        ("concat, dense blocks", dict(block="dense")),
+        ("concat, residual blocks", dict(block="residual")),
+    ]:
         net = UNet(depth=depth, width=width, **kwargs)
-        rows.append({"variant": name, "params": sum(p.numel() for p in net.parameters()),
-                     "gflops": count_flops(net, 1, tile_size) / 1e9})
+        rows.append(
+            {
+                "variant": name,
+                "params": sum(p.numel() for p in net.parameters()),
+                "gflops": count_flops(net, 1, tile_size) / 1e9,
+            }
+        )
     return rows
 
 
@@ -164,8 +197,9 @@ def plot(rows: list[dict], out: Path) -> Path:
     colours = {"plain": "tab:blue", "residual": "tab:orange", "dense": "tab:green"}
     for block, colour in colours.items():
         for norm, style in (("batch", "-"), ("none", "--")):
-            runs = sorted((r for r in rows if r["block"] == block and r["norm"] == norm),
-                          key=lambda r: r["blocks_per_level"])
+            runs = sorted(
+                (r for r in rows if r["block"] == block and r["norm"] == norm), key=lambda r: r["blocks_per_level"]
+            )
             if not runs:
                 continue
             x = [r["blocks_per_level"] for r in runs]
@@ -214,27 +248,37 @@ def write_report(path: Path, result: dict) -> None:
     for r in rows:
         convs = 2 * r["blocks_per_level"] * (2 * args["depth"] + 1)
         cpu = f"{r['cpu_ms_per_step']:.0f}" if "cpu_ms_per_step" in r else "—"
-        lines.append(f"| {r['block']} | {r['norm']} | {r['blocks_per_level']} | {convs} | {r['final_loss']:.3f} | "
-                     f"{r['val_dice']:.3f} | {r['params'] / 1e3:.0f} k | {r['gflops_128']:.3f} | "
-                     f"{r['activation_mb_128']:.1f} | {cpu} | {r['steps_per_s']:.2f} |")
-    lines += ["", "![loss and Dice against depth](degradation.png)", "",
-              "## What nested (UNet++) skips and dense blocks cost",
-              "",
-              "Default-size U-Net (depth 4, width 32, one input channel and class), one 256x256 tile, counted with "
-              "`torch.utils.flop_counter`:",
-              "",
-              "| variant | params | GFLOPs / 256² | vs concat (params, FLOPs) |", "|---|---|---|---|"]
+        lines.append(
+            f"| {r['block']} | {r['norm']} | {r['blocks_per_level']} | {convs} | {r['final_loss']:.3f} | "
+            f"{r['val_dice']:.3f} | {r['params'] / 1e3:.0f} k | {r['gflops_128']:.3f} | "
+            f"{r['activation_mb_128']:.1f} | {cpu} | {r['steps_per_s']:.2f} |"
+        )
+    lines += [
+        "",
+        "![loss and Dice against depth](degradation.png)",
+        "",
+        "## What nested (UNet++) skips and dense blocks cost",
+        "",
+        "Default-size U-Net (depth 4, width 32, one input channel and class), one 256x256 tile, counted with "
+        "`torch.utils.flop_counter`:",
+        "",
+        "| variant | params | GFLOPs / 256² | vs concat (params, FLOPs) |",
+        "|---|---|---|---|",
+    ]
     base = result["nested_cost"][0]
     for r in result["nested_cost"]:
-        lines.append(f"| {r['variant']} | {r['params'] / 1e6:.2f} M | {r['gflops']:.2f} | "
-                     f"{r['params'] / base['params']:.2f}x, {r['gflops'] / base['gflops']:.2f}x |")
+        lines.append(
+            f"| {r['variant']} | {r['params'] / 1e6:.2f} M | {r['gflops']:.2f} | "
+            f"{r['params'] / base['params']:.2f}x, {r['gflops'] / base['gflops']:.2f}x |"
+        )
     lines += ["", "## Reading", "", result.get("reading", "(to be written after the run)"), ""]
     path.write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="degradation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="degradation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default="../shared/data/dsb2018", help="folder with images/ and masks/")
     parser.add_argument("--out", default="reports", help="report folder")
     parser.add_argument("--steps", type=int, default=150, help="training steps per run (same for all)")
@@ -252,8 +296,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks-per-level", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from degradation.json")
-    parser.add_argument("--speed-only", action="store_true",
-                        help="add CPU ms per step to the rows of an existing degradation.json, then rewrite the report")
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="add CPU ms per step to the rows of an existing degradation.json, then rewrite the report",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
@@ -264,10 +311,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     command = "OMP_NUM_THREADS=1 python -m experiments.degradation " + " ".join(sys.argv[1:] if argv is None else argv)
     started = time.time()
-    data = SegmentationDataModule(root=args.data, in_channels=1, targets="foreground", tile_size=args.tile_size,
-                                  val_tile_size=args.val_tile_size, batch_size=args.batch_size,
-                                  tiles_per_epoch=args.batch_size * args.steps, num_workers=0, seed=0,
-                                  augmentation=Augmentation())
+    data = SegmentationDataModule(
+        root=args.data,
+        in_channels=1,
+        targets="foreground",
+        tile_size=args.tile_size,
+        val_tile_size=args.val_tile_size,
+        batch_size=args.batch_size,
+        tiles_per_epoch=args.batch_size * args.steps,
+        num_workers=0,
+        seed=0,
+        augmentation=Augmentation(),
+    )
     data.setup("fit")
     batches, val_tiles = draw_batches(data, args.steps), validation_tiles(data, args.val_tiles)
     log.info("data ready in %.0f s: %d batches, %d val tiles", time.time() - started, len(batches), len(val_tiles))
@@ -277,17 +332,30 @@ def main(argv: list[str] | None = None) -> None:
         result["command"] += f" && {command.strip()}"
         finish(result, out)
         return
-    result = {"command": command.strip(), "args": vars(args), "rows": [], "train_images": len(data.split["train"]),
-              "val_images": len(data.split["val"]), "val_tiles": len(val_tiles),
-              "machine": f"{platform.machine()} with {os.cpu_count()} CPU cores ({args.threads} torch thread(s)), "
-                         f"torch {torch.__version__}, no GPU"}
+    result = {
+        "command": command.strip(),
+        "args": vars(args),
+        "rows": [],
+        "train_images": len(data.split["train"]),
+        "val_images": len(data.split["val"]),
+        "val_tiles": len(val_tiles),
+        "machine": f"{platform.machine()} with {os.cpu_count()} CPU cores ({args.threads} torch thread(s)), "
+        f"torch {torch.__version__}, no GPU",
+    }
     for block in args.blocks:
         for norm in args.norms:
             for blocks_per_level in args.blocks_per_level:
                 row = run_variant(block, norm, blocks_per_level, batches, val_tiles, args)
                 result["rows"].append(row)
-                log.info("%s norm=%s blocks/level=%d: loss %.3f dice %.3f, %.2f steps/s", block, norm,
-                         blocks_per_level, row["final_loss"], row["val_dice"], row["steps_per_s"])
+                log.info(
+                    "%s norm=%s blocks/level=%d: loss %.3f dice %.3f, %.2f steps/s",
+                    block,
+                    norm,
+                    blocks_per_level,
+                    row["final_loss"],
+                    row["val_dice"],
+                    row["steps_per_s"],
+                )
                 result["seconds"] = time.time() - started
                 (out / "degradation.json").write_text(json.dumps(result, indent=1))  # partial results survive
     result["nested_cost"] = nested_cost()

@@ -1,6 +1,6 @@
 """Slim a training checkpoint into shippable weights:
 
-    python scripts/ship_weights.py BEST.ckpt unetseg/weights/nuclei.ckpt
+python scripts/ship_weights.py BEST.ckpt unetseg/weights/nuclei.ckpt
 """
 
 import sys

@@ -33,14 +33,17 @@ def test_dense_block_channel_arithmetic():
     assert decoder(x).shape == (2, 8, 9, 11)
 
 
-@pytest.mark.parametrize("norm, keep_input, expected", [
-    # Layer 0: BN(4) 2*4 + conv 3x3 4->2 4*2*9;  layer 1: BN(6) 2*6 + conv 3x3 6->2 6*2*9;
-    # transition: conv 1x1 (4 + 2*2 = 8)->8 8*8 + BN(8) 2*8.
-    ("batch", True, 8 + 72 + 12 + 108 + 64 + 16),  # 280
-    ("batch", False, 8 + 72 + 12 + 108 + 4 * 8 + 16),  # transition 4->8: 248
-    # No norm: no norm parameters, every convolution has a bias: 72+2, 108+2, 64+8.
-    ("none", True, 74 + 110 + 72),  # 256
-])
+@pytest.mark.parametrize(
+    "norm, keep_input, expected",
+    [
+        # Layer 0: BN(4) 2*4 + conv 3x3 4->2 4*2*9;  layer 1: BN(6) 2*6 + conv 3x3 6->2 6*2*9;
+        # transition: conv 1x1 (4 + 2*2 = 8)->8 8*8 + BN(8) 2*8.
+        ("batch", True, 8 + 72 + 12 + 108 + 64 + 16),  # 280
+        ("batch", False, 8 + 72 + 12 + 108 + 4 * 8 + 16),  # transition 4->8: 248
+        # No norm: no norm parameters, every convolution has a bias: 72+2, 108+2, 64+8.
+        ("none", True, 74 + 110 + 72),  # 256
+    ],
+)
 def test_dense_block_parameter_count_by_hand(norm, keep_input, expected):
     block = DenseBlock(4, 8, norm=norm, growth=2, layers=2, keep_input=keep_input)
     assert count_parameters(block) == expected

@@ -93,8 +93,7 @@ def test_depth_and_width_set_the_channel_ladder():
 def decoder_block_inputs(net: UNet, image: torch.Tensor) -> list[int]:
     """Channels entering each decoder block, recorded with forward pre-hooks."""
     seen = []
-    handles = [up.block.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
-               for up in net.up]
+    handles = [up.block.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1])) for up in net.up]
     net(image)
     for handle in handles:
         handle.remove()
@@ -116,8 +115,10 @@ def test_skip_none_ignores_encoder_features():
         net.eval()
         with torch.no_grad():
             plain = net(image)
-            handles = [up.register_forward_pre_hook(lambda module, args: (args[0], 50 * torch.randn_like(args[1])))
-                       for up in net.up]
+            handles = [
+                up.register_forward_pre_hook(lambda module, args: (args[0], 50 * torch.randn_like(args[1])))
+                for up in net.up
+            ]
             perturbed = net(image)
             for handle in handles:
                 handle.remove()
@@ -160,12 +161,15 @@ def test_bad_arguments_name_option_and_choices(kwargs, words):
         assert word in str(error.value)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(skip="add", block="residual", norm="group", upsample="bilinear", dropout=0.1),
-    dict(skip="nested", block="dense", growth=3, layers=2, blocks_per_level=2, deep_supervision=True),
-    dict(spatial_dims=3, pool=[[1, 2, 2], 2], block="dense", norm="instance"),
-    dict(spatial_dims=3, spacing=[4.0, 1.0, 1.0], skip="nested"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(skip="add", block="residual", norm="group", upsample="bilinear", dropout=0.1),
+        dict(skip="nested", block="dense", growth=3, layers=2, blocks_per_level=2, deep_supervision=True),
+        dict(spatial_dims=3, pool=[[1, 2, 2], 2], block="dense", norm="instance"),
+        dict(spatial_dims=3, spacing=[4.0, 1.0, 1.0], skip="nested"),
+    ],
+)
 def test_config_rebuilds_the_same_architecture(kwargs):
     net = UNet(in_channels=3, classes=2, depth=2, width=4, **kwargs)
     assert set(net.config) == set(inspect.signature(UNet).parameters)  # every argument is recorded
@@ -179,9 +183,15 @@ def test_default_state_dict_keys_are_those_of_old_checkpoints():
     lines = "\n".join(f"{key} {tuple(value.shape)}" for key, value in UNet().state_dict().items())
     assert len(UNet().state_dict()) == 118
     assert hashlib.sha256(lines.encode()).hexdigest() == (
-        "9c64b21f69bd57a5bce115141470564a2617920cf2aa2e6d832c355fc7106534")
-    assert {"stem.body.0.weight", "down.3.1.body.4.weight", "up.0.up.weight", "up.3.block.body.5.running_var",
-            "head.weight"} <= set(UNet().state_dict())
+        "9c64b21f69bd57a5bce115141470564a2617920cf2aa2e6d832c355fc7106534"
+    )
+    assert {
+        "stem.body.0.weight",
+        "down.3.1.body.4.weight",
+        "up.0.up.weight",
+        "up.3.block.body.5.running_var",
+        "head.weight",
+    } <= set(UNet().state_dict())
 
 
 def test_shipped_checkpoint_from_before_the_new_arguments_loads_strictly():
@@ -261,6 +271,7 @@ def block_inputs(blocks: list[torch.nn.Module], run) -> list[int]:
     def recorder(index: int):
         def hook(module, args):
             seen[index] = args[0].shape[1]
+
         return hook
 
     handles = [b.register_forward_pre_hook(recorder(i)) for i, b in enumerate(blocks)]
@@ -312,8 +323,10 @@ def test_3d_every_skip_and_block_gives_volume_logits_and_gradients(skip, block):
         assert net.eval()(torch.randn(1, 2, 1, 3, 2)).shape == (1, 3, 1, 3, 2)  # tiny volumes too
 
 
-@pytest.mark.parametrize("norm, norm_type", [("batch", torch.nn.BatchNorm3d), ("instance", torch.nn.InstanceNorm3d),
-                                             ("group", torch.nn.GroupNorm)])
+@pytest.mark.parametrize(
+    "norm, norm_type",
+    [("batch", torch.nn.BatchNorm3d), ("instance", torch.nn.InstanceNorm3d), ("group", torch.nn.GroupNorm)],
+)
 @pytest.mark.parametrize("upsample", UPSAMPLES)
 def test_3d_norms_and_upsampling(norm, norm_type, upsample):
     net = UNet(spatial_dims=3, norm=norm, upsample=upsample, blocks_per_level=2, **TINY)
@@ -337,15 +350,18 @@ def test_anisotropic_pool_gives_the_expected_bottleneck():
     assert bottleneck == [(1, 16, 5, 10, 6)]
 
 
-@pytest.mark.parametrize("spacing, depth, expected", [
-    # (5, 1, 1): z is coarser than 2x the finest (1) until y, x reach 4 after two poolings.
-    ((5, 1, 1), 4, [[1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]),  # spacings (5,2,2) (5,4,4) (10,8,8) (20,16,16)
-    ((3, 1, 1), 3, [[1, 2, 2], [2, 2, 2], [2, 2, 2]]),  # (3,2,2): 3 <= 4, so z joins at the second level
-    ((2, 1, 1), 2, [[2, 2, 2], [2, 2, 2]]),  # 2 <= 2 * 1: isotropic enough from the start
-    ((1, 1, 1), 2, [[2, 2, 2], [2, 2, 2]]),
-    ((1, 3), 3, [[2, 1], [2, 2], [2, 2]]),  # 2-D: (2, 3), then 3 <= 4
-    ((0.5, 0.5, 2.5), 3, [[2, 2, 1], [2, 2, 1], [2, 2, 2]]),  # (1, 1, 2.5): 2.5 > 2; (2, 2, 2.5): 2.5 <= 4
-])
+@pytest.mark.parametrize(
+    "spacing, depth, expected",
+    [
+        # (5, 1, 1): z is coarser than 2x the finest (1) until y, x reach 4 after two poolings.
+        ((5, 1, 1), 4, [[1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]),  # spacings (5,2,2) (5,4,4) (10,8,8) (20,16,16)
+        ((3, 1, 1), 3, [[1, 2, 2], [2, 2, 2], [2, 2, 2]]),  # (3,2,2): 3 <= 4, so z joins at the second level
+        ((2, 1, 1), 2, [[2, 2, 2], [2, 2, 2]]),  # 2 <= 2 * 1: isotropic enough from the start
+        ((1, 1, 1), 2, [[2, 2, 2], [2, 2, 2]]),
+        ((1, 3), 3, [[2, 1], [2, 2], [2, 2]]),  # 2-D: (2, 3), then 3 <= 4
+        ((0.5, 0.5, 2.5), 3, [[2, 2, 1], [2, 2, 1], [2, 2, 2]]),  # (1, 1, 2.5): 2.5 > 2; (2, 2, 2.5): 2.5 <= 4
+    ],
+)
 def test_pool_schedule_by_hand(spacing, depth, expected):
     assert pool_schedule(spacing, depth) == expected
 
