@@ -25,12 +25,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from unetseg.inference import predict_tiled
 from unetseg.inference.postprocess import to_labels
-from unetseg.io import Normalization, read_image, read_labels, to_channels
+from unetseg.io import Normalization, find_pairs, pair_name, read_image, read_labels, to_channels
 from unetseg.metrics import segmentation_scores, summarize
 from unetseg.models import SMPUnet, UNet
 from unetseg.training.augment import Augmentation
 from unetseg.training.callbacks import read_metrics
-from unetseg.training.data import SegmentationDataModule, find_pairs, pair_name
+from unetseg.training.data import SegmentationDataModule
 from unetseg.training.module import SegmentationModule
 
 matplotlib.use("Agg")

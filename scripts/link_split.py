@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from unetseg.training.data import find_pairs, pair_name
+from unetseg.io import find_pairs, pair_name
 
 
 def main() -> None:

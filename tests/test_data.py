@@ -11,9 +11,9 @@ from conftest import write_pair
 from lightning.pytorch.loggers import CSVLogger
 from skimage import io as skio
 
-from unetseg.io import ImageReadError, Normalization
+from unetseg.io import ImageReadError, Normalization, find_pairs
 from unetseg.training.augment import Augmentation, build_transform
-from unetseg.training.data import SegmentationDataModule, TileDataset, find_pairs, load_sample, make_target, tile_grid
+from unetseg.training.data import SegmentationDataModule, TileDataset, load_sample, make_target, tile_grid
 from unetseg.training.targets import border_weight_map, weight_radius
 
 SPATIAL_ONLY = Augmentation(

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from unetseg.io import ImageReadError, Normalization, read_image, read_labels, to_channels
-from unetseg.training.data import Sample, find_pairs, foreground_coordinates
+from unetseg.io import ImageReadError, Normalization, find_pairs, read_image, read_labels, to_channels
+from unetseg.training.data import Sample, foreground_coordinates
 
 
 @dataclass

@@ -13,12 +13,11 @@ import numpy as np
 from unetseg.checkpoint import CheckpointError, load_predictor, resolve_model, store_postprocess
 from unetseg.inference.postprocess import label_settings, to_labels
 from unetseg.inference.tiling import TilingConfig
-from unetseg.io import read_image, to_channels
+from unetseg.io import find_pairs, pair_name, read_image, to_channels
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.metrics import instance_scores
 from unetseg.modality import image_features, modality_names
 from unetseg.predict import PredictSettings
-from unetseg.training.data import find_pairs, pair_name
 from unetseg.tune import SEARCH_GRID, predict_probabilities, tune_postprocess
 
 log = logging.getLogger("unetseg.cli.tune")

@@ -7,8 +7,10 @@ from unetseg.io.files import (
     DuplicateNameError,
     atomic_output,
     find_images,
+    find_pairs,
     image_key,
     is_image_file,
+    pair_name,
 )
 from unetseg.io.images import ImageReadError, read_image, read_labels, to_channels
 from unetseg.io.normalize import Normalization, plane_range, value_range
@@ -24,9 +26,11 @@ __all__ = [
     "Normalization",
     "atomic_output",
     "find_images",
+    "find_pairs",
     "image_key",
     "is_image_file",
     "open_image",
+    "pair_name",
     "plane_range",
     "read_calibration",
     "read_image",

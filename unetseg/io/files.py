@@ -151,3 +151,31 @@ def atomic_output(path: str | Path, suffix: str = ".tmp.tif") -> Iterator[Path]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def find_pairs(root: str | Path, images: str = "images", masks: str = "masks") -> list[tuple[Path, Path]]:
+    """Image/mask file pairs under root/images and root/masks, matched by relative path and stem.
+
+    Raises ValueError naming every image without a mask, mask without an image, or duplicate
+    stem, and when nothing is found.
+    """
+    root = Path(root)
+    image_dir, mask_dir = root / images, root / masks
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: folder not found (expected {root}/{images} and {root}/{masks})")
+    image_files, mask_files = find_images(image_dir), find_images(mask_dir)
+    if not image_files:
+        raise ValueError(f"{image_dir}: no image files found (looked for .tif, .tiff, .png, .jpg)")
+    problems = [f"{image_files[key]}: no mask in {mask_dir}" for key in sorted(image_files.keys() - mask_files.keys())]
+    problems += [
+        f"{mask_files[key]}: no image in {image_dir}" for key in sorted(mask_files.keys() - image_files.keys())
+    ]
+    if problems:
+        raise ValueError("images and masks do not pair up by name:\n  " + "\n  ".join(problems))
+    return [(image_files[key], mask_files[key]) for key in sorted(image_files)]
+
+
+def pair_name(image_path: Path, image_dir: Path) -> str:
+    """A pair's name: its path under the images folder, without suffix (`sub/cell_01`)."""
+    return image_key(image_path, image_dir)

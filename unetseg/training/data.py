@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from unetseg.io import ImageReadError, Normalization, find_images, image_key, read_image, read_labels, to_channels
+from unetseg.io import ImageReadError, Normalization, find_pairs, pair_name, read_image, read_labels, to_channels
 from unetseg.io.normalize import count_non_finite, warn_non_finite
 from unetseg.metrics import as_instances
 from unetseg.modality import cluster_weights, image_features, modality_names
@@ -37,34 +37,6 @@ class Sample:
     value_range: tuple[float, float]
     foreground: np.ndarray  # (K, 2) coordinates of foreground pixels, subsampled
     stored_channels: int = 0  # channels of the file (alpha dropped), before conversion to in_channels
-
-
-def find_pairs(root: str | Path, images: str = "images", masks: str = "masks") -> list[tuple[Path, Path]]:
-    """Image/mask file pairs under root/images and root/masks, matched by relative path and stem.
-
-    Raises ValueError naming every image without a mask, mask without an image, or duplicate
-    stem, and when nothing is found.
-    """
-    root = Path(root)
-    image_dir, mask_dir = root / images, root / masks
-    for folder in (image_dir, mask_dir):
-        if not folder.is_dir():
-            raise ValueError(f"{folder}: folder not found (expected {root}/{images} and {root}/{masks})")
-    image_files, mask_files = find_images(image_dir), find_images(mask_dir)
-    if not image_files:
-        raise ValueError(f"{image_dir}: no image files found (looked for .tif, .tiff, .png, .jpg)")
-    problems = [f"{image_files[key]}: no mask in {mask_dir}" for key in sorted(image_files.keys() - mask_files.keys())]
-    problems += [
-        f"{mask_files[key]}: no image in {image_dir}" for key in sorted(mask_files.keys() - image_files.keys())
-    ]
-    if problems:
-        raise ValueError("images and masks do not pair up by name:\n  " + "\n  ".join(problems))
-    return [(image_files[key], mask_files[key]) for key in sorted(image_files)]
-
-
-def pair_name(image_path: Path, image_dir: Path) -> str:
-    """A pair's name: its path under the images folder, without suffix (`sub/cell_01`)."""
-    return image_key(image_path, image_dir)
 
 
 def load_sample(
