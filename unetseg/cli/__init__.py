@@ -12,7 +12,7 @@ COMMANDS = {
     "predict": ("unetseg.cli.predict", "segment image files or folders with a trained model"),
     "evaluate": ("unetseg.cli.evaluate", "score predicted masks against ground truth"),
     "tune": ("unetseg.cli.tune", "search a model's instance post-processing on annotated images, store it"),
-    "export": ("unetseg.cli.export", "export a checkpoint to ONNX"),
+    "export": ("unetseg.cli.export", "export a checkpoint to ONNX or a bioimage.io model package"),
     "demo": ("unetseg.cli.demo", "train on the embedded dataset, predict, print where everything is"),
 }
 
