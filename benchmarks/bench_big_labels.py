@@ -19,11 +19,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import tifffile
+from peak import CHILD_ENV, child_peak_mb  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 PATTERN = 480  # side of the repeated pattern of nuclei
@@ -80,20 +80,6 @@ def write_inputs(work: Path, size: int) -> tuple[Path, Path]:
     return tiff, store
 
 
-def child_peak_mb(command: list[str]) -> tuple[float, float, str]:
-    """Run a command under GNU time; (its own peak RSS in MB, seconds, the last line it printed)."""
-    started = time.perf_counter()
-    env = {"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", *command], capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    peak_kb = int(next(line for line in lines if line.startswith("PEAK_KB")).split()[1])
-    last = [line for line in lines if not line.startswith("PEAK_KB")]
-    return peak_kb / 1024, seconds, last[-1] if last else ""
-
-
 def train_checkpoint(work: Path) -> Path:
     """A tiny U-Net trained for 6 epochs on the embedded synthetic nuclei (a few minutes on a CPU)."""
     checkpoint = work / "tiny" / "checkpoints" / "best.ckpt"
@@ -119,7 +105,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     tiff, store = write_inputs(work, args.size)
     checkpoint = args.checkpoint or train_checkpoint(work)
-    floor, _, _ = child_peak_mb([sys.executable, "-c", "import torch; torch.zeros(1)"])
+    floor, _, _ = child_peak_mb(
+        [sys.executable, "-c", "import torch; torch.zeros(1)"], CHILD_ENV | {"PYTHONPATH": str(REPO)}
+    )
     predict = [sys.executable, "-m", "unetseg", "predict"]
     options = ["--checkpoint", str(checkpoint), "--output", "labels"]
     runs = {
@@ -133,7 +121,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, (arguments, output) in runs.items():
         shutil.rmtree(store / "labels", ignore_errors=True)
-        peak, seconds, summary = child_peak_mb(predict + arguments + options)
+        peak, seconds, summary = child_peak_mb(predict + arguments + options, CHILD_ENV | {"PYTHONPATH": str(REPO)})
         if output.suffix == ".tif":
             objects = int(tifffile.memmap(output, mode="r").max())
         else:
