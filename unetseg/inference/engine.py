@@ -185,7 +185,7 @@ class _BandPredictor:
             xs = [int(cols.starts[j]) for _, j in batch]
             probs = self.forward(torch.stack([band[:, y : y + size, x : x + size] for y, x in zip(ys, xs)]))
             if total is None or total.shape[1] < bottom - top:
-                total = self._grow(total, probs.shape[1], bottom - top)
+                total = grow_sum(total, (probs.shape[1], bottom - top, self.cols.padded_length), self.device)
             row_w = self.row_weights[[i for i, _ in batch]]  # (N, T)
             col_w = self.col_weights[[j for _, j in batch]]
             windows = row_w[:, :, None] * col_w[:, None, :]  # (N, T, T), separable blend weights
@@ -193,14 +193,16 @@ class _BandPredictor:
                 total[:, y : y + size, x : x + size].addcmul_(tile_probs, window)
         return total
 
-    def _grow(self, total: torch.Tensor | None, classes: int, height: int) -> torch.Tensor:
-        """A zeroed (classes, height, padded W) sum holding `total` (the carried rows) at the top."""
-        grown = torch.zeros((classes, height, self.cols.padded_length), dtype=torch.float32, device=self.device)
-        if total is not None:
-            if total.shape[0] != classes:
-                raise ValueError(f"the model returned {classes} classes for one band and {total.shape[0]} for another")
-            grown[:, : total.shape[1]] = total
-        return grown
+
+def grow_sum(total: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A zeroed float32 weighted sum of `shape` (classes, rows or planes, ...) holding `total`, the part
+    carried over from the previous band or slab, at the top."""
+    grown = torch.zeros(shape, dtype=torch.float32, device=device)
+    if total is not None:
+        if total.shape[0] != shape[0]:
+            raise ValueError(f"the model returned {shape[0]} classes for one band and {total.shape[0]} for another")
+        grown[:, : total.shape[1]] = total
+    return grown
 
 
 def iter_predict_bands(

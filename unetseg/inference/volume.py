@@ -28,6 +28,7 @@ from unetseg.inference.engine import (
     _plan_axis,
     _take,
     autocast_dtype,
+    grow_sum,
     pinned_transfer,
     select_device,
     to_host,
@@ -96,22 +97,13 @@ class _SlabPredictor:
                 torch.stack([slab[:, z : z + size_z, y : y + size_y, x : x + size_x] for z, y, x in corners])
             )
             if total is None or total.shape[1] < bottom - top:
-                total = self._grow(total, probs.shape[1], bottom - top)
+                shape = (probs.shape[1], bottom - top, self.plans[1].padded_length, self.plans[2].padded_length)
+                total = grow_sum(total, shape, self.device)
             for tile_probs, (k, i, j), (z, y, x) in zip(probs, batch, corners):
                 window = self.weights[0][k][:, None, None] * self.weights[1][i][None, :, None]
                 window = window * self.weights[2][j][None, None, :]  # separable blend weights
                 total[:, z : z + size_z, y : y + size_y, x : x + size_x].addcmul_(tile_probs, window)
         return total
-
-    def _grow(self, total: torch.Tensor | None, classes: int, planes: int) -> torch.Tensor:
-        """A zeroed (classes, planes, padded Y, padded X) sum holding `total` (the carried planes) at the top."""
-        shape = (classes, planes, self.plans[1].padded_length, self.plans[2].padded_length)
-        grown = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        if total is not None:
-            if total.shape[0] != classes:
-                raise ValueError(f"the model returned {classes} classes for one slab and {total.shape[0]} for another")
-            grown[:, : total.shape[1]] = total
-        return grown
 
 
 def iter_predict_slabs(
