@@ -119,9 +119,6 @@ class MetricsHistory(pl.Callback):
             plot_curves(metrics_csv, Path(logger.log_dir) / "curves.png")
 
 
-SaveCurves = MetricsHistory  # the name configs written before the resumable history used
-
-
 class FinalCheckpoint(pl.Callback):
     """Write `last.ckpt` when training ends, so it holds the final step rather than the last periodic save."""
 
