@@ -7,7 +7,7 @@ import pytest
 import tifffile
 import torch
 
-import unetseg.inference.precision
+import unetseg.precision
 import unetseg.synthetic
 from unetseg.cli.train import main as train_main
 from unetseg.synthetic import make_nuclei_dataset
@@ -20,7 +20,7 @@ CONFIGS = REPO / "configs"
 def float32_by_default():
     """The suite gives the same numbers on every CPU: automatic precision is float32 unless a test turns bf16 on."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(unetseg.inference.precision, "cpu_has_native_bf16", lambda: False)
+        patch.setattr(unetseg.precision, "cpu_has_native_bf16", lambda: False)
         yield
 
 

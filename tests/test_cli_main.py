@@ -1,5 +1,6 @@
 """`python -m unetseg` dispatch, packaged configs by name, and the layout rules of the package."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,45 @@ def test_prediction_path_imports_no_training_stack():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def unetseg_imports(path: Path) -> set[str]:
+    """The unetseg modules a source file imports (absolute imports, as the package writes them)."""
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("unetseg"):
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith("unetseg"))
+    return names
+
+
+@pytest.mark.parametrize(
+    ("layer", "forbidden"),
+    [
+        ("io", ("unetseg.training", "unetseg.inference", "unetseg.cli", "unetseg.models")),
+        ("models", ("unetseg.training", "unetseg.inference", "unetseg.cli", "unetseg.io")),
+        ("inference", ("unetseg.training", "unetseg.cli")),
+        # training validates with the instance post-processing, and nothing else of prediction
+        ("training", ("unetseg.cli", "unetseg.inference")),
+    ],
+)
+def test_imports_flow_one_way(layer, forbidden):
+    allowed = ("unetseg.inference.postprocess",)
+    offenders = {
+        str(path.relative_to(REPO)): sorted(
+            name for name in unetseg_imports(path) if name.startswith(forbidden) and not name.startswith(allowed)
+        )
+        for path in (REPO / "unetseg" / layer).rglob("*.py")
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_leaf_modules_import_no_unetseg_layer_above_them():
+    for leaf in ("spec.py", "precision.py", "logs.py"):
+        names = unetseg_imports(REPO / "unetseg" / leaf)
+        assert not any(name.startswith(("unetseg.training", "unetseg.inference", "unetseg.cli")) for name in names), (
+            leaf
+        )

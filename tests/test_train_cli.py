@@ -267,8 +267,8 @@ def test_fit_help_lists_unetseg_networks_not_torch_nn(capsys):
     ],
 )
 def test_precision_is_chosen_per_machine_unless_the_config_sets_it(monkeypatch, native, config, expected):
+    from unetseg import precision
     from unetseg.cli.train import automatic_precision
-    from unetseg.inference import precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

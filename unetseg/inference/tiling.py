@@ -47,7 +47,7 @@ class TilingConfig:
         pad_mode: "reflect", "symmetric" or "edge" padding of the borders (as `numpy.pad`).
         tta: average the probabilities of the 8 flips and quarter turns of each tile.
         amp: autocast (bfloat16, or float16 on GPUs without it); None decides per device: on
-            for CUDA and for CPUs with native bfloat16 (`unetseg.inference.precision`).
+            for CUDA and for CPUs with native bfloat16 (`unetseg.precision`).
         compile: run the network through `torch.compile` (off: on the CPU it measured no gain
             worth its compile time; see BENCHMARKS.md).
     """

@@ -23,9 +23,9 @@ from unetseg.checkpoint import (
     resolve_model,
 )
 from unetseg.inference.postprocess import to_labels
-from unetseg.inference.precision import channels_last
 from unetseg.metrics import instance_scores
 from unetseg.models import UNet, build_net, describe_net
+from unetseg.precision import channels_last
 from unetseg.spec import InputSpec
 from unetseg.training.losses import SegmentationLoss
 
