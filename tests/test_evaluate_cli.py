@@ -199,3 +199,17 @@ def test_pq_aji_and_scores_by_modality(tmp_path, capsys):
     assert by_modality["fluorescence"]["pq"] == 1.0 and by_modality["fluorescence"]["aji"] == 1.0
     assert by_modality["colour (stained)"]["pq"] == pytest.approx(80 / 120)  # one match, SQ 2/3, RQ 1
     assert by_modality["colour (stained)"]["aji"] == pytest.approx(80 / 120)
+
+
+def test_overlay_pictures_beside_predictions_are_not_predictions(tmp_path, capsys):
+    """`unetseg-predict --overlay` writes <stem>_overlay.png beside <stem>.tif; evaluate ignores those,
+    but a lone *_overlay.png (no prediction of that stem) is still a prediction without GT."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    write_tif(gt / "a.tif", square())
+    write_tif(pred / "a.tif", square())
+    write_png(pred / "a_overlay.png", np.zeros((30, 30, 3), np.uint8))
+    write_png(pred / "lone_overlay.png", two_squares())
+    assert main([str(pred), str(gt), "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [entry["image"] for entry in report["problems"]["predictions_without_gt"]] == ["lone_overlay"]
+    assert "1 prediction(s) without GT" in capsys.readouterr().out

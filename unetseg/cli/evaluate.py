@@ -113,9 +113,20 @@ def find_masks(root: Path, role: str) -> dict[str, Path]:
     return files
 
 
+def without_overlays(files: dict[str, Path]) -> dict[str, Path]:
+    """Drop the quality-control pictures `unetseg-predict --overlay` writes beside its outputs
+    (`<stem>_overlay.png` next to `<stem>`): they are not predictions."""
+    return {
+        name: path
+        for name, path in files.items()
+        if not (path.name.endswith("_overlay.png") and name.removesuffix("_overlay") in files)
+    }
+
+
 def pair_masks(pred_root: Path, gt_root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     """Prediction and GT files keyed by name; two single files pair whatever their names."""
     pred_files, gt_files = find_masks(pred_root, "PRED"), find_masks(gt_root, "GT")
+    pred_files = without_overlays(pred_files)
     if pred_root.is_file() and gt_root.is_file():
         pred_files = {name: pred_root for name in gt_files}
     return pred_files, gt_files
