@@ -101,6 +101,17 @@ def test_plan_fills_the_budget_and_its_config_trains(make_dataset, tmp_path):
     assert cli.datamodule.tile_size == plan.tile_size and cli.datamodule.border_weights
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_plan_precision_is_the_one_training_picks(make_dataset, monkeypatch, native):
+    """The plan times and writes the precision `unetseg-train` would choose on this machine (one detector)."""
+    from unetseg import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    summary = survey(make_dataset(count=4, shape=(64, 64)))
+    plan = make_plan(summary, budget_seconds=120, widths=(4,), batch_sizes=(2,))
+    assert plan.precision == precision.trainer_precision("cpu") == ("bf16-mixed" if native else "32-true")
+
+
 def test_plan_times_and_writes_the_chosen_architecture(make_dataset, tmp_path):
     summary = survey(make_dataset(count=4, shape=(80, 80)))
     architecture = {"block": "dense", "skip": "nested"}

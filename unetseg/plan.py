@@ -15,13 +15,13 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from unetseg.io import Normalization
 from unetseg.models import UNet
+from unetseg.precision import native_bf16
 from unetseg.spec import output_classes
 from unetseg.survey import DataSummary, survey
 from unetseg.training.augment import Augmentation, build_transform
@@ -99,17 +99,6 @@ def choose_targets(summary: DataSummary) -> tuple[str, str]:
 def training_device() -> torch.device:
     """The device `accelerator: auto` trains on: the first GPU when there is one, else the CPU."""
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def native_bf16(device: torch.device | None = None) -> bool:
-    """True when the device computes bfloat16 natively (a recent GPU; a CPU with AVX512-BF16 or AMX)."""
-    if device is not None and device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 @dataclass
