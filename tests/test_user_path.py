@@ -119,3 +119,21 @@ def test_demo_shows_progress_and_prints_working_paths(synthetic_cache, tmp_path,
     assert len(overlays) == 3 and f"overlays:     {overlays[0]}" in captured.out
     (score,) = [line for line in captured.out.splitlines() if "score them:" in line]
     assert score.split()[2].endswith("unetseg-evaluate")
+
+
+def test_the_log_names_the_metric_the_best_checkpoint_is_chosen_by(make_dataset, tmp_path, capsys):
+    """A config that keeps the checkpoint of lowest val/loss (as nuclei.yaml keeps the highest val/dsb):
+    the epoch lines and the end summary name val/loss and its best value, not val/dice."""
+    from conftest import CONFIGS
+
+    config = (CONFIGS / "tiny.yaml").read_text()
+    assert "monitor: val/dice, mode: max" in config
+    (tmp_path / "loss.yaml").write_text(config.replace("monitor: val/dice, mode: max", "monitor: val/loss, mode: min"))
+    run_dir = tmp_path / "run"
+    args = ["--config", str(tmp_path / "loss.yaml"), "--data.root", str(make_dataset(count=6, shape=(96, 96)))]
+    assert train.main([*args, "--trainer.default_root_dir", str(run_dir), "--trainer.max_epochs", "3", *FAST]) == 0
+    log = capsys.readouterr().err
+    lowest = min(float(row["val/loss"]) for row in val_rows(run_dir))
+    assert f"(best val/loss {lowest:.4f})" in log
+    assert f"best val/loss {lowest:.4f}: {run_dir / 'checkpoints' / 'best.ckpt'}" in log
+    assert "best val/dice" not in log

@@ -26,6 +26,10 @@ def duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+# Validation scores an epoch line shows, when the module logs them (val/dsb and val/f1: instance targets).
+EPOCH_SCORES = ("val/loss", "val/dice", "val/iou", "val/dice_classes", "val/dsb", "val/f1")
+
+
 class RunReport(pl.Callback):
     """Log the start summary, an early estimate of the run time, one line per epoch and the end summary."""
 
@@ -37,7 +41,7 @@ class RunReport(pl.Callback):
         self.validation_started = 0.0
         self.log_dir: str | None = None
         self.first_step = 0
-        self.best_dice: float | None = None
+        self.best_score: float | None = None  # of the monitored metric, see `monitored`
 
     # --- start --------------------------------------------------------------------------------------
 
@@ -136,17 +140,15 @@ class RunReport(pl.Callback):
             return
         seconds = time.perf_counter() - self.epoch_started
         metrics = trainer.callback_metrics
-        scores = "  ".join(
-            f"{key} {float(metrics[key]):.4f}"
-            for key in ("val/loss", "val/dice", "val/iou", "val/dice_classes")
-            if key in metrics
-        )
+        scores = "  ".join(f"{key} {float(metrics[key]):.4f}" for key in EPOCH_SCORES if key in metrics)
         loss = f"train/loss {sum(self.losses) / len(self.losses):.4f}  " if self.losses else ""
-        if "val/dice" in metrics:
+        name, mode = self.monitored(trainer)
+        if name in metrics:
             previous = self.best(trainer)
-            candidates = [float(metrics["val/dice"]), self.best_dice, previous[0] if previous else None]
-            self.best_dice = max(value for value in candidates if value is not None)
-        best_text = f"  (best val/dice {self.best_dice:.4f})" if self.best_dice is not None else ""
+            candidates = [float(metrics[name]), self.best_score, previous[0] if previous else None]
+            choose = max if mode == "max" else min
+            self.best_score = choose(value for value in candidates if value is not None)
+        best_text = f"  (best {name} {self.best_score:.4f})" if self.best_score is not None else ""
         steps_done = trainer.global_step - self.first_step
         elapsed = time.perf_counter() - self.started
         remaining = self.total_steps(trainer) - trainer.global_step
@@ -167,12 +169,25 @@ class RunReport(pl.Callback):
     # --- end ----------------------------------------------------------------------------------------
 
     @staticmethod
-    def best(trainer: pl.Trainer) -> tuple[float, str] | None:
+    def best_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
+        """The first ModelCheckpoint that monitors a metric: the one whose `best.ckpt` the summary names."""
+        return next(
+            (c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor is not None), None
+        )
+
+    @classmethod
+    def monitored(cls, trainer: pl.Trainer) -> tuple[str, str]:
+        """(metric, "max" or "min") the best checkpoint is chosen by; val/dice, max without one."""
+        callback = cls.best_checkpoint_callback(trainer)
+        return (callback.monitor, callback.mode) if callback is not None else ("val/dice", "max")
+
+    @classmethod
+    def best(cls, trainer: pl.Trainer) -> tuple[float, str] | None:
         """(score, path) of the best checkpoint of the first ModelCheckpoint that monitors a metric."""
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.monitor and callback.best_model_score is not None:
-                return float(callback.best_model_score), callback.best_model_path
-        return None
+        callback = cls.best_checkpoint_callback(trainer)
+        if callback is None or callback.best_model_score is None:
+            return None
+        return float(callback.best_model_score), callback.best_model_path
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -193,7 +208,7 @@ class RunReport(pl.Callback):
         )
         best = self.best(trainer)
         if best:
-            log.info("best val/dice %.4f: %s", *best)
+            log.info("best %s %.4f: %s", self.monitored(trainer)[0], *best)
         folder = Path(self.log_dir or trainer.default_root_dir)
         last = [c.last_model_path for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")]
         for name, path in (
