@@ -9,6 +9,7 @@ import yaml
 from conftest import CONFIGS
 from skimage import io as skio
 
+from unetseg.checkpoint import CheckpointError
 from unetseg.cli import train
 from unetseg.models import SMPUnet, UNet
 from unetseg.synthetic import make_nuclei_dataset
@@ -273,3 +274,35 @@ def test_precision_is_chosen_per_machine_unless_the_config_sets_it(monkeypatch, 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert automatic_precision(config) == expected
+
+
+def test_a_pretrained_network_of_other_classes_names_adapt_head(shared_dataset, tmp_path, checkpoint, capsys):
+    args = tiny_args(
+        shared_dataset, tmp_path / "run", "--data.targets", "boundary", "--model.pretrained", str(checkpoint)
+    )
+    assert train.main([*args, "--trainer.fast_dev_run", "true"]) == 1
+    (message,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "classes 1, this run's 3" in message and "--model.adapt_head true" in message
+    assert train.main([*args, "--model.adapt_head", "true", "--trainer.fast_dev_run", "true"]) == 0
+
+
+def test_adapt_head_keeps_the_shared_classes_and_every_other_weight(checkpoint):
+    from unetseg.checkpoint import load_net_weights, read_checkpoint
+    from unetseg.models import build_net, net_state_dict
+
+    stored = read_checkpoint(checkpoint)
+    old = net_state_dict(stored["state_dict"])
+    description = stored["hyper_parameters"]["net"]
+    net = build_net({**description, "init_args": {**description["init_args"], "classes": 3}})
+    fresh = {name: value.clone() for name, value in net.state_dict().items()}
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_net_weights(net, checkpoint)
+    adapted = load_net_weights(net, checkpoint, adapt_head=True)
+    assert adapted == ["head.weight", "head.bias"]
+    new = net.state_dict()
+    for name in adapted:
+        assert new[name].shape[0] == 3 and old[name].shape[0] == 1
+        torch.testing.assert_close(new[name][:1], old[name].to(new[name].dtype))
+        torch.testing.assert_close(new[name][1:], fresh[name][1:])
+    for name in new.keys() - set(adapted):
+        torch.testing.assert_close(new[name], old[name].to(new[name].dtype))

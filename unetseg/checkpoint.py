@@ -235,17 +235,33 @@ def _load_onnx(path: Path) -> tuple[nn.Module, InputSpec]:
         raise CheckpointError(f"{path}: cannot load the ONNX model ({message})") from None
 
 
-def load_net_weights(net: nn.Module, source: str | Path) -> None:
-    """Copy the network weights of a checkpoint (a path or a shipped model name) into `net` (fine-tuning)."""
+def load_net_weights(net: nn.Module, source: str | Path, adapt_head: bool = False) -> list[str]:
+    """Copy the network weights of a checkpoint (a path or a shipped model name) into `net` (fine-tuning).
+
+    adapt_head: tensors that differ from `net`'s only in their first dimension (the output classes
+    of the heads) get the rows both have, and keep `net`'s fresh values in the others, as a new
+    head for more classes starts from the old classes. Returns the names of the tensors adapted.
+    """
     path = resolve_model(source)
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a unetseg checkpoint (no state_dict)")
     check_finite_weights(checkpoint["state_dict"], path)
+    weights, adapted = net_state_dict(checkpoint["state_dict"]), []
+    if adapt_head:
+        ours = net.state_dict()
+        for name, theirs in weights.items():
+            mine = ours.get(name)
+            if mine is not None and theirs.shape != mine.shape and theirs.shape[1:] == mine.shape[1:]:
+                rows = min(len(theirs), len(mine))
+                weights[name] = mine.clone()
+                weights[name][:rows] = theirs[:rows]
+                adapted.append(name)
     try:
-        net.load_state_dict(net_state_dict(checkpoint["state_dict"]))
+        net.load_state_dict(weights)
     except RuntimeError as error:
         raise CheckpointError(f"{path}: its weights do not fit this network ({error})") from None
+    return adapted
 
 
 def slim_checkpoint(source: str | Path, target: str | Path, half: bool = True) -> Path:

@@ -52,6 +52,9 @@ class SegmentationModule(pl.LightningModule):
             time and saved in checkpoints. Leave it empty.
         pretrained: a checkpoint, or the name of a shipped model ("nuclei"), whose network
             weights start this training (fine-tuning); the network must have the same shape.
+        adapt_head: with `pretrained` of other output classes (e.g. `targets: distance`, 4
+            classes, from a `boundary` model, 3), copy the classes both have (the first ones)
+            and train the others from scratch; the rest of the network must match.
         instance_metrics: when validation batches carry instance "labels" (whole images, one
             per batch) and the network gives instances (1, 3 or 4 classes), log `val/dsb` (the
             DSB score) and `val/f1` (F1 at IoU 0.5) of `to_labels` at its default settings:
@@ -71,6 +74,7 @@ class SegmentationModule(pl.LightningModule):
         patience: int = 5,
         input_spec: dict | None = None,
         pretrained: str | None = None,
+        adapt_head: bool = False,
         instance_metrics: bool = True,
     ):
         super().__init__()
@@ -80,7 +84,7 @@ class SegmentationModule(pl.LightningModule):
         self.hparams["net"] = describe_net(net)
         self.net = net
         if pretrained:
-            self.load_pretrained(net, pretrained)
+            self.load_pretrained(net, pretrained, adapt_head)
         self.classes = int(getattr(net, "classes", 0)) or self.infer_classes(net)
         self.loss = SegmentationLoss(self.classes, dice_weight)
         # Dice and IoU of the foreground (any class > 0): what matters for nuclei and binary tasks.
@@ -89,10 +93,10 @@ class SegmentationModule(pl.LightningModule):
         self.val_instances: list[tuple[float, float]] = []  # (DSB score, F1) per validation image
 
     @staticmethod
-    def load_pretrained(net: nn.Module, pretrained: str) -> None:
+    def load_pretrained(net: nn.Module, pretrained: str, adapt_head: bool = False) -> None:
         """Fine-tuning: copy a checkpoint's network weights; a shape mismatch is one line naming both shapes."""
         try:
-            load_net_weights(net, pretrained)
+            adapted = load_net_weights(net, pretrained, adapt_head)
         except CheckpointError:
             theirs = read_checkpoint(resolve_model(pretrained)).get("hyper_parameters", {}).get("net", {})
             theirs, ours = theirs.get("init_args", {}), getattr(net, "config", {})
@@ -100,11 +104,18 @@ class SegmentationModule(pl.LightningModule):
             differ = {k: pair for k, pair in differ.items() if pair[0] != pair[1]}
             if not differ:
                 raise
+            hint = (
+                ""
+                if "in_channels" in differ or adapt_head
+                else (", or --model.adapt_head true to keep the classes both have and train the others afresh")
+            )
             raise ValueError(
                 f"model.pretrained {pretrained}: its network has "
                 + ", ".join(f"{k} {a}, this run's {b}" for k, (a, b) in differ.items())
-                + " (from data.in_channels / data.targets); set the data options to match it"
+                + f" (from data.in_channels / data.targets); set the data options to match it{hint}"
             ) from None
+        if adapted:
+            log.info("model.pretrained %s: output classes adapted in %s", pretrained, ", ".join(adapted))
 
     @staticmethod
     def infer_classes(net: nn.Module) -> int:
