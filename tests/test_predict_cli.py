@@ -172,6 +172,11 @@ def test_shipped_models(tree, tmp_path, checkpoint, capsys, monkeypatch):
     os.symlink(checkpoint, tmp_path / "weights" / "nuclei.ckpt")
     assert main([str(tree), str(tmp_path / "out"), "--model", "cells"]) == 2
     assert "unknown model 'cells'; available models: nuclei" in capsys.readouterr().err
+    assert main([str(tree), str(tmp_path / "out"), "--model", str(checkpoint)]) == 2  # a file given as a name
+    assert (
+        f"unknown model '{checkpoint}' (--model takes a shipped model's name; give a checkpoint file with --checkpoint)"
+        in capsys.readouterr().err
+    )
     assert main([str(tree / "grey.png"), str(tmp_path / "out"), "--model", "nuclei", *TILING]) == 0
     assert (tmp_path / "out" / "grey.tif").is_file()
 

@@ -31,7 +31,9 @@ def model_path(name: str) -> Path:
     """
     available = ", ".join(available_models()) or "none installed"
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available models: {available}")
+        looks_like_a_file = "/" in name or "\\" in name or Path(name).suffix != ""
+        hint = " (--model takes a shipped model's name; give a checkpoint file with --checkpoint)"
+        raise ValueError(f"unknown model {name!r}{hint if looks_like_a_file else ''}; available models: {available}")
     path = weights_dir() / MODELS[name]
     if not path.is_file():
         raise FileNotFoundError(
