@@ -151,6 +151,18 @@ def test_overlay_draws_the_outlines_on_the_input(image_file, tmp_path, checkpoin
     np.testing.assert_array_equal(picture, overlay(skio.imread(image_file), labels, "labels"))
 
 
+def test_the_overlay_path_printed_is_the_one_written_with_several_outputs(image_file, tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    args = [str(image_file), str(out), "--checkpoint", str(checkpoint), "--output", "labels", "prob", "--overlay"]
+    assert predict_main([*args, *TILING]) == 0
+    assert f"overlays (input with predicted outlines): {out / 'cells_overlay.png'}" in capsys.readouterr().out
+    assert sorted(path.name for path in out.iterdir()) == ["cells_labels.tif", "cells_overlay.png", "cells_prob.tif"]
+    labels = skio.imread(out / "cells_labels.tif")  # drawn from the first output asked for
+    np.testing.assert_array_equal(
+        skio.imread(out / "cells_overlay.png"), overlay(skio.imread(image_file), labels, "labels")
+    )
+
+
 def test_outlines_follow_the_regions():
     image = fluorescence(4, (40, 50))
     labels = np.zeros((40, 50), np.uint16)

@@ -315,7 +315,7 @@ def predict_file(
         _predict_planes(model, input_spec, image, settings, writers, source, bar.update)
         if settings.overlay:
             first, z = writers[0], len(image.planes) // 2
-            write_overlay(overlay_path(first.target), image.planes[z], first.plane(z), first.kind, options["threshold"])
+            write_overlay(overlay_path(target), image.planes[z], first.plane(z), first.kind, options["threshold"])
         for writer in writers:
             writer.close()
         if rois is not None:
