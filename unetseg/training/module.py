@@ -104,11 +104,8 @@ class SegmentationModule(pl.LightningModule):
             differ = {k: pair for k, pair in differ.items() if pair[0] != pair[1]}
             if not differ:
                 raise
-            hint = (
-                ""
-                if "in_channels" in differ or adapt_head
-                else (", or --model.adapt_head true to keep the classes both have and train the others afresh")
-            )
+            hint = ", or --model.adapt_head true to keep the classes both have and train the others afresh"
+            hint = "" if "in_channels" in differ or adapt_head else hint
             raise ValueError(
                 f"model.pretrained {pretrained}: its network has "
                 + ", ".join(f"{k} {a}, this run's {b}" for k, (a, b) in differ.items())
