@@ -14,6 +14,23 @@ from unetseg.synthetic import make_nuclei_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def tiny_train_args(root, run_dir, *extra):
+    """unetseg-train arguments: configs/tiny.yaml on `root`, 16 tiles per epoch, into `run_dir`, quietly."""
+    return [
+        "--config",
+        str(CONFIGS / "tiny.yaml"),
+        "--data.root",
+        str(root),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--data.tiles_per_epoch",
+        "16",
+        *QUIET,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import CONFIGS
+from conftest import CONFIGS, tiny_train_args
 from PIL import Image
 from skimage import io as skio
 
@@ -38,22 +38,6 @@ from unetseg.training.module import SegmentationModule
 from unetseg.training.safety import AtomicCheckpointIO, FiniteLoss, NonFiniteTrainingError
 
 TILING = ["--tile-size", "64", "--overlap", "16", "--batch-size", "4", "--device", "cpu", "-q"]
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
-def tiny_train_args(root, run_dir, *extra):
-    return [
-        "--config",
-        str(CONFIGS / "tiny.yaml"),
-        "--data.root",
-        str(root),
-        "--trainer.default_root_dir",
-        str(run_dir),
-        "--data.tiles_per_epoch",
-        "16",
-        *QUIET,
-        *extra,
-    ]
 
 
 def nuclei(shape, seed=0) -> np.ndarray:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS
+from conftest import CONFIGS, QUIET, tiny_train_args
 from skimage import io as skio
 
 from unetseg.checkpoint import CheckpointError
@@ -14,23 +14,6 @@ from unetseg.cli import train
 from unetseg.models import SMPUnet, UNet
 from unetseg.synthetic import make_nuclei_dataset
 from unetseg.training.module import SegmentationModule
-
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
-def tiny_args(root, run_dir, *extra):
-    return [
-        "--config",
-        str(CONFIGS / "tiny.yaml"),
-        "--data.root",
-        str(root),
-        "--trainer.default_root_dir",
-        str(run_dir),
-        "--data.tiles_per_epoch",
-        "16",
-        *QUIET,
-        *extra,
-    ]
 
 
 @pytest.fixture
@@ -58,7 +41,7 @@ def tiny_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny_run")
     root = make_nuclei_dataset(base / "d", count=6, shape=(96, 96))
     run_dir = base / "run"
-    train.main(tiny_args(root, run_dir, "--trainer.max_epochs", "1"))
+    train.main(tiny_train_args(root, run_dir, "--trainer.max_epochs", "1"))
     return root, run_dir
 
 
@@ -135,9 +118,9 @@ def test_checkpoints_are_pure_data(tiny_run, name):
 
 def test_resume_from_last_continues(shared_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    train.main(tiny_args(shared_dataset, run_dir, "--trainer.max_epochs", "1"))
+    train.main(tiny_train_args(shared_dataset, run_dir, "--trainer.max_epochs", "1"))
     before = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    train.main(tiny_args(shared_dataset, run_dir, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    train.main(tiny_train_args(shared_dataset, run_dir, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
     after = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert after["global_step"] == before["global_step"] + 2 == 4
     assert after["epoch"] == before["epoch"] + 1
@@ -201,7 +184,7 @@ def test_fast_dev_run_of_the_smp_baseline(capture_cli, shared_dataset, tmp_path)
 def test_channels_and_classes_are_stated_once_under_data(capture_cli, shared_dataset, tmp_path, capsys):
     # tiny.yaml's network says in_channels 1, classes 1: the data's 3 channels and boundary targets win.
     cli = capture_cli(
-        tiny_args(
+        tiny_train_args(
             shared_dataset,
             tmp_path / "run",
             "--data.in_channels",
@@ -220,7 +203,7 @@ def test_channels_and_classes_are_stated_once_under_data(capture_cli, shared_dat
 def test_a_pretrained_network_of_other_channels_is_one_line_naming_both(shared_dataset, tmp_path, checkpoint, capsys):
     assert (
         train.main(
-            tiny_args(
+            tiny_train_args(
                 shared_dataset,
                 tmp_path / "run",
                 "--data.in_channels",
@@ -277,7 +260,7 @@ def test_precision_is_chosen_per_machine_unless_the_config_sets_it(monkeypatch, 
 
 
 def test_a_pretrained_network_of_other_classes_names_adapt_head(shared_dataset, tmp_path, checkpoint, capsys):
-    args = tiny_args(
+    args = tiny_train_args(
         shared_dataset, tmp_path / "run", "--data.targets", "boundary", "--model.pretrained", str(checkpoint)
     )
     assert train.main([*args, "--trainer.fast_dev_run", "true"]) == 1
