@@ -98,10 +98,10 @@ def dice_score(net: nn.Module, tiles) -> float:
     return 2 * overlap / max(total, 1.0)
 
 
-def run_variant(block: str, norm: str, blocks_per_level: int, batches, val_tiles, args) -> dict:
-    """Train one network on `batches` and measure it."""
+def variant_net(block: str, norm: str, blocks_per_level: int, args) -> UNet:
+    """The grey one-class U-Net of one variant, with the same initial weights wherever it is built."""
     torch.manual_seed(0)
-    net = UNet(
+    return UNet(
         in_channels=1,
         classes=1,
         depth=args.depth,
@@ -111,6 +111,11 @@ def run_variant(block: str, norm: str, blocks_per_level: int, batches, val_tiles
         blocks_per_level=blocks_per_level,
         layers=args.dense_layers,
     )
+
+
+def run_variant(block: str, norm: str, blocks_per_level: int, batches, val_tiles, args) -> dict:
+    """Train one network on `batches` and measure it."""
+    net = variant_net(block, norm, blocks_per_level, args)
     loss_fn = SegmentationLoss(classes=1)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     row = {
@@ -148,17 +153,7 @@ def measure_speed(rows: list[dict], batches, args, steps: int = 8) -> None:
     machine shared with other jobs.
     """
     for row in rows:
-        torch.manual_seed(0)
-        net = UNet(
-            in_channels=1,
-            classes=1,
-            depth=args.depth,
-            width=args.width,
-            block=row["block"],
-            norm=row["norm"],
-            blocks_per_level=row["blocks_per_level"],
-            layers=args.dense_layers,
-        )
+        net = variant_net(row["block"], row["norm"], row["blocks_per_level"], args)
         loss_fn = SegmentationLoss(classes=1)
         optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
         for index, (image, target) in enumerate(batches[: steps + 2]):
