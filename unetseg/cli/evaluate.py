@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unetseg.inference.overlay import OVERLAY_SUFFIX
 from unetseg.io import (
     IMAGE_SUFFIXES,
     DuplicateNameError,
@@ -119,7 +120,7 @@ def without_overlays(files: dict[str, Path]) -> dict[str, Path]:
     return {
         name: path
         for name, path in files.items()
-        if not (path.name.endswith("_overlay.png") and name.removesuffix("_overlay") in files)
+        if not (path.name.endswith(OVERLAY_SUFFIX) and name.removesuffix(Path(OVERLAY_SUFFIX).stem) in files)
     }
 
 

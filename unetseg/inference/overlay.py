@@ -16,6 +16,7 @@ from unetseg.io.normalize import Normalization
 from unetseg.io.tiff import native
 
 PNG_SUFFIXES = (".png",)
+OVERLAY_SUFFIX = "_overlay.png"  # <stem>_overlay.png beside an output: a picture, not a prediction
 OVERLAY_MAX_SIDE = 4096  # larger inputs are shown every k-th pixel: a picture to look at, not a measurement
 OUTLINE_COLOUR = (255, 255, 0)  # yellow reads on grey, fluorescence and brightfield alike
 
@@ -71,4 +72,4 @@ def write_overlay(path: str | Path, plane: Any, output: np.ndarray, kind: str, t
 def overlay_path(target: str | Path) -> Path:
     """Where the overlay of an output goes: next to it, `<stem>_overlay.png`."""
     target = Path(target)
-    return target.with_name(f"{target.stem}_overlay.png")
+    return target.with_name(target.stem + OVERLAY_SUFFIX)
