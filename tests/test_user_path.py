@@ -5,6 +5,7 @@ import csv
 
 import torch
 import yaml
+from conftest import CONFIGS
 
 from unetseg.cli import plan as plan_cli
 from unetseg.cli import train
@@ -124,8 +125,6 @@ def test_demo_shows_progress_and_prints_working_paths(synthetic_cache, tmp_path,
 def test_the_log_names_the_metric_the_best_checkpoint_is_chosen_by(make_dataset, tmp_path, capsys):
     """A config that keeps the checkpoint of lowest val/loss (as nuclei.yaml keeps the highest val/dsb):
     the epoch lines and the end summary name val/loss and its best value, not val/dice."""
-    from conftest import CONFIGS
-
     config = (CONFIGS / "tiny.yaml").read_text()
     assert "monitor: val/dice, mode: max" in config
     (tmp_path / "loss.yaml").write_text(config.replace("monitor: val/dice, mode: max", "monitor: val/loss, mode: min"))
