@@ -19,6 +19,7 @@ def test_nothing_enabled_gives_no_pipeline():
     [
         ("flip", [A.HorizontalFlip, A.VerticalFlip]),
         ("rotate90", [A.RandomRotate90]),
+        ("scale", [A.Affine]),
         ("elastic", [A.ElasticTransform]),
         ("grid_distortion", [A.GridDistortion]),
         ("brightness_contrast", [A.RandomBrightnessContrast]),
@@ -77,3 +78,25 @@ def test_spatial_transforms_move_image_and_mask_together(channels):
         assert out["image"].shape == (16, 16, channels)
         for channel in range(channels):
             np.testing.assert_array_equal(out["image"][..., channel], out["mask"].astype(np.float32))
+
+
+def test_zoom_changes_object_sizes_both_ways_and_keeps_labels_exact():
+    pipeline = build_transform(Augmentation(**{**OFF, "scale": 1, "scale_limit": (0.5, 2.0)}))
+    labels = np.zeros((96, 96), np.int32)
+    labels[38:58, 38:58] = 7  # a 20 x 20 object at the centre, which every zoom keeps in view
+    image = (labels > 0).astype(np.float32)[..., None]
+    areas = []
+    for seed in range(24):
+        pipeline.set_random_seed(seed)
+        out = pipeline(image=image, mask=labels)
+        assert out["image"].shape == (96, 96, 1) and out["mask"].shape == (96, 96)
+        assert set(np.unique(out["mask"])) == {0, 7}  # nearest-neighbour: no blended label values
+        areas.append(int((out["mask"] == 7).sum()))
+    assert min(areas) < 400 * 0.8 and max(areas) > 400 * 1.25  # zoomed out and in
+    assert min(areas) > 400 * 0.5**2 * 0.8 and max(areas) < 400 * 2.0**2 * 1.2  # within scale_limit
+
+
+@pytest.mark.parametrize("limit", [(1.2, 1.5), (0.5, 0.9), (0, 1.5)])
+def test_zoom_ranges_that_do_not_bracket_one_are_refused(limit):
+    with pytest.raises(ValueError, match="augmentation.scale_limit must be"):
+        Augmentation(scale_limit=limit)

@@ -22,6 +22,7 @@ class Augmentation:
 
     flip: float = 0.5  # horizontal and vertical, each
     rotate90: float = 0.5  # a random multiple of 90 degrees
+    scale: float = 0.0  # zoom by a factor drawn from scale_limit: objects of other sizes than the data's
     elastic: float = 0.0  # elastic deformation (U-Net paper)
     grid_distortion: float = 0.0
     brightness_contrast: float = 0.5
@@ -40,13 +41,20 @@ class Augmentation:
     hue_limit: int = 20  # degrees
     saturation_limit: float = 0.3  # as a fraction
     stain_sigma: float = 0.05  # HED channels scaled by U(1 - s, 1 + s) and shifted by U(-s, s)
+    scale_limit: tuple[float, float] = (0.8, 1.25)  # zoom range, drawn evenly in and out of 1
 
     def __post_init__(self):
-        names = ("flip", "rotate90", "elastic", "grid_distortion", "brightness_contrast", "gamma", "noise", "blur")
-        for name in names + ("hue_saturation", "stain", "grey", "invert"):
+        spatial = ("flip", "rotate90", "scale", "elastic", "grid_distortion")
+        intensity = ("brightness_contrast", "gamma", "noise", "blur")
+        for name in spatial + intensity + ("hue_saturation", "stain", "grey", "invert"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"augmentation.{name} is a probability in [0, 1], got {value!r}")
+        low, high = self.scale_limit
+        if not 0 < low <= 1 <= high:
+            raise ValueError(
+                f"augmentation.scale_limit must be (low, high) with 0 < low <= 1 <= high, got {self.scale_limit!r}"
+            )
 
 
 def build_transform(config: Augmentation | None) -> A.Compose | None:
@@ -58,6 +66,9 @@ def build_transform(config: Augmentation | None) -> A.Compose | None:
         steps += [A.HorizontalFlip(p=config.flip), A.VerticalFlip(p=config.flip)]
     if config.rotate90:
         steps.append(A.RandomRotate90(p=config.rotate90))
+    if config.scale:  # even odds of zooming in and out; masks nearest-neighbour, borders mirrored
+        zoom = dict(scale=tuple(config.scale_limit), keep_ratio=True, balanced_scale=True)
+        steps.append(A.Affine(**zoom, border_mode=cv2.BORDER_REFLECT_101, p=config.scale))
     if config.elastic:
         steps.append(A.ElasticTransform(alpha=30, sigma=6, border_mode=cv2.BORDER_REFLECT_101, p=config.elastic))
     if config.grid_distortion:
