@@ -57,26 +57,7 @@ def checkpoint(tmp_path_factory) -> Path:
     path = base / "predict_tiny_run" / "checkpoints" / "best.ckpt"
     if not path.is_file():
         data = make_nuclei_dataset(base / "predict_tiny_data", count=4, shape=(96, 96))
-        train_main(
-            [
-                "--config",
-                str(CONFIGS / "tiny.yaml"),
-                "--trainer.default_root_dir",
-                str(path.parents[1]),
-                "--trainer.max_epochs",
-                "1",
-                "--data.tiles_per_epoch",
-                "16",
-                "--data.root",
-                str(data),
-                "--trainer.logger",
-                "false",
-                "--trainer.enable_progress_bar",
-                "false",
-                "--trainer.enable_model_summary",
-                "false",
-            ]
-        )
+        train_main(tiny_train_args(data, path.parents[1], "--trainer.max_epochs", "1", "--trainer.logger", "false"))
     return path
 
 

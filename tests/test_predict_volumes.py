@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import QUIET
 from torch import nn
 
 from unetseg.batch import plan_outputs
@@ -179,10 +180,7 @@ def test_train_tiny3d_then_predict_a_nifti_volume_end_to_end(tmp_path, synthetic
             str(run),
             "--trainer.logger",
             "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
+            *QUIET,
         ]
     )
     checkpoint = run / "checkpoints" / "best.ckpt"
