@@ -3,13 +3,16 @@
 Rows of tiles are processed in horizontal bands; each finished band of probabilities is handed
 out, so memory grows with the image width, not its area. The input is read band by band too,
 from anything that slices like a (C, H, W) array (numpy, `tifffile.memmap`, torch, zarr).
+`BlockPredictor` and `iter_blocks` are written for any number of spatial axes: volumes
+(`unetseg.inference.volume`) go through them slab by slab, tile layers along Z taking the
+place of tile rows.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +56,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 @dataclass(frozen=True)
-class _AxisPlan:
+class AxisPlan:
     """Tiling of one image axis: padding, tile starts, normalised blend weights, source index map."""
 
     length: int
@@ -64,12 +67,12 @@ class _AxisPlan:
     source_index: np.ndarray  # (padded_length,) image index of each padded position
 
 
-def _plan_axis(length: int, tile_size: int, overlap: int, blend: str, pad_mode: str) -> _AxisPlan:
+def plan_axis(length: int, tile_size: int, overlap: int, blend: str, pad_mode: str) -> AxisPlan:
     """Geometry of one axis from `unetseg.inference.tiling`."""
     before, after = padding(length, tile_size)
     padded_length = before + length + after
     starts = tile_starts(padded_length, tile_size, overlap)
-    return _AxisPlan(
+    return AxisPlan(
         length=length,
         before=before,
         padded_length=padded_length,
@@ -119,79 +122,125 @@ def _take(tensor: torch.Tensor, dim: int, index: np.ndarray, start: int, stop: i
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
-class _BandPredictor:
-    """Runs the model on the tiles of one band and stitches them into weighted probabilities."""
+class BlockPredictor:
+    """Runs the model on the tiles of one block and stitches them into weighted probabilities.
+
+    A block is a run of tile rows of an image (a band) or of tile layers of a volume (a slab):
+    the first spatial axis is cut into blocks, every other axis is tiled whole. `plans` and
+    `tiles` give each spatial axis's geometry and tile size, in order.
+    """
 
     def __init__(
         self,
         model: nn.Module,
-        rows: _AxisPlan,
-        cols: _AxisPlan,
-        tile_size: int,
+        plans: Sequence[AxisPlan],
+        tiles: Sequence[int],
         batch_size: int,
         tta: bool,
         device: torch.device,
         dtype: torch.dtype | None,
         memory_format: torch.memory_format = torch.contiguous_format,
     ):
-        self.model = model
-        self.memory_format = memory_format
-        self.rows = rows
-        self.cols = cols
-        self.tile_size = tile_size
-        self.batch_size = batch_size
-        self.tta = tta
-        self.device = device
-        self.dtype = dtype
-        self.row_weights = torch.from_numpy(rows.weights).to(device)
-        self.col_weights = torch.from_numpy(cols.weights).to(device)
+        self.model, self.plans, self.tiles, self.batch_size = model, tuple(plans), tuple(tiles), batch_size
+        self.tta, self.device, self.dtype, self.memory_format = tta, device, dtype, memory_format
+        self.weights = [torch.from_numpy(plan.weights).to(device) for plan in plans]
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        """Probabilities (N, K, T, T), float32, of a batch of tiles (N, C, T, T)."""
-        inputs = _dihedral_views(tiles) if self.tta else tiles
+        """Probabilities (N, K, *tile), float32, of a batch of tiles (N, C, *tile)."""
+        inputs = _dihedral_views(tiles) if self.tta else tiles  # in-plane flips and quarter turns
         inputs = inputs.contiguous(memory_format=self.memory_format)
         precision = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
         with precision:
             logits = self.model(inputs)
-        if logits.ndim != 4 or logits.shape[0] != inputs.shape[0] or logits.shape[-2:] != inputs.shape[-2:]:
+        if logits.ndim != inputs.ndim or logits.shape[0] != inputs.shape[0] or logits.shape[2:] != inputs.shape[2:]:
+            hint = " (is it a 3-D model?)" if len(self.tiles) == 3 else ""
             raise ValueError(
-                f"the model must return logits (N, classes, {self.tile_size}, {self.tile_size}) for tiles "
-                f"{tuple(inputs.shape)}; it returned {tuple(logits.shape)}"
+                f"the model must return logits (N, classes, {', '.join(map(str, self.tiles))}) for tiles "
+                f"{tuple(inputs.shape)}; it returned {tuple(logits.shape)}{hint}"
             )
-        logits = logits.float().contiguous()  # accumulate in float32, (N, K, T, T), whatever autocast ran in
+        logits = logits.float().contiguous()  # accumulate in float32, whatever autocast ran in
         probs = logits.sigmoid_() if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
         return _merge_dihedral(probs) if self.tta else probs
 
-    @torch.inference_mode()
-    def __call__(self, image, normalize, tile_rows: range, carry: torch.Tensor | None):
-        """Weighted sum (K, rows, padded W) of the tiles in `tile_rows`, `carry` added at the top."""
-        rows, cols, size = self.rows, self.cols, self.tile_size
-        top = int(rows.starts[tile_rows.start])
-        bottom = int(rows.starts[tile_rows.stop - 1]) + size
-        source = rows.source_index[top:bottom]
-        low, high = int(source.min()), int(source.max()) + 1
-        band = image[:, low:high]
-        band = _band_tensor(normalize(band) if normalize is not None else band, self.device)
-        # Mirrored borders; interior rows and columns are used as read, without a gather.
-        inner = max(top, rows.before) - top, min(bottom, rows.before + rows.length) - top  # image rows in the band
-        band = _take(band, 1, source - low, *inner)
-        band = _take(band, 2, cols.source_index, cols.before, cols.before + cols.length)  # (C, bottom - top, padded W)
-
-        tiles = [(i, j) for i in tile_rows for j in range(len(cols.starts))]
-        total = carry
-        for first in range(0, len(tiles), self.batch_size):
-            batch = tiles[first : first + self.batch_size]
-            ys = [int(rows.starts[i]) - top for i, _ in batch]
-            xs = [int(cols.starts[j]) for _, j in batch]
-            probs = self.forward(torch.stack([band[:, y : y + size, x : x + size] for y, x in zip(ys, xs)]))
-            if total is None or total.shape[1] < bottom - top:
-                total = grow_sum(total, (probs.shape[1], bottom - top, self.cols.padded_length), self.device)
-            row_w = self.row_weights[[i for i, _ in batch]]  # (N, T)
-            col_w = self.col_weights[[j for _, j in batch]]
-            windows = row_w[:, :, None] * col_w[:, None, :]  # (N, T, T), separable blend weights
-            for tile_probs, window, y, x in zip(probs, windows, ys, xs):
-                total[:, y : y + size, x : x + size].addcmul_(tile_probs, window)
+    def blend(self, batch: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        """(N, *tile) blend weights of the tiles in `batch` (a tile index per axis): the outer product of
+        their axes' weights."""
+        dims = len(self.tiles)
+        total = None
+        for axis, (weights, index) in enumerate(zip(self.weights, zip(*batch))):
+            shape = [len(batch)] + [1] * dims
+            shape[axis + 1] = -1
+            axis_weights = weights[list(index)].reshape(shape)
+            total = axis_weights if total is None else total * axis_weights
         return total
+
+    def window(self, tile: tuple[int, ...], top: int) -> tuple[slice, ...]:
+        """Where `tile` (a tile index per axis) lies in a block's sum whose first row is padded position `top`."""
+        starts = [int(plan.starts[index]) for plan, index in zip(self.plans, tile)]
+        starts[0] -= top
+        return (slice(None), *(slice(start, start + size) for start, size in zip(starts, self.tiles)))
+
+    @torch.inference_mode()
+    def __call__(self, source, normalize, block: range, carry: torch.Tensor | None) -> torch.Tensor:
+        """Weighted sum (K, block length, *padded other axes) of the tiles whose first-axis index is in
+        `block`, `carry` (the previous block's unfinished part) added at the top."""
+        first, *others = self.plans
+        top = int(first.starts[block.start])
+        bottom = int(first.starts[block.stop - 1]) + self.tiles[0]
+        index = first.source_index[top:bottom]
+        low, high = int(index.min()), int(index.max()) + 1
+        data = source[:, low:high]
+        data = _band_tensor(normalize(data) if normalize is not None else data, self.device)
+        # Mirrored borders; interior positions are used as read, without a gather.
+        inner = max(top, first.before) - top, min(bottom, first.before + first.length) - top
+        data = _take(data, 1, index - low, *inner)
+        for dim, plan in enumerate(others, start=2):
+            data = _take(data, dim, plan.source_index, plan.before, plan.before + plan.length)
+
+        tiles = list(itertools.product(block, *(range(len(plan.starts)) for plan in others)))
+        total = carry
+        for begin in range(0, len(tiles), self.batch_size):
+            batch = tiles[begin : begin + self.batch_size]
+            windows = [self.window(tile, top) for tile in batch]
+            probs = self.forward(torch.stack([data[window] for window in windows]))
+            if total is None or total.shape[1] < bottom - top:
+                shape = (probs.shape[1], bottom - top, *(plan.padded_length for plan in others))
+                total = grow_sum(total, shape, self.device)
+            for tile_probs, weight, window in zip(probs, self.blend(batch), windows):
+                total[window].addcmul_(tile_probs, weight)
+        return total
+
+
+def iter_blocks(
+    predictor: BlockPredictor,
+    source: Any,
+    normalize: Callable[[Any], Any] | None,
+    band_transform: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Predict `source` (C, *spatial) block by block along its first spatial axis: yields (start, stop,
+    probs) with probs (classes, stop - start, *other axes), in order, every position once."""
+    first, *others = predictor.plans
+    # Enough tile rows (layers) per block to fill a batch, so narrow images still run full batches.
+    per_block = max(1, math.ceil(predictor.batch_size / math.prod(len(plan.starts) for plan in others)))
+    count = len(first.starts)
+    pinned = pinned_transfer(predictor.device)
+    carry = None
+    for begin in range(0, count, per_block):
+        block = range(begin, min(begin + per_block, count))
+        top = int(first.starts[begin])
+        total = predictor(source, normalize, block, carry)
+        # Positions before the next block's first tile get no more contributions: they are final.
+        done = int(first.starts[block.stop]) - top if block.stop < count else total.shape[1]
+        carry = total[:, done:].clone()
+        start, stop = max(top - first.before, 0), min(top + done - first.before, first.length)
+        if start < stop:
+            offset = first.before - top  # block position of source position 0
+            crop = (slice(start + offset, stop + offset), *(slice(p.before, p.before + p.length) for p in others))
+            probs = total[(slice(None), *crop)]
+            if band_transform is not None:
+                with torch.inference_mode():
+                    probs = band_transform(probs)
+            yield start, stop, to_host(probs, pinned)  # `total` is never written again: a view is safe
 
 
 def grow_sum(total: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -248,39 +297,16 @@ def iter_predict_bands(
         raise ValueError(f"image must have shape (C, H, W) with C, H, W >= 1; got shape {shape}")
     _, height, width = shape
     device = select_device(model, device)
-    rows = _plan_axis(height, tile_size, overlap, blend, pad_mode)
-    cols = _plan_axis(width, tile_size, overlap, blend, pad_mode)
+    plans = [plan_axis(length, tile_size, overlap, blend, pad_mode) for length in (height, width)]
     layout = channels_last(device)
     was_training = model.training
     network = inference_copy(model, channels_last=layout, compile=compile)
     converted = network is not model  # a network without conv weights (ONNX Runtime) takes tiles as they are
     memory_format = torch.channels_last if converted and layout else torch.contiguous_format
-    predictor = _BandPredictor(
-        network, rows, cols, tile_size, batch_size, tta, device, autocast_dtype(device, amp), memory_format
-    )
-    # Enough tile rows per band to fill a batch, so narrow images still run full batches.
-    rows_per_band = max(1, math.ceil(batch_size / len(cols.starts)))
-    tile_row_count = len(rows.starts)
-    pinned = pinned_transfer(device)
-
+    dtype = autocast_dtype(device, amp)
+    predictor = BlockPredictor(network, plans, (tile_size,) * 2, batch_size, tta, device, dtype, memory_format)
     try:
-        carry = None
-        for first in range(0, tile_row_count, rows_per_band):
-            tile_rows = range(first, min(first + rows_per_band, tile_row_count))
-            top = int(rows.starts[first])
-            total = predictor(image, normalize, tile_rows, carry)
-            # Rows above the next band's first tile get no more contributions: they are final.
-            done = int(rows.starts[tile_rows.stop]) - top if tile_rows.stop < tile_row_count else total.shape[1]
-            carry = total[:, done:].clone()
-            start = max(top - rows.before, 0)
-            stop = min(top + done - rows.before, height)
-            if start < stop:
-                offset = rows.before - top  # band row of image row 0
-                probs = total[:, start + offset : stop + offset, cols.before : cols.before + width]
-                if band_transform is not None:
-                    with torch.inference_mode():
-                        probs = band_transform(probs)
-                yield start, stop, to_host(probs, pinned)  # `total` is never written again: a view is safe
+        yield from iter_blocks(predictor, image, normalize, band_transform)
     finally:
         model.train(was_training)
 

@@ -10,29 +10,14 @@ proportion to one slab (tile depth x Y x X), not to its size.
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from unetseg.inference.engine import (
-    DEFAULT,
-    _band_tensor,
-    _dihedral_views,
-    _merge_dihedral,
-    _plan_axis,
-    _take,
-    autocast_dtype,
-    grow_sum,
-    pinned_transfer,
-    select_device,
-    to_host,
-)
+from unetseg.inference.engine import DEFAULT, BlockPredictor, autocast_dtype, iter_blocks, plan_axis, select_device
 from unetseg.inference.fold import inference_copy
 from unetseg.inference.tiling import TilingConfig, check_tiling
 
@@ -47,63 +32,6 @@ def per_axis(value: int | Sequence[int], name: str, axes: int = 3) -> tuple[int,
     if len(values) != axes:
         raise ValueError(f"{name} must be an integer or {axes} integers (Z, Y, X), got {value!r}")
     return values
-
-
-class _SlabPredictor:
-    """Runs the model on the 3-D tiles of one slab and stitches them into weighted probabilities."""
-
-    def __init__(self, model, plans, tiles, batch_size, tta, device, dtype):
-        self.model, self.plans, self.tiles, self.batch_size = model, plans, tiles, batch_size
-        self.tta, self.device, self.dtype = tta, device, dtype
-        self.weights = [torch.from_numpy(plan.weights).to(device) for plan in plans]
-
-    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        """Probabilities (N, K, tz, ty, tx), float32, of a batch of tiles (N, C, tz, ty, tx)."""
-        inputs = _dihedral_views(tiles) if self.tta else tiles  # in-plane flips and quarter turns only
-        precision = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
-        with precision:
-            logits = self.model(inputs)
-        if logits.ndim != 5 or logits.shape[0] != inputs.shape[0] or logits.shape[2:] != inputs.shape[2:]:
-            raise ValueError(
-                f"the model must return logits (N, classes, {', '.join(map(str, self.tiles))}) for tiles "
-                f"{tuple(inputs.shape)}; it returned {tuple(logits.shape)} (is it a 3-D model?)"
-            )
-        logits = logits.float()
-        probs = logits.sigmoid_() if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
-        return _merge_dihedral(probs) if self.tta else probs
-
-    @torch.inference_mode()
-    def __call__(self, volume, normalize, layers: range, carry: torch.Tensor | None) -> torch.Tensor:
-        """Weighted sum (K, planes, padded Y, padded X) of the tiles in `layers`, `carry` added at the top."""
-        depth, rows, cols = self.plans
-        size_z, size_y, size_x = self.tiles
-        top = int(depth.starts[layers.start])
-        bottom = int(depth.starts[layers.stop - 1]) + size_z
-        source = depth.source_index[top:bottom]
-        low, high = int(source.min()), int(source.max()) + 1
-        slab = volume[:, low:high]
-        slab = _band_tensor(normalize(slab) if normalize is not None else slab, self.device)  # (C, planes, Y, X)
-        inner = max(top, depth.before) - top, min(bottom, depth.before + depth.length) - top
-        slab = _take(slab, 1, source - low, *inner)
-        slab = _take(slab, 2, rows.source_index, rows.before, rows.before + rows.length)
-        slab = _take(slab, 3, cols.source_index, cols.before, cols.before + cols.length)
-
-        tiles = list(itertools.product(layers, range(len(rows.starts)), range(len(cols.starts))))
-        total = carry
-        for first in range(0, len(tiles), self.batch_size):
-            batch = tiles[first : first + self.batch_size]
-            corners = [(int(depth.starts[k]) - top, int(rows.starts[i]), int(cols.starts[j])) for k, i, j in batch]
-            probs = self.forward(
-                torch.stack([slab[:, z : z + size_z, y : y + size_y, x : x + size_x] for z, y, x in corners])
-            )
-            if total is None or total.shape[1] < bottom - top:
-                shape = (probs.shape[1], bottom - top, self.plans[1].padded_length, self.plans[2].padded_length)
-                total = grow_sum(total, shape, self.device)
-            for tile_probs, (k, i, j), (z, y, x) in zip(probs, batch, corners):
-                window = self.weights[0][k][:, None, None] * self.weights[1][i][None, :, None]
-                window = window * self.weights[2][j][None, None, :]  # separable blend weights
-                total[:, z : z + size_z, y : y + size_y, x : x + size_x].addcmul_(tile_probs, window)
-        return total
 
 
 def iter_predict_slabs(
@@ -153,38 +81,14 @@ def iter_predict_slabs(
         raise ValueError(f"volume must have shape (C, Z, Y, X) with every size >= 1; got shape {shape}")
     device = select_device(model, device)
     plans = [
-        _plan_axis(length, size, margin, blend, pad_mode) for length, size, margin in zip(shape[1:], tiles, overlaps)
+        plan_axis(length, size, margin, blend, pad_mode) for length, size, margin in zip(shape[1:], tiles, overlaps)
     ]
     was_training = model.training
     # Channels-last and BatchNorm folding are 2-D layouts: a 3-D network runs as it is (in eval mode).
     network = inference_copy(model, channels_last=False, compile=compile)
-    predictor = _SlabPredictor(network, plans, tiles, batch_size, tta, device, autocast_dtype(device, amp))
-    pinned = pinned_transfer(device)
-    depth, length = plans[0], shape[1]
-    layers_per_slab = max(1, math.ceil(batch_size / (len(plans[1].starts) * len(plans[2].starts))))
-    layer_count = len(depth.starts)
+    predictor = BlockPredictor(network, plans, tiles, batch_size, tta, device, autocast_dtype(device, amp))
     try:
-        carry = None
-        for first in range(0, layer_count, layers_per_slab):
-            layers = range(first, min(first + layers_per_slab, layer_count))
-            top = int(depth.starts[first])
-            total = predictor(volume, normalize, layers, carry)
-            # Planes above the next slab's first tile get no more contributions: they are final.
-            done = int(depth.starts[layers.stop]) - top if layers.stop < layer_count else total.shape[1]
-            carry = total[:, done:].clone()
-            start, stop = max(top - depth.before, 0), min(top + done - depth.before, length)
-            if start < stop:
-                offset = depth.before - top
-                probs = total[
-                    :,
-                    start + offset : stop + offset,
-                    plans[1].before : plans[1].before + shape[2],
-                    plans[2].before : plans[2].before + shape[3],
-                ]
-                if band_transform is not None:
-                    with torch.inference_mode():
-                        probs = band_transform(probs)
-                yield start, stop, to_host(probs, pinned)  # `total` is never written again: a view is safe
+        yield from iter_blocks(predictor, volume, normalize, band_transform)
     finally:
         model.train(was_training)
 
