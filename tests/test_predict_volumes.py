@@ -147,10 +147,46 @@ def test_volumes_over_the_pixel_cap_are_refused_unread(tmp_path):
 
 def test_volumes_refuse_what_they_cannot_write_yet(tmp_path):
     write_nifti(tmp_path / "v.nii.gz", blobs())
-    with pytest.raises(ValueError, match="a volume is written as one output .* asked for mask, labels"):
-        predict_file(
-            Bright3D(), SPEC, tmp_path / "v.nii.gz", tmp_path / "o.nii.gz", PredictSettings(("mask", "labels"))
+    with pytest.raises(ValueError, match="a volume is written as masks, probabilities or labels.* asked for overlay"):
+        predict_file(Bright3D(), SPEC, tmp_path / "v.nii.gz", tmp_path / "o.nii.gz", PredictSettings(overlay=True))
+    assert not list((tmp_path).glob("o*"))
+
+
+@pytest.mark.parametrize("name", ["ct.nii.gz", "stack.tif"])
+def test_several_outputs_of_a_volume_from_one_run_match_the_single_runs(tmp_path, name):
+    volume = blobs()
+    source = tmp_path / name
+    if name.endswith(".nii.gz"):
+        write_nifti(source, volume, spacing=(2.0, 0.5, 0.5))
+    else:
+        tifffile.imwrite(source, volume, **spacing_calibration((2.0, 0.5, 0.5), "micron").tiff_kwargs("ZYX", np.uint16))
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".tif"
+    kinds = ("mask", "prob", "labels")
+    predict_file(Bright3D(), SPEC, source, tmp_path / "all" / f"out{suffix}", PredictSettings(kinds, volume=SMALL))
+    written = sorted(path.name for path in (tmp_path / "all").iterdir())
+    assert written == sorted(f"out_{kind}{suffix}" for kind in kinds)  # .nii.gz kept whole
+    for kind in kinds:
+        alone = tmp_path / kind / f"out{suffix}"
+        predict_file(Bright3D(), SPEC, source, alone, PredictSettings(kind, volume=SMALL))
+        together = open_volume(tmp_path / "all" / f"out_{kind}{suffix}")
+        single = open_volume(alone)
+        assert together.spacing == pytest.approx((2.0, 0.5, 0.5))
+        np.testing.assert_allclose(np.asarray(together.voxels[:]), np.asarray(single.voxels[:]), atol=1e-6)
+        assert np.asarray(together.voxels[:]).dtype == np.asarray(single.voxels[:]).dtype
+    assert open_volume(tmp_path / "all" / f"out_labels{suffix}").voxels[:].max() == 2
+
+
+def test_predict_image_of_a_3d_model_gives_every_kind_asked_for():
+    volume = blobs().astype(np.float32)
+    kinds = ("labels", "mask", "prob")
+    made = predict_image(Bright3D(), SPEC, volume, PredictSettings(kinds, volume=SMALL))
+    assert list(made) == list(kinds)
+    for kind in kinds:
+        np.testing.assert_allclose(
+            made[kind], predict_image(Bright3D(), SPEC, volume, PredictSettings(kind, volume=SMALL))
         )
+    np.testing.assert_array_equal(made["mask"], expected_mask(blobs()))
+    assert made["labels"].dtype == np.uint16 and made["labels"].max() >= 2
 
 
 def test_volume_tiling_is_checked():

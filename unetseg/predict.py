@@ -27,6 +27,7 @@ from tqdm import tqdm
 from unetseg.inference import TilingConfig, iter_predict_bands
 from unetseg.inference.overlay import PNG_SUFFIXES, overlay_path, write_overlay
 from unetseg.inference.postprocess import label_settings, to_mask_tensor
+from unetseg.io.files import image_stem
 from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.io.nifti import is_nifti
 from unetseg.io.normalize import ChannelBands, plane_range
@@ -34,13 +35,7 @@ from unetseg.io.tiff import InputImage, open_image
 from unetseg.io.volumes import InputVolume
 from unetseg.io.zarr import ZARR_SUFFIX, is_zarr, open_zarr
 from unetseg.outputs import FORMATS, OUTPUTS, OutputWriter, open_writers
-from unetseg.predict_volumes import (
-    VolumeTiling,
-    model_spatial_dims,
-    predict_volume,
-    predict_volume_file,
-    volume_output,
-)
+from unetseg.predict_volumes import VolumeTiling, model_spatial_dims, predict_volume_file, predict_volume_outputs
 from unetseg.quality import DomainReport
 from unetseg.spec import InputSpec
 
@@ -202,12 +197,8 @@ def predict_image(
     if model_spatial_dims(model) == 3:  # a volume (Z, Y, X[, C]) in 3-D tiles
         if image.ndim not in (3, 4):
             raise ValueError(f"a 3-D model predicts volumes (Z, Y, X) or (Z, Y, X, C); got shape {image.shape}")
-        output = volume_output(settings)
-        classes = input_spec.classes if output == "prob" and input_spec.classes > 1 else 0
-        shape = (image.shape[0], *([classes] if classes else []), *image.shape[1:3])
-        dtype = {"mask": np.uint8, "prob": np.float32, "labels": np.uint32}[output]
-        out = predict_volume(model, input_spec, InputVolume(image), settings, np.zeros(shape, dtype))
-        return out.astype(np.uint16) if output == "labels" and out.max(initial=0) < 2**16 else out
+        made = predict_volume_outputs(model, input_spec, InputVolume(image), settings)
+        return made[settings.output] if isinstance(settings.output, str) else made
     if image.ndim == 2 or image.ndim == 3 and image.shape[-1] <= 4:
         arranged = InputImage(image[None])
     elif image.ndim in (3, 4):
@@ -231,9 +222,9 @@ def output_targets(source: str | Path, target: str | Path, settings: PredictSett
     where napari finds them with the image. ROIs: <stem>_rois.zip; measurements: <stem>_objects.csv.
     """
     source, target = Path(source), Path(target)
-    stem = target.name[: -len(target.suffix)] if target.suffix else target.name
+    stem = image_stem(target)
     zarr_out = settings.format == "ome-zarr"
-    suffix = ".ome" + ZARR_SUFFIX if zarr_out else target.suffix or ".tif"
+    suffix = ".ome" + ZARR_SUFFIX if zarr_out else target.name[len(stem) :] or ".tif"  # .nii.gz kept whole
     kinds = settings.outputs
     targets = {}
     for kind in kinds:
@@ -287,10 +278,10 @@ def predict_file(
     """
     settings.check(input_spec)
     source = Path(source)
-    if is_nifti(source) or model_spatial_dims(model) == 3:
-        return predict_volume_file(model, input_spec, source, target, settings, progress)
-    image = open_input(source, settings.max_pixels)
     targets = output_targets(source, target, settings)
+    if is_nifti(source) or model_spatial_dims(model) == 3:
+        return predict_volume_file(model, input_spec, source, targets, settings, progress)
+    image = open_input(source, settings.max_pixels)
     for kind in settings.outputs:
         settings.check_target(targets[kind], image.stack)
     (domain or DomainReport()).check(source, image.planes[0], input_spec)

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference import iter_predict_bands
-from unetseg.inference.postprocess import to_labels, to_mask_tensor
+from unetseg.inference.postprocess import to_labels, to_mask, to_mask_tensor
 from unetseg.inference.volume import iter_predict_slabs, per_axis
 from unetseg.io.files import image_suffix
 from unetseg.io.nifti import is_nifti, write_nifti
@@ -37,7 +37,9 @@ __all__ = [
     "output_suffix",
     "predict_volume",
     "predict_volume_file",
+    "predict_volume_outputs",
     "volume_output",
+    "volume_outputs",
 ]
 
 
@@ -70,16 +72,37 @@ def output_suffix(source: Path) -> str:
     return image_suffix(source) if is_nifti(source) else ".tif"
 
 
-def volume_output(settings) -> str:
-    """The one output kind a volume is written as; ValueError for what volumes do not support (yet):
-    several kinds at once, overlays, ROIs, measurements, OME-Zarr."""
+def volume_outputs(settings) -> tuple[str, ...]:
+    """The output kinds a volume is written as; ValueError for what volumes do not support (yet):
+    overlays, ROIs, measurements, OME-Zarr."""
     kinds = tuple(getattr(settings, "kinds", (settings.output,)))
     extras = [name for name in ("overlay", "rois", "measure") if getattr(settings, name, False)]
     output_format = getattr(settings, "format", "tiff")
-    if len(kinds) != 1 or extras or output_format != "tiff":
-        asked = ", ".join([*kinds, *extras, *([output_format] if output_format != "tiff" else [])])
-        raise ValueError(f"a volume is written as one output (mask, prob or labels), TIFF or NIfTI; asked for {asked}")
-    return kinds[0]
+    if extras or output_format != "tiff":
+        asked = ", ".join([*extras, *([output_format] if output_format != "tiff" else [])])
+        raise ValueError(f"a volume is written as masks, probabilities or labels, TIFF or NIfTI; asked for {asked}")
+    return kinds
+
+
+def volume_output(settings) -> str:
+    """The output a volume's model run makes: the one kind asked for, or probabilities, from which
+    several kinds are then made (`derive_outputs`)."""
+    kinds = volume_outputs(settings)
+    return kinds[0] if len(kinds) == 1 else "prob"
+
+
+def _derive_outputs(probs: np.ndarray, kinds: tuple[str, ...], spec: InputSpec, options: dict, spacing=None) -> dict:
+    """Each output kind from a volume's probabilities (classes, Z, Y, X): masks (Z, Y, X) uint8, probabilities
+    (Z, Y, X) for one class else (Z, C, Y, X) float32, labels (Z, Y, X) uint16 or uint32."""
+    made = {}
+    for kind in kinds:
+        if kind == "mask":
+            made[kind] = to_mask(probs, options["threshold"], spec.targets)
+        elif kind == "prob":
+            made[kind] = probs[0] if probs.shape[0] == 1 else np.moveaxis(probs, 0, 1)
+        else:
+            made[kind] = to_labels(probs, spacing=spacing, **options)
+    return made
 
 
 def _layout(output: str, classes: int) -> tuple[tuple[str, ...], np.dtype]:
@@ -171,34 +194,75 @@ def predict_volume(
 
 
 def predict_volume_file(
-    model: nn.Module, spec: InputSpec, source: str | Path, target: str | Path, settings, progress: bool = False
+    model: nn.Module,
+    spec: InputSpec,
+    source: str | Path,
+    targets: dict[str, Path],
+    settings,
+    progress: bool = False,
 ) -> int:
-    """Predict one volume file into `target` (NIfTI or TIFF, by its suffix); returns the voxels predicted.
+    """Predict one volume file into `targets` (a NIfTI or TIFF file per output kind, by its suffix; see
+    `unetseg.predict.output_targets`); returns the voxels predicted.
 
     NIfTI targets keep a NIfTI input's affine and header (only the data type changes); TIFF
     targets carry the voxel size as ImageJ resolution and spacing (OME PhysicalSizeX/Y/Z for
-    uint32 labels).
+    uint32 labels). One TIFF mask or probability output is written slab by slab through a memory
+    map; labels, NIfTI and several outputs are made from the whole volume in memory.
     """
-    source, target = Path(source), Path(target)
+    source = Path(source)
     volume = open_volume(source, getattr(settings, "max_pixels", None))
-    depth, height, width = volume.shape
-    output = volume_output(settings)
-    extra_axes, dtype = _layout(output, spec.classes)
-    shape = (depth, *([spec.classes] if extra_axes else []), height, width)
-    axes = "Z" + "".join(extra_axes) + "YX"
-    with tqdm(total=depth, unit="plane", desc=source.name, leave=False, disable=None if progress else True) as bar:
-        if is_nifti(target) or output == "labels":
-            out = predict_volume(model, spec, volume, settings, np.zeros(shape, dtype), source, bar.update)
-            if output == "labels" and out.max(initial=0) < 2**16:
-                out = out.astype(np.uint16)
-            if is_nifti(target):
-                write_nifti(target, out, like=volume.nifti, spacing=_known(volume.spacing))
-            else:
-                write_tiff(target, out, **volume.calibration.tiff_kwargs(axes, out.dtype))
-        else:
-            with atomic_memmap(target, shape, dtype, **volume.calibration.tiff_kwargs(axes, dtype)) as out:
+    kinds, output = volume_outputs(settings), volume_output(settings)
+    bar = tqdm(total=volume.shape[0], unit="plane", desc=source.name, leave=False, disable=None if progress else True)
+    with bar:
+        if len(kinds) == 1 and output != "labels" and not is_nifti(targets[output]):
+            extra_axes, dtype = _layout(output, spec.classes)
+            shape = (volume.shape[0], *([spec.classes] if extra_axes else []), *volume.shape[1:])
+            tiff = volume.calibration.tiff_kwargs("Z" + "".join(extra_axes) + "YX", dtype)
+            with atomic_memmap(targets[output], shape, dtype, **tiff) as out:
                 predict_volume(model, spec, volume, settings, out, source, bar.update)
-    return depth * height * width
+            return int(np.prod(volume.shape))
+        made = predict_volume_outputs(model, spec, volume, settings, source, bar.update)
+    for kind, data in made.items():
+        _write_volume(targets[kind], data, volume)
+    return int(np.prod(volume.shape))
+
+
+def predict_volume_outputs(
+    model: nn.Module,
+    spec: InputSpec,
+    volume: InputVolume,
+    settings,
+    path: str | Path = "volume",
+    on_planes: Callable[[int], Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Every output kind of `settings` for `volume`, in memory, by kind: masks (Z, Y, X) uint8,
+    probabilities (Z, Y, X) for one class else (Z, C, Y, X) float32, labels (Z, Y, X) uint16 or
+    uint32. Several kinds come from one model run (its probabilities)."""
+    kinds, output = volume_outputs(settings), volume_output(settings)
+    extra_axes, dtype = _layout(output, spec.classes)
+    shape = (volume.shape[0], *([spec.classes] if extra_axes else []), *volume.shape[1:])
+    out = predict_volume(model, spec, volume, settings, np.zeros(shape, dtype), path, on_planes)
+    if len(kinds) == 1:
+        made = {output: out}
+    else:
+        probs = np.moveaxis(out, 1, 0) if extra_axes else out[None]  # (classes, Z, Y, X)
+        spacing = volume.spacing if all(volume.spacing) else None
+        made = _derive_outputs(probs, kinds, spec, settings.label_options(spec), spacing)
+    return {kind: _smallest_labels(data) if kind == "labels" else data for kind, data in made.items()}
+
+
+def _smallest_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels as uint16 when they fit, else as they are (uint32)."""
+    return labels.astype(np.uint16) if labels.max(initial=0) < 2**16 else labels
+
+
+def _write_volume(target: Path, data: np.ndarray, volume: InputVolume) -> None:
+    """Write one output of `volume` as NIfTI (the input's geometry) or TIFF (its voxel size), by `target`'s suffix."""
+    if is_nifti(target):
+        write_nifti(target, data, like=volume.nifti, spacing=_known(volume.spacing))
+    else:
+        axes = "ZCYX" if data.ndim == 4 else "ZYX"
+        write_tiff(target, data, **volume.calibration.tiff_kwargs(axes, data.dtype))
 
 
 def _known(spacing) -> tuple[float, float, float]:

@@ -42,7 +42,8 @@ training images (another channel count; intensities or brightness outside the tr
 for checkpoints that recorded them) get a warning saying what was converted or differs.
 Volumes: a 3-D model (UNet spatial_dims 3) predicts ZYX TIFF stacks and NIfTI (.nii, .nii.gz)
 in 3-D tiles (--volume-tile, --volume-overlap); NIfTI outputs are NIfTI with the input's
-affine and header, labels come from a 3-D watershed.
+affine and header, labels come from a 3-D watershed; several outputs (--output labels prob)
+come from one run, as <name>_labels.nii.gz and <name>_prob.nii.gz.
 
 outputs (--output):
   mask    uint8: 0/255 foreground for one-class and boundary models, the class index for
