@@ -4,8 +4,8 @@ A 3-D model predicts the whole volume in 3-D tiles, slab by slab along Z
 (`unetseg.inference.volume`), normalised with the percentiles of the whole volume as its
 training was; a 2-D model predicts a NIfTI volume plane by plane (each plane normalised by
 itself, as 2-D TIFF stacks are). Masks and probabilities of TIFF outputs are written slab by
-slab through a memory map; NIfTI outputs and instance labels (a 3-D watershed that needs the
-whole probability volume) are made in memory. NIfTI outputs keep the input's affine and
+slab through a memory map; NIfTI outputs, instance labels (a 3-D watershed that needs the
+whole probability volume) and several outputs of one run are made in memory. NIfTI outputs keep the input's affine and
 header; TIFF outputs carry the voxel size (ImageJ spacing, OME PhysicalSizeZ).
 """
 
@@ -86,7 +86,7 @@ def volume_outputs(settings) -> tuple[str, ...]:
 
 def volume_output(settings) -> str:
     """The output a volume's model run makes: the one kind asked for, or probabilities, from which
-    several kinds are then made (`derive_outputs`)."""
+    several kinds are then made (`predict_volume_outputs`)."""
     kinds = volume_outputs(settings)
     return kinds[0] if len(kinds) == 1 else "prob"
 
