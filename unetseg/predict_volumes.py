@@ -91,20 +91,6 @@ def volume_output(settings) -> str:
     return kinds[0] if len(kinds) == 1 else "prob"
 
 
-def _derive_outputs(probs: np.ndarray, kinds: tuple[str, ...], spec: InputSpec, options: dict, spacing=None) -> dict:
-    """Each output kind from a volume's probabilities (classes, Z, Y, X): masks (Z, Y, X) uint8, probabilities
-    (Z, Y, X) for one class else (Z, C, Y, X) float32, labels (Z, Y, X) uint16 or uint32."""
-    made = {}
-    for kind in kinds:
-        if kind == "mask":
-            made[kind] = to_mask(probs, options["threshold"], spec.targets)
-        elif kind == "prob":
-            made[kind] = probs[0] if probs.shape[0] == 1 else np.moveaxis(probs, 0, 1)
-        else:
-            made[kind] = to_labels(probs, spacing=spacing, **options)
-    return made
-
-
 def _layout(output: str, classes: int) -> tuple[tuple[str, ...], np.dtype]:
     """(axes after Z, dtype) of an output; probabilities of several classes get a C axis (ZCYX)."""
     axes = ("C",) if output == "prob" and classes > 1 else ()
@@ -241,14 +227,15 @@ def predict_volume_outputs(
     kinds, output = volume_outputs(settings), volume_output(settings)
     extra_axes, dtype = _layout(output, spec.classes)
     shape = (volume.shape[0], *([spec.classes] if extra_axes else []), *volume.shape[1:])
-    out = predict_volume(model, spec, volume, settings, np.zeros(shape, dtype), path, on_planes)
-    if len(kinds) == 1:
-        made = {output: out}
-    else:
-        probs = np.moveaxis(out, 1, 0) if extra_axes else out[None]  # (classes, Z, Y, X)
-        spacing = volume.spacing if all(volume.spacing) else None
-        made = _derive_outputs(probs, kinds, spec, settings.label_options(spec), spacing)
-    return {kind: _smallest_labels(data) if kind == "labels" else data for kind, data in made.items()}
+    made = {output: predict_volume(model, spec, volume, settings, np.zeros(shape, dtype), path, on_planes)}
+    if len(kinds) > 1:  # the run made probabilities (Z, C, Y, X) or (Z, Y, X): the other kinds come from them
+        probs = np.moveaxis(made["prob"], 1, 0) if extra_axes else made["prob"][None]  # (classes, Z, Y, X)
+        options = settings.label_options(spec)
+        if "mask" in kinds:
+            made["mask"] = to_mask(probs, options["threshold"], spec.targets)
+        if "labels" in kinds:
+            made["labels"] = to_labels(probs, spacing=volume.spacing if all(volume.spacing) else None, **options)
+    return {kind: _smallest_labels(made[kind]) if kind == "labels" else made[kind] for kind in kinds}
 
 
 def _smallest_labels(labels: np.ndarray) -> np.ndarray:
