@@ -91,10 +91,12 @@ def volume_output(settings) -> str:
     return kinds[0] if len(kinds) == 1 else "prob"
 
 
-def _layout(output: str, classes: int) -> tuple[tuple[str, ...], np.dtype]:
-    """(axes after Z, dtype) of an output; probabilities of several classes get a C axis (ZCYX)."""
-    axes = ("C",) if output == "prob" and classes > 1 else ()
-    return axes, np.dtype({"mask": np.uint8, "prob": np.float32, "labels": np.uint32}[output])
+def _layout(output: str, classes: int, volume_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], np.dtype]:
+    """(axes, shape, dtype) of an output of a (Z, Y, X) volume; probabilities of several classes get a C axis (ZCYX)."""
+    depth, *plane = volume_shape
+    channels = [classes] if output == "prob" and classes > 1 else []
+    dtype = np.dtype({"mask": np.uint8, "prob": np.float32, "labels": np.uint32}[output])
+    return ("ZCYX" if channels else "ZYX"), (depth, *channels, *plane), dtype
 
 
 def _slabs(model, spec: InputSpec, volume: InputVolume, settings, path) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -201,13 +203,13 @@ def predict_volume_file(
     bar = tqdm(total=volume.shape[0], unit="plane", desc=source.name, leave=False, disable=None if progress else True)
     with bar:
         if len(kinds) == 1 and output != "labels" and not is_nifti(targets[output]):
-            extra_axes, dtype = _layout(output, spec.classes)
-            shape = (volume.shape[0], *([spec.classes] if extra_axes else []), *volume.shape[1:])
-            tiff = volume.calibration.tiff_kwargs("Z" + "".join(extra_axes) + "YX", dtype)
+            axes, shape, dtype = _layout(output, spec.classes, volume.shape)
+            tiff = volume.calibration.tiff_kwargs(axes, dtype)
             with atomic_memmap(targets[output], shape, dtype, **tiff) as out:
                 predict_volume(model, spec, volume, settings, out, source, bar.update)
-            return int(np.prod(volume.shape))
-        made = predict_volume_outputs(model, spec, volume, settings, source, bar.update)
+            made = {}
+        else:
+            made = predict_volume_outputs(model, spec, volume, settings, source, bar.update)
     for kind, data in made.items():
         _write_volume(targets[kind], data, volume)
     return int(np.prod(volume.shape))
@@ -225,11 +227,10 @@ def predict_volume_outputs(
     probabilities (Z, Y, X) for one class else (Z, C, Y, X) float32, labels (Z, Y, X) uint16 or
     uint32. Several kinds come from one model run (its probabilities)."""
     kinds, output = volume_outputs(settings), volume_output(settings)
-    extra_axes, dtype = _layout(output, spec.classes)
-    shape = (volume.shape[0], *([spec.classes] if extra_axes else []), *volume.shape[1:])
+    axes, shape, dtype = _layout(output, spec.classes, volume.shape)
     made = {output: predict_volume(model, spec, volume, settings, np.zeros(shape, dtype), path, on_planes)}
     if len(kinds) > 1:  # the run made probabilities (Z, C, Y, X) or (Z, Y, X): the other kinds come from them
-        probs = np.moveaxis(made["prob"], 1, 0) if extra_axes else made["prob"][None]  # (classes, Z, Y, X)
+        probs = np.moveaxis(made["prob"], 1, 0) if axes == "ZCYX" else made["prob"][None]  # (classes, Z, Y, X)
         options = settings.label_options(spec)
         if "mask" in kinds:
             made["mask"] = to_mask(probs, options["threshold"], spec.targets)
