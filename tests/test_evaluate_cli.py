@@ -213,3 +213,35 @@ def test_overlay_pictures_beside_predictions_are_not_predictions(tmp_path, capsy
     report = json.loads((tmp_path / "r.json").read_text())
     assert [entry["image"] for entry in report["problems"]["predictions_without_gt"]] == ["lone_overlay"]
     assert "1 prediction(s) without GT" in capsys.readouterr().out
+
+
+def test_several_outputs_of_one_image_score_by_their_labels_else_their_mask(tmp_path):
+    """`unetseg-predict --output labels prob mask` writes <stem>_labels/_prob/_mask; evaluate scores
+    <stem>_labels against <stem>, the mask when there are no labels, and reports no sibling as a
+    prediction without GT."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for name in ("a", "b"):
+        write_tif(gt / f"{name}.tif", square())
+    write_tif(pred / "a_labels.tif", square())
+    write_tif(pred / "a_mask.tif", np.zeros((30, 30), np.uint8))  # would score 0
+    write_tif(pred / "a_prob.tif", np.zeros((3, 30, 30), np.float32))
+    write_tif(pred / "b_mask.tif", square(shift=5))
+    write_tif(pred / "b_prob.tif", np.zeros((3, 30, 30), np.float32))
+    assert main([str(pred), str(gt), "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert Path(report["images"]["a"]["pred"]).name == "a_labels.tif"
+    assert report["images"]["a"]["dice"] == 1.0
+    assert Path(report["images"]["b"]["pred"]).name == "b_mask.tif"
+    assert report["images"]["b"]["dice"] == pytest.approx(0.5)  # 10x10 squares overlapping 5 columns
+    assert report["problems"]["predictions_without_gt"] == []
+
+
+def test_a_prediction_named_like_its_gt_wins_over_several_outputs(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    write_tif(gt / "a.tif", square())
+    write_tif(pred / "a.tif", square())
+    write_tif(pred / "a_labels.tif", np.zeros((30, 30), np.uint16))
+    assert main([str(pred), str(gt), "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert Path(report["images"]["a"]["pred"]).name == "a.tif"
+    assert [entry["image"] for entry in report["problems"]["predictions_without_gt"]] == ["a_labels"]

@@ -26,6 +26,7 @@ from unetseg.io.volumes import read_mask
 from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.metrics import CONNECTIVITY, DSB_THRESHOLDS, MATCH_THRESHOLD, SCORE_KEYS, segmentation_scores, summarize
 from unetseg.modality import cluster_name, image_features
+from unetseg.outputs import OUTPUTS
 
 PROG = "unetseg-evaluate"
 MAX_TABLE_ROWS = 25  # more images than this: the table shows only the summary
@@ -45,7 +46,8 @@ TABLE_COLUMNS = (
 DESCRIPTION = f"""\
 Score predicted masks (PRED) against ground-truth masks (GT). Each is a folder, searched
 recursively, or a single file. Files are paired by sub-folder and name without suffix, so
-pred/a/img1.tif scores against gt/a/img1.png. Masks may be binary (0/1, 0/255) or instance
+pred/a/img1.tif scores against gt/a/img1.png; the outputs of `unetseg-predict --output labels
+prob` (img1_labels.tif, img1_prob.tif) score as img1 by their labels, else their mask. Masks may be binary (0/1, 0/255) or instance
 labels (8 to 64 bits, kept exact); binary masks are split into 4-connected components for the
 object scores. ZYX TIFF stacks and NIfTI volumes (.nii, .nii.gz) are scored in 3-D: objects
 are matched by voxel IoU, binary masks split into 6-connected components.
@@ -124,10 +126,31 @@ def without_overlays(files: dict[str, Path]) -> dict[str, Path]:
     }
 
 
+SCORED_OUTPUTS = ("labels", "mask")  # of the several outputs of one image, the one scored, in order of preference
+
+
+def named_by_image(pred_files: dict[str, Path], gt_names) -> dict[str, Path]:
+    """Key the outputs of a several-output prediction (`<name>_labels`, `<name>_mask`,
+    `<name>_prob`) by their image's name: labels are scored, else the mask; the others are
+    outputs of the same image, not predictions without GT. A file named exactly like its GT wins."""
+    pred_files = dict(pred_files)
+    for name in gt_names:
+        if name in pred_files:
+            continue
+        outputs = {kind: f"{name}_{kind}" for kind in OUTPUTS if f"{name}_{kind}" in pred_files}
+        scored = next((kind for kind in SCORED_OUTPUTS if kind in outputs), None)
+        if scored is None:
+            continue
+        pred_files[name] = pred_files[outputs[scored]]
+        for key in outputs.values():
+            del pred_files[key]
+    return pred_files
+
+
 def pair_masks(pred_root: Path, gt_root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     """Prediction and GT files keyed by name; two single files pair whatever their names."""
     pred_files, gt_files = find_masks(pred_root, "PRED"), find_masks(gt_root, "GT")
-    pred_files = without_overlays(pred_files)
+    pred_files = named_by_image(without_overlays(pred_files), gt_files)
     if pred_root.is_file() and gt_root.is_file():
         pred_files = {name: pred_root for name in gt_files}
     return pred_files, gt_files
