@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from unetseg.checkpoint import load_predictor, read_checkpoint, save_checkpoint, slim_checkpoint, store_postprocess
@@ -188,3 +189,56 @@ def test_slim_checkpoint_keeps_values_beyond_float16_in_float32(checkpoint, tmp_
     weights = [name for name in slim["state_dict"] if name.endswith("weight")]
     assert all(slim["state_dict"][name].dtype == torch.float16 for name in weights)
     load_predictor(tmp_path / "slim.ckpt")  # finite: not refused
+
+
+def test_tuning_with_tta_stores_it_and_prediction_follows_the_model(checkpoint, shared_dataset, tmp_path, capsys):
+    """`unetseg-tune --tta` tunes on flip-averaged probabilities and the model says so: predict then
+    averages the 8 flips by default (its thresholds fit those probabilities); --no-tta and
+    `TilingConfig(tta=False)` still turn it off, and tuning again without --tta clears it."""
+    from unetseg.cli.predict import main as predict_main
+
+    model_file = tmp_path / "model.ckpt"
+    shutil.copy(checkpoint, model_file)
+    report = tmp_path / "tune.json"
+    args = [str(model_file), str(shared_dataset), "--max-images", "2", "--tile-size", "64", "--json", str(report)]
+    assert tune_main([*args, "--tta"]) == 0
+    assert "2 image(s) with TTA" in capsys.readouterr().out
+    assert json.loads(report.read_text())["tta"] is True
+    model, spec = load_predictor(model_file)
+    assert spec.tta is True and spec.postprocess == json.loads(report.read_text())["best"]["settings"]
+
+    image = nuclei_image(np.random.default_rng(3), (64, 80))[0]
+
+    def probabilities(tta):
+        settings = PredictSettings(output="prob", tiling=TilingConfig(tile_size=64, overlap=16, tta=tta))
+        return predict_image(model, spec, image, settings)
+
+    by_default, with_tta, without = probabilities(None), probabilities(True), probabilities(False)
+    np.testing.assert_array_equal(by_default, with_tta)
+    assert np.abs(by_default - without).max() > 1e-4
+
+    source, out = tmp_path / "image.tif", tmp_path / "out"
+    tifffile.imwrite(source, image)
+    cli = [str(source), str(out / "default.tif"), "--checkpoint", str(model_file), "--output", "prob"]
+    assert predict_main([*cli, "--tile-size", "64", "--overlap", "16"]) == 0
+    assert "averaging 8 flips and turns of each tile, as this model was tuned" in capsys.readouterr().out
+    cli[1] = str(out / "no_tta.tif")
+    assert predict_main([*cli, "--tile-size", "64", "--overlap", "16", "--no-tta"]) == 0
+    np.testing.assert_allclose(tifffile.imread(out / "default.tif"), with_tta, atol=1e-6)
+    np.testing.assert_allclose(tifffile.imread(out / "no_tta.tif"), without, atol=1e-6)
+
+    assert tune_main(args) == 0
+    assert load_predictor(model_file)[1].tta is False
+
+
+def test_the_tta_flag_of_a_spec_round_trips_and_is_checked():
+    spec = InputSpec(1, targets="boundary", classes=3, tta=True)
+    assert spec.to_dict()["tta"] is True
+    assert InputSpec.from_dict(spec.to_dict()) == spec
+    plain = InputSpec(1, targets="boundary", classes=3)
+    assert "tta" not in plain.to_dict()  # models tuned without it read as before
+    assert InputSpec.from_dict(plain.to_dict()).tta is False
+    with pytest.raises(ValueError, match="tta must be true or false, got 'yes'"):
+        InputSpec.from_dict({**plain.to_dict(), "tta": "yes"})
+    with pytest.raises(ValueError, match="tta must be None"):
+        TilingConfig(tta=1.5)

@@ -319,14 +319,16 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-def store_postprocess(source: str | Path, target: str | Path, postprocess: dict) -> Path:
+def store_postprocess(source: str | Path, target: str | Path, postprocess: dict, tta: bool = False) -> Path:
     """Write `source` to `target` (may be the same file) with `postprocess` as its input spec's
-    post-processing settings (what `unetseg-tune` found); everything else is kept as it is."""
+    post-processing settings (what `unetseg-tune` found) and `tta`, whether they were tuned on
+    test-time-augmented probabilities; everything else is kept as it is."""
     label_settings(postprocess)  # ValueError for unknown or out-of-range settings
     checkpoint = read_checkpoint(source)
     spec = (checkpoint.get("hyper_parameters") or {}).get("input_spec")
     if not isinstance(spec, dict):
         raise CheckpointError(f"{source}: has no input_spec to store post-processing settings in")
-    spec = InputSpec.from_dict({**spec, "postprocess": dict(postprocess)}).to_dict()  # checks it round-trips
+    spec = {**spec, "postprocess": dict(postprocess), "tta": tta}
+    spec = InputSpec.from_dict(spec).to_dict()  # checks it round-trips
     checkpoint["hyper_parameters"]["input_spec"] = spec
     return save_checkpoint(checkpoint, target)  # never a half-written model file

@@ -123,9 +123,13 @@ class PredictSettings:
             what = "float probabilities" if "prob" in self.outputs else "a stack"
             raise ValueError(f"{target}: PNG holds one plane of 8/16-bit masks or labels, not {what}; write .tif")
 
-    def engine_options(self) -> dict:
-        """Keyword arguments of `iter_predict_bands`."""
-        return vars(self.tiling).copy()
+    def tta(self, spec: InputSpec) -> bool:
+        """Whether to average the 8 flips and quarter turns of each tile: as asked, else as the model says."""
+        return spec.tta if self.tiling.tta is None else self.tiling.tta
+
+    def engine_options(self, spec: InputSpec) -> dict:
+        """Keyword arguments of `iter_predict_bands` for a model with this input spec."""
+        return {**vars(self.tiling), "tta": self.tta(spec)}
 
 
 def _predict_planes(
@@ -150,7 +154,7 @@ def _predict_planes(
             ChannelBands(plane, in_channels, path),
             normalize=partial(normalization.apply, value_range=value_range),
             band_transform=partial(_device_mask, spec=spec, threshold=threshold) if device_mask else None,
-            **settings.engine_options(),
+            **settings.engine_options(spec),
         )
         for writer in writers:
             writer.start_plane(z)

@@ -103,7 +103,7 @@ def _slabs(model, spec: InputSpec, volume: InputVolume, settings, path) -> Itera
     """(z_start, z_stop, probs (classes, planes, Y, X)) over the volume, by a 3-D or a 2-D model; for
     output "mask" the uint8 mask (planes, Y, X), thresholded on the device."""
     tiling = settings.tiling
-    common = dict(batch_size=tiling.batch_size, blend=tiling.blend, pad_mode=tiling.pad_mode, tta=tiling.tta)
+    common = dict(batch_size=tiling.batch_size, blend=tiling.blend, pad_mode=tiling.pad_mode, tta=settings.tta(spec))
     common.update(amp=tiling.amp, compile=tiling.compile)
     if volume_output(settings) == "mask":  # thresholded on the device: uint8 slabs cross to the host
         threshold = settings.label_options(spec)["threshold"]

@@ -59,6 +59,9 @@ class InputSpec:
         classes: output channels, consistent with `targets`.
         postprocess: instance post-processing settings tuned for this model (threshold,
             seed_threshold, min_size); empty means the defaults.
+        tta: the post-processing was tuned on test-time-augmented probabilities (the 8 flips and
+            quarter turns of each tile averaged, `unetseg-tune --tta`): prediction averages them
+            too unless told otherwise, as nnU-Net mirrors by default.
         intensity: a summary of the training images' intensities (`unetseg.quality.intensity_summary`),
             against which prediction checks its inputs; empty in checkpoints made before it existed.
     """
@@ -69,8 +72,11 @@ class InputSpec:
     classes: int = 1
     postprocess: dict = field(default_factory=dict)
     intensity: dict = field(default_factory=dict)
+    tta: bool = False
 
     def __post_init__(self):
+        if self.tta not in (True, False):
+            raise ValueError(f"tta must be true or false, got {self.tta!r}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels!r}")
         if output_classes(self.targets, self.classes) != self.classes:
@@ -93,6 +99,8 @@ class InputSpec:
             spec["postprocess"] = dict(self.postprocess)
         if self.intensity:
             spec["intensity"] = dict(self.intensity)
+        if self.tta:
+            spec["tta"] = True
         return spec
 
     @classmethod
@@ -111,4 +119,5 @@ class InputSpec:
         intensity = spec.get("intensity") or {}
         if not isinstance(intensity, dict):
             raise ValueError(f"bad intensity {intensity!r}")
-        return cls(spec["in_channels"], normalization, spec["targets"], spec["classes"], postprocess, intensity)
+        tta = spec.get("tta", False)
+        return cls(spec["in_channels"], normalization, spec["targets"], spec["classes"], postprocess, intensity, tta)

@@ -47,10 +47,11 @@ DESCRIPTION = f"""\
 Score predicted masks (PRED) against ground-truth masks (GT). Each is a folder, searched
 recursively, or a single file. Files are paired by sub-folder and name without suffix, so
 pred/a/img1.tif scores against gt/a/img1.png; the outputs of `unetseg-predict --output labels
-prob` (img1_labels.tif, img1_prob.tif) score as img1 by their labels, else their mask. Masks may be binary (0/1, 0/255) or instance
-labels (8 to 64 bits, kept exact); binary masks are split into 4-connected components for the
-object scores. ZYX TIFF stacks and NIfTI volumes (.nii, .nii.gz) are scored in 3-D: objects
-are matched by voxel IoU, binary masks split into 6-connected components.
+prob` (img1_labels.tif, img1_prob.tif) score as img1 by their labels, else their mask. Masks
+may be binary (0/1, 0/255) or instance labels (8 to 64 bits, kept exact); binary masks are
+split into 4-connected components for the object scores. ZYX TIFF stacks and NIfTI volumes
+(.nii, .nii.gz) are scored in 3-D: objects are matched by voxel IoU, binary masks split into
+6-connected components.
 JPEG masks are refused: lossy compression changes label values.
 
 Per image and as the mean over images: foreground Dice and IoU (label > 0); object precision,

@@ -34,6 +34,8 @@ image; then each setting is searched over a grid with the others held at their b
   seed_threshold  seed probability (None: = threshold)  {", ".join(map(str, SEARCH_GRID["seed_threshold"]))}
   min_size        smallest object (pixels)     {", ".join(map(str, SEARCH_GRID["min_size"]))}
 Tune on images the model will not be scored on (e.g. --split its split.json --part train).
+With --tta the probabilities average the 8 flips and quarter turns of each tile, and the model
+stores that too: unetseg-predict then averages them by default (--no-tta turns it off).
 """
 
 
@@ -51,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="report the best settings, write nothing")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the settings, scores and every trial")
     parser.add_argument("--tile-size", type=int, default=TilingConfig().tile_size, metavar="PIXELS")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="tune on probabilities averaged over the 8 flips and quarter turns of each tile, and "
+        "store that, so that unetseg-predict averages them by default (8x the compute)",
+    )
     add_verbosity_flags(parser)
     return parser
 
@@ -92,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     log.info("%s: predicting %d image(s)", PROG, len(pairs))
-    tiling = TilingConfig(tile_size=args.tile_size, overlap=min(TilingConfig().overlap, args.tile_size // 4))
+    tiling = TilingConfig(
+        tile_size=args.tile_size, overlap=min(TilingConfig().overlap, args.tile_size // 4), tta=args.tta
+    )
     cases = predict_probabilities(model, spec, pairs, PredictSettings(tiling=tiling))
     groups = modality_names([image_features(to_channels(read_image(image), 3)) for image, _ in pairs])
     result = tune_postprocess(
@@ -100,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     before = scores_by_modality(cases, groups, label_settings(spec.postprocess))
     after = scores_by_modality(cases, groups, result.settings)
-    print(f"{PROG}: {len(pairs)} image(s), {len(result.trials)} settings tried")
+    print(f"{PROG}: {len(pairs)} image(s){' with TTA' if args.tta else ''}, {len(result.trials)} settings tried")
     print(f"  start {spec.postprocess or 'defaults'}: mean DSB score {result.start_score:.4f}")
     print(f"  best  {result.settings}: mean DSB score {result.score:.4f}")
     for name in after:
@@ -112,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "checkpoint": str(checkpoint),
                     "images": len(pairs),
+                    "tta": args.tta,
                     "start": {"settings": spec.postprocess, "score": result.start_score, "by_modality": before},
                     "best": {"settings": result.settings, "score": result.score, "by_modality": after},
                     "trials": [{"settings": settings, "score": score} for settings, score in result.trials],
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             + "\n"
         )
     if not args.dry_run:
-        target = store_postprocess(checkpoint, args.output or checkpoint, result.settings)
+        target = store_postprocess(checkpoint, args.output or checkpoint, result.settings, tta=args.tta)
         print(f"{PROG}: wrote {target}")
     return 0
 

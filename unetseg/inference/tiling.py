@@ -45,7 +45,8 @@ class TilingConfig:
         blend: "gaussian" (importance window, sigma tile_size / 8), "mean", or "center" (each
             pixel from the tile where it lies most centrally: the U-Net overlap-tile strategy).
         pad_mode: "reflect", "symmetric" or "edge" padding of the borders (as `numpy.pad`).
-        tta: average the probabilities of the 8 flips and quarter turns of each tile.
+        tta: average the probabilities of the 8 flips and quarter turns of each tile; None: as the
+            model says (`InputSpec.tta`, set by `unetseg-tune --tta`), else off.
         amp: autocast (bfloat16, or float16 on GPUs without it); None decides per device: on
             for CUDA and for CPUs with native bfloat16 (`unetseg.precision`).
         compile: run the network through `torch.compile` (off: on the CPU it measured no gain
@@ -57,12 +58,14 @@ class TilingConfig:
     batch_size: int = 8
     blend: str = "gaussian"
     pad_mode: str = "reflect"
-    tta: bool = False
+    tta: bool | None = None
     amp: bool | None = None
     compile: bool = False
 
     def __post_init__(self):
         check_tiling(self.tile_size, self.overlap, self.blend, self.pad_mode)
+        if self.tta not in (None, True, False):
+            raise ValueError(f"tta must be None (as the model says), True or False, got {self.tta!r}")
         if self.amp not in (None, True, False):
             raise ValueError(f"amp must be None (per device), True or False, got {self.amp!r}")
         if self.compile not in (True, False):

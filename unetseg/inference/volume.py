@@ -43,7 +43,7 @@ def iter_predict_slabs(
     batch_size: int = DEFAULT.batch_size,
     blend: str = DEFAULT.blend,
     pad_mode: str = DEFAULT.pad_mode,
-    tta: bool = DEFAULT.tta,
+    tta: bool = False,
     normalize: Callable[[Any], Any] | None = None,
     device: str | torch.device | None = None,
     amp: bool | None = DEFAULT.amp,
