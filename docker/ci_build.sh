@@ -9,7 +9,7 @@
 # Usage: docker/ci_build.sh [--no-predict]
 #   --no-predict     stop after the image checks (until unetseg-predict and its weights exist)
 # Environment: IMAGE (default localhost/unetseg:ci), WHEELHOUSE (default docker/wheelhouse, kept as a cache),
-#   KEEP_IMAGE=1 to keep the built image, PYTHON (default .venv/bin/python), TORCH_PINS (default: the torch
+#   KEEP_IMAGE=1 to keep the built image, MIN_FREE_GIB (default 12: the free disk it checks for first), PYTHON (default .venv/bin/python), TORCH_PINS (default: the torch
 #   and torchvision versions installed in .venv, which `make test` has just tested).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,8 @@ IMAGE=${IMAGE:-localhost/unetseg:ci}
 WHEELHOUSE=${WHEELHOUSE:-docker/wheelhouse}
 PYTHON=${PYTHON:-.venv/bin/python}
 KEEP_IMAGE=${KEEP_IMAGE:-0}
+MIN_FREE_GIB=${MIN_FREE_GIB:-12}
+WHEELHOUSE_PARENT=$(dirname "$WHEELHOUSE")
 SUITE=bookworm
 BASE=python:3.11-slim  # the CPU variant's FROM, as the README builds it
 STANDIN=docker.io/library/$BASE
@@ -87,6 +89,20 @@ if [ "$hard" != unlimited ] && [ "$hard" -lt "$nofile" ]; then
     exit 1
 fi
 [ -x "$PYTHON" ] || { echo "$PYTHON not found: run make test (or make venv) first" >&2; exit 1; }
+
+step "free disk space (at least $MIN_FREE_GIB GiB)"
+# The stand-in, the wheelhouse and the image (torch with its CUDA libraries) take several GiB: fail now,
+# with the place to clean, rather than with "no space left on device" half-way through a build.
+graphroot=$(podman info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers)
+mkdir -p "$graphroot"
+for place in "$WORK" "$graphroot" "$WHEELHOUSE_PARENT"; do
+    free_gib=$(( $(df -Pk "$place" | awk 'NR == 2 { print $4 }') / 1024 / 1024 ))
+    if [ "$free_gib" -lt "$MIN_FREE_GIB" ]; then
+        echo "$place: $free_gib GiB free, the build needs $MIN_FREE_GIB (MIN_FREE_GIB); free some, e.g. podman image prune -af" >&2
+        exit 1
+    fi
+    echo "$place: $free_gib GiB free"
+done
 # The image gets the torch that .venv has (minus a local label such as +cu130, which wheel names lack).
 # Its wheels are cp311 ones, as the stand-in's python3 (bookworm's) is 3.11.
 if [ -z "${TORCH_PINS:-}" ]; then
