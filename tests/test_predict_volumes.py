@@ -1,6 +1,8 @@
 """Predicting volumes: NIfTI affine and header, and TIFF Z spacing, through predict -> write -> read; 2-D
 models on NIfTI plane by plane; `python -m unetseg train --config tiny3d` then predict on a NIfTI volume."""
 
+import csv
+
 import numpy as np
 import pytest
 import tifffile
@@ -150,6 +152,39 @@ def test_volumes_refuse_what_they_cannot_write_yet(tmp_path):
     with pytest.raises(ValueError, match="a volume is written as masks, probabilities or labels.* asked for overlay"):
         predict_file(Bright3D(), SPEC, tmp_path / "v.nii.gz", tmp_path / "o.nii.gz", PredictSettings(overlay=True))
     assert not list((tmp_path).glob("o*"))
+
+
+@pytest.mark.parametrize("name, unit", [("ct.nii.gz", "mm"), ("stack.tif", "um")])
+def test_volume_measurements_are_3d_objects_in_voxels_and_the_files_unit(tmp_path, name, unit):
+    """--measure on a volume: one CSV row per 3-D object (volume, centroid, box, mean intensity),
+    calibrated by the voxel size (2 x 0.5 x 0.5), and the labels it measured written beside it."""
+    volume = blobs()
+    source = tmp_path / name
+    if name.endswith(".nii.gz"):
+        write_nifti(source, volume, spacing=(2.0, 0.5, 0.5))
+    else:
+        tifffile.imwrite(source, volume, **spacing_calibration((2.0, 0.5, 0.5), "micron").tiff_kwargs("ZYX", np.uint16))
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".tif"
+    predict_file(
+        Bright3D(), SPEC, source, tmp_path / f"out{suffix}", PredictSettings("mask", volume=SMALL, measure=True)
+    )
+    assert sorted(path.name for path in tmp_path.glob("out*")) == sorted(
+        [f"out_mask{suffix}", f"out_labels{suffix}", "out_objects.csv"]
+    )
+    with open(tmp_path / "out_objects.csv", newline="") as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda row: -int(row["volume"]))
+    assert [int(row["volume"]) for row in rows] == [
+        4 * 7 * 8,
+        3 * 6 * 8,
+    ]  # the boxes [2:6, 3:10, 4:12], [6:9, 14:20, 8:16]
+    big = rows[0]
+    assert [float(big[f"centroid_{axis}"]) for axis in "zyx"] == [3.5, 6.0, 7.5]
+    assert [int(big[f"bbox_{end}_{axis}"]) for end in ("min", "max") for axis in "zyx"] == [2, 3, 4, 6, 10, 12]
+    assert float(big["mean_intensity_0"]) == 1000.0
+    assert float(big[f"volume_{unit}3"]) == pytest.approx(224 * 2.0 * 0.5 * 0.5)
+    assert float(big[f"centroid_z_{unit}"]) == pytest.approx(7.0)
+    labels = np.asarray(open_volume(tmp_path / f"out_labels{suffix}").voxels[:])
+    assert {int(row["label"]) for row in rows} == set(np.unique(labels[labels > 0]).tolist())
 
 
 @pytest.mark.parametrize("name", ["ct.nii.gz", "stack.tif"])

@@ -5,8 +5,10 @@ A 3-D model predicts the whole volume in 3-D tiles, slab by slab along Z
 training was; a 2-D model predicts a NIfTI volume plane by plane (each plane normalised by
 itself, as 2-D TIFF stacks are). Masks and probabilities of TIFF outputs are written slab by
 slab through a memory map; NIfTI outputs, instance labels (a 3-D watershed that needs the
-whole probability volume) and several outputs of one run are made in memory. NIfTI outputs keep the input's affine and
-header; TIFF outputs carry the voxel size (ImageJ spacing, OME PhysicalSizeZ).
+whole probability volume) and several outputs of one run are made in memory. NIfTI outputs
+keep the input's affine and header; TIFF outputs carry the voxel size (ImageJ spacing, OME
+PhysicalSizeZ). Measurements (`--measure`) are a CSV of the labels' objects in 3-D: volume,
+centroid, bounding box and mean intensity, in voxels and in the file's unit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from unetseg.inference import iter_predict_bands
 from unetseg.inference.postprocess import to_labels, to_mask, to_mask_tensor
 from unetseg.inference.volume import iter_predict_slabs, per_axis
 from unetseg.io.files import image_suffix
+from unetseg.io.measure import measure_volume, write_rows
 from unetseg.io.nifti import is_nifti, write_nifti
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import atomic_memmap, release_pages, write_tiff
@@ -73,14 +76,17 @@ def output_suffix(source: Path) -> str:
 
 
 def volume_outputs(settings) -> tuple[str, ...]:
-    """The output kinds a volume is written as; ValueError for what volumes do not support (yet):
-    overlays, ROIs, measurements, OME-Zarr."""
-    kinds = tuple(getattr(settings, "kinds", (settings.output,)))
-    extras = [name for name in ("overlay", "rois", "measure") if getattr(settings, name, False)]
+    """The output kinds a volume is written as (labels too for measurements); ValueError for what
+    volumes do not support (yet): overlays, ROIs, OME-Zarr."""
+    kinds = tuple(getattr(settings, "outputs", None) or getattr(settings, "kinds", (settings.output,)))
+    extras = [name for name in ("overlay", "rois") if getattr(settings, name, False)]
     output_format = getattr(settings, "format", "tiff")
     if extras or output_format != "tiff":
         asked = ", ".join([*extras, *([output_format] if output_format != "tiff" else [])])
-        raise ValueError(f"a volume is written as masks, probabilities or labels, TIFF or NIfTI; asked for {asked}")
+        raise ValueError(
+            f"a volume is written as masks, probabilities or labels (and measurements), TIFF or NIfTI; "
+            f"asked for {asked}"
+        )
     return kinds
 
 
@@ -212,6 +218,9 @@ def predict_volume_file(
             made = predict_volume_outputs(model, spec, volume, settings, source, bar.update)
     for kind, data in made.items():
         _write_volume(targets[kind], data, volume)
+    if getattr(settings, "measure", False):
+        voxels = np.stack([np.asarray(volume.voxels[z]) for z in range(volume.shape[0])])
+        write_rows(targets["measure"], *measure_volume(made["labels"], voxels, volume.spacing, volume.unit))
     return int(np.prod(volume.shape))
 
 

@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--measure",
         action="store_true",
         help="also write <stem>_objects.csv: per object label, area, centroid, bbox, mean intensity per channel "
-        "(and calibrated area and centroid when the pixel size is known)",
+        "(and calibrated area and centroid when the pixel size is known); for volumes, 3-D objects: volume, "
+        "centroid and box in z, y, x",
     )
     parser.add_argument(
         "--threshold",

@@ -1,4 +1,5 @@
-"""Per-object measurements (`skimage.measure.regionprops_table`), gathered block by block, written as CSV.
+"""Per-object measurements (`skimage.measure.regionprops_table`), gathered block by block, written as CSV;
+volumes (3-D labels) measured whole by `measure_volume`.
 
 One row per object: its label, area, centroid, bounding box and mean intensity in each input
 channel (of the stored image, before any conversion or normalisation). With a known pixel
@@ -16,8 +17,10 @@ from skimage.measure import regionprops_table
 from unetseg.io.files import atomic_output
 from unetseg.io.tiff import Calibration
 
-__all__ = ["Measurements"]
+__all__ = ["Measurements", "measure_volume", "write_rows"]
 
+# Units as column suffixes: OME-NGFF and NIfTI names (and ImageJ's micron) shortened.
+SHORT_UNITS = {"micrometer": "um", "micron": "um", "\u00b5m": "um", "nanometer": "nm", "millimeter": "mm", "meter": "m"}
 PIXEL_COLUMNS = ["label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]
 
 
@@ -34,7 +37,7 @@ class Measurements:
 
         self.stack, self.rows, self.channels = stack, [], 0
         self.scale_y, self.scale_x, unit = ngff_scale(calibration)
-        self.unit = {"micrometer": "um", "nanometer": "nm", "millimeter": "mm"}.get(unit, unit)
+        self.unit = SHORT_UNITS.get(unit, unit)
 
     def add(self, labels: np.ndarray, intensities: np.ndarray, first_row: int = 0, z: int = 0) -> None:
         """Measure the objects of `labels` (rows, W) with the stored pixels `intensities` (rows, W[, C])."""
@@ -76,9 +79,54 @@ class Measurements:
 
     def write(self, path: str | Path) -> Path:
         """Write the CSV atomically, rows in label order."""
-        with atomic_output(path, suffix=".tmp.csv") as temporary:
-            with open(temporary, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=self.columns())
-                writer.writeheader()
-                writer.writerows(sorted(self.rows, key=lambda row: (row.get("z", 0), row["label"])))
-        return Path(path)
+        return write_rows(path, self.columns(), sorted(self.rows, key=lambda row: (row.get("z", 0), row["label"])))
+
+
+def write_rows(path: str | Path, columns: list[str], rows: list[dict]) -> Path:
+    """Write `rows` under the header `columns` as a CSV, atomically (never half-written)."""
+    with atomic_output(path, suffix=".tmp.csv") as temporary:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    return Path(path)
+
+
+VOLUME_AXES = ("z", "y", "x")
+
+
+def measure_volume(
+    labels: np.ndarray, intensities: np.ndarray, spacing=(None, None, None), unit: str | None = None
+) -> tuple[list[str], list[dict]]:
+    """(CSV columns, one row per object) of 3-D labels (Z, Y, X) with the stored voxels
+    `intensities` (Z, Y, X[, C]): label, volume in voxels, centroid and bounding box (z, y, x;
+    bbox_max exclusive), mean intensity per channel; with the whole voxel `spacing` (Z, Y, X) and
+    its `unit`, also the volume in unit^3 (`volume_mm3`) and the centroid in that unit."""
+    if intensities.ndim == 3:
+        intensities = intensities[..., None]
+    channels = intensities.shape[-1]
+    table = regionprops_table(
+        labels.astype(np.int64, copy=False),
+        intensity_image=intensities.astype(np.float64, copy=False),
+        properties=("label", "area", "centroid", "bbox", "intensity_mean"),
+    )
+    short = SHORT_UNITS.get(unit, unit) if unit and all(spacing) else None
+    columns = ["label", "volume"] + [f"centroid_{axis}" for axis in VOLUME_AXES]
+    columns += [f"bbox_{end}_{axis}" for end in ("min", "max") for axis in VOLUME_AXES]
+    columns += [f"mean_intensity_{c}" for c in range(channels)]
+    if short:
+        columns += [f"volume_{short}3"] + [f"centroid_{axis}_{short}" for axis in VOLUME_AXES]
+    rows = []
+    for i in range(len(table["label"])):
+        row = {"label": int(table["label"][i]), "volume": int(table["area"][i])}
+        row |= {f"centroid_{axis}": float(table[f"centroid-{a}"][i]) for a, axis in enumerate(VOLUME_AXES)}
+        row |= {f"bbox_min_{axis}": int(table[f"bbox-{a}"][i]) for a, axis in enumerate(VOLUME_AXES)}
+        row |= {f"bbox_max_{axis}": int(table[f"bbox-{a + 3}"][i]) for a, axis in enumerate(VOLUME_AXES)}
+        row |= {f"mean_intensity_{c}": float(table[f"intensity_mean-{c}"][i]) for c in range(channels)}
+        if short:
+            row[f"volume_{short}3"] = row["volume"] * float(np.prod(spacing))
+            row |= {
+                f"centroid_{axis}_{short}": row[f"centroid_{axis}"] * step for axis, step in zip(VOLUME_AXES, spacing)
+            }
+        rows.append(row)
+    return columns, rows
