@@ -270,10 +270,16 @@ def test_train_tiny3d_then_predict_a_nifti_volume_end_to_end(tmp_path, synthetic
             "8,32,32",
             "--volume-overlap",
             "2,8,8",
+            "--measure",
             "-q",
         ]
     )
     assert status == 0, capsys.readouterr().err
+    with open(tmp_path / "pred" / "volume_001_objects.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    labels = np.asarray(nibabel.load(tmp_path / "pred" / "volume_001.nii.gz").dataobj)
+    assert sorted(int(row["label"]) for row in rows) == np.unique(labels[labels > 0]).tolist()
+    assert all(float(row["volume_um3"]) == pytest.approx(int(row["volume"]) * 0.5 * 0.5 * 2.0) for row in rows)
     written = nibabel.load(tmp_path / "pred" / "volume_001.nii.gz")
     original = nibabel.load(source)
     assert written.shape == original.shape == (32, 32, 8)
