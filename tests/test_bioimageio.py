@@ -99,4 +99,7 @@ def test_shipped_nuclei_model_package_passes_bioimageio_core(tmp_path, capsys):
     assert "bioimageio.core test passed" in capsys.readouterr().out
     with zipfile.ZipFile(out) as archive:
         rdf = yaml.safe_load(archive.read("rdf.yaml"))
+        readme = archive.read("README.md").decode()
     assert "nuclei" in rdf["tags"] and len(rdf["cite"]) == 2
+    assert rdf["config"]["unetseg"]["input_spec"]["tta"] is True  # unetseg predicts it with TTA by default
+    assert "Test-time augmentation: the post-processing was tuned on probabilities averaged" in readme

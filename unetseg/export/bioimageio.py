@@ -128,10 +128,20 @@ A U-Net trained with [unetseg](https://github.com/unetseg/unetseg) (exported fro
 - **Output** `{OUTPUT_ID}`: float32 (batch, channel, y, x) probabilities of {channels}
   (targets `{spec.targets}`: {"a sigmoid" if spec.classes == 1 else "a softmax over the channels"}).
 - Instance labels: `unetseg-predict --checkpoint THIS.zip --output labels` (threshold, then a
-  watershed; see unetseg's `postprocess.to_labels`).
+  watershed; see unetseg's `postprocess.to_labels`).{_tta_note(spec)}
 
 Weights: ONNX (opset in `rdf.yaml`) and a PyTorch state dict for `unet.py:UNet`.
 """
+
+
+def _tta_note(spec: InputSpec) -> str:
+    """A line for models whose post-processing was tuned on test-time-augmented probabilities."""
+    if not spec.tta:
+        return ""
+    return """
+- Test-time augmentation: the post-processing was tuned on probabilities averaged over the 8
+  flips and quarter turns of each tile; unetseg-predict does that by default. Tools that run the
+  network once per tile get slightly lower scores."""
 
 
 def standalone_source(cls: type) -> str:
