@@ -187,6 +187,43 @@ def test_volume_measurements_are_3d_objects_in_voxels_and_the_files_unit(tmp_pat
     assert {int(row["label"]) for row in rows} == set(np.unique(labels[labels > 0]).tolist())
 
 
+def test_volume_outputs_as_ome_zarr_keep_voxel_size_and_mark_labels(tmp_path):
+    """--format ome-zarr for a volume: <name>_<kind>.ome.zarr with z, y, x axes scaled by the voxel
+    size in its unit, labels marked as labels (napari opens them as a labels layer), the same
+    values as the NIfTI outputs."""
+    Reader = pytest.importorskip("ome_zarr.reader").Reader
+    parse_url = pytest.importorskip("ome_zarr.io").parse_url
+    source = tmp_path / "ct.nii.gz"
+    write_nifti(source, blobs(), spacing=(2.0, 0.5, 0.5))
+    kinds = ("labels", "prob")
+    predict_file(
+        Bright3D(),
+        SPEC,
+        source,
+        tmp_path / "zarr" / "ct.nii.gz",
+        PredictSettings(kinds, format="ome-zarr", volume=SMALL),
+    )
+    predict_file(Bright3D(), SPEC, source, tmp_path / "nifti" / "ct.nii.gz", PredictSettings(kinds, volume=SMALL))
+    assert sorted(path.name for path in (tmp_path / "zarr").iterdir()) == ["ct_labels.ome.zarr", "ct_prob.ome.zarr"]
+    for kind in kinds:
+        (node,) = list(Reader(parse_url(str(tmp_path / "zarr" / f"ct_{kind}.ome.zarr")))())
+        assert [axis["name"] for axis in node.metadata["axes"]] == ["z", "y", "x"]
+        assert [axis.get("unit") for axis in node.metadata["axes"]] == ["millimeter"] * 3
+        assert node.metadata["coordinateTransformations"][0][0]["scale"] == [2.0, 0.5, 0.5]
+        nifti = np.asarray(open_volume(tmp_path / "nifti" / f"ct_{kind}.nii.gz").voxels[:])
+        np.testing.assert_allclose(np.asarray(node.data[0]), nifti, atol=1e-6)
+        attributes = zarr_attributes(tmp_path / "zarr" / f"ct_{kind}.ome.zarr")
+        assert ("image-label" in attributes) == (kind == "labels")
+    assert not list((tmp_path / "zarr").glob(".*"))  # no partial output left
+
+
+def zarr_attributes(path) -> dict:
+    """The OME attributes of a zarr group, NGFF 0.4 (top level) or 0.5 (under "ome")."""
+    zarr = pytest.importorskip("zarr")
+    attributes = dict(zarr.open_group(str(path), mode="r").attrs)
+    return attributes.get("ome", attributes)
+
+
 @pytest.mark.parametrize("name", ["ct.nii.gz", "stack.tif"])
 def test_several_outputs_of_a_volume_from_one_run_match_the_single_runs(tmp_path, name):
     volume = blobs()

@@ -4,11 +4,12 @@ A 3-D model predicts the whole volume in 3-D tiles, slab by slab along Z
 (`unetseg.inference.volume`), normalised with the percentiles of the whole volume as its
 training was; a 2-D model predicts a NIfTI volume plane by plane (each plane normalised by
 itself, as 2-D TIFF stacks are). Masks and probabilities of TIFF outputs are written slab by
-slab through a memory map; NIfTI outputs, instance labels (a 3-D watershed that needs the
-whole probability volume) and several outputs of one run are made in memory. NIfTI outputs
-keep the input's affine and header; TIFF outputs carry the voxel size (ImageJ spacing, OME
-PhysicalSizeZ). Measurements (`--measure`) are a CSV of the labels' objects in 3-D: volume,
-centroid, bounding box and mean intensity, in voxels and in the file's unit.
+slab through a memory map; NIfTI and OME-Zarr outputs, instance labels (a 3-D watershed that
+needs the whole probability volume) and several outputs of one run are made in memory. NIfTI
+outputs keep the input's affine and header; TIFF outputs carry the voxel size (ImageJ spacing,
+OME PhysicalSizeZ); OME-Zarr outputs carry it as their scale. Measurements (`--measure`) are a
+CSV of the labels' objects in 3-D: volume, centroid, bounding box and mean intensity, in voxels
+and in the file's unit.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from tqdm import tqdm
 from unetseg.inference import iter_predict_bands
 from unetseg.inference.postprocess import to_labels, to_mask, to_mask_tensor
 from unetseg.inference.volume import iter_predict_slabs, per_axis
-from unetseg.io.files import image_suffix
+from unetseg.io.files import TIFF_SUFFIXES, image_suffix
 from unetseg.io.measure import measure_volume, write_rows
 from unetseg.io.nifti import is_nifti, write_nifti
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import atomic_memmap, release_pages, write_tiff
 from unetseg.io.volumes import InputVolume, VolumeChannels, open_volume, volume_range
+from unetseg.io.zarr import ZARR_SUFFIX
 from unetseg.spec import InputSpec
 
 __all__ = [
@@ -77,15 +79,13 @@ def output_suffix(source: Path) -> str:
 
 def volume_outputs(settings) -> tuple[str, ...]:
     """The output kinds a volume is written as (labels too for measurements); ValueError for what
-    volumes do not support (yet): overlays, ROIs, OME-Zarr."""
+    volumes do not support (yet): overlays and ROIs."""
     kinds = tuple(getattr(settings, "outputs", None) or getattr(settings, "kinds", (settings.output,)))
     extras = [name for name in ("overlay", "rois") if getattr(settings, name, False)]
-    output_format = getattr(settings, "format", "tiff")
-    if extras or output_format != "tiff":
-        asked = ", ".join([*extras, *([output_format] if output_format != "tiff" else [])])
+    if extras:
         raise ValueError(
-            f"a volume is written as masks, probabilities or labels (and measurements), TIFF or NIfTI; "
-            f"asked for {asked}"
+            "a volume is written as masks, probabilities or labels (and measurements), TIFF, NIfTI or "
+            f"OME-Zarr; asked for {', '.join(extras)}"
         )
     return kinds
 
@@ -200,15 +200,16 @@ def predict_volume_file(
 
     NIfTI targets keep a NIfTI input's affine and header (only the data type changes); TIFF
     targets carry the voxel size as ImageJ resolution and spacing (OME PhysicalSizeX/Y/Z for
-    uint32 labels). One TIFF mask or probability output is written slab by slab through a memory
-    map; labels, NIfTI and several outputs are made from the whole volume in memory.
+    uint32 labels); OME-Zarr targets (*.ome.zarr) carry it as the scale of z, y and x. One TIFF
+    mask or probability output is written slab by slab through a memory map; labels, NIfTI,
+    OME-Zarr and several outputs are made from the whole volume in memory.
     """
     source = Path(source)
     volume = open_volume(source, getattr(settings, "max_pixels", None))
     kinds, output = volume_outputs(settings), volume_output(settings)
     bar = tqdm(total=volume.shape[0], unit="plane", desc=source.name, leave=False, disable=None if progress else True)
     with bar:
-        if len(kinds) == 1 and output != "labels" and not is_nifti(targets[output]):
+        if len(kinds) == 1 and output != "labels" and image_suffix(targets[output]) in TIFF_SUFFIXES:
             axes, shape, dtype = _layout(output, spec.classes, volume.shape)
             tiff = volume.calibration.tiff_kwargs(axes, dtype)
             with atomic_memmap(targets[output], shape, dtype, **tiff) as out:
@@ -254,9 +255,24 @@ def _smallest_labels(labels: np.ndarray) -> np.ndarray:
 
 
 def _write_volume(target: Path, data: np.ndarray, volume: InputVolume) -> None:
-    """Write one output of `volume` as NIfTI (the input's geometry) or TIFF (its voxel size), by `target`'s suffix."""
+    """Write one output of `volume` as NIfTI (the input's geometry), OME-Zarr (its voxel size as the
+    scale; masks and labels marked as labels) or TIFF (its voxel size), by `target`'s suffix."""
     if is_nifti(target):
         write_nifti(target, data, like=volume.nifti, spacing=_known(volume.spacing))
+    elif target.suffix.lower() == ZARR_SUFFIX:
+        from unetseg.io.zarr import OmeZarrWriter
+
+        data = np.moveaxis(data, 1, 0) if data.ndim == 4 else data  # NGFF orders c before z
+        label = not np.issubdtype(data.dtype, np.floating)
+        store = OmeZarrWriter(
+            target, data.shape, data.dtype, "czyx" if data.ndim == 4 else "zyx", volume.calibration, label
+        )
+        try:
+            store.array[...] = data
+            store.commit()
+        except BaseException:
+            store.abort()
+            raise
     else:
         axes = "ZCYX" if data.ndim == 4 else "ZYX"
         write_tiff(target, data, **volume.calibration.tiff_kwargs(axes, data.dtype))

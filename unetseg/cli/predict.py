@@ -43,7 +43,8 @@ for checkpoints that recorded them) get a warning saying what was converted or d
 Volumes: a 3-D model (UNet spatial_dims 3) predicts ZYX TIFF stacks and NIfTI (.nii, .nii.gz)
 in 3-D tiles (--volume-tile, --volume-overlap); NIfTI outputs are NIfTI with the input's
 affine and header, labels come from a 3-D watershed; several outputs (--output labels prob)
-come from one run, as <name>_labels.nii.gz and <name>_prob.nii.gz.
+come from one run, as <name>_labels.nii.gz and <name>_prob.nii.gz; --format ome-zarr writes
+<name>.ome.zarr scaled by the voxel size, --measure a CSV of the 3-D objects.
 
 outputs (--output):
   mask    uint8: 0/255 foreground for one-class and boundary models, the class index for
