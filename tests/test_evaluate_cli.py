@@ -227,6 +227,7 @@ def test_several_outputs_of_one_image_score_by_their_labels_else_their_mask(tmp_
     write_tif(pred / "a_prob.tif", np.zeros((3, 30, 30), np.float32))
     write_tif(pred / "b_mask.tif", square(shift=5))
     write_tif(pred / "b_prob.tif", np.zeros((3, 30, 30), np.float32))
+    write_png(pred / "b_overlay.png", np.zeros((30, 30, 3), np.uint8))  # --overlay: <stem>_overlay.png
     assert main([str(pred), str(gt), "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert Path(report["images"]["a"]["pred"]).name == "a_labels.tif"

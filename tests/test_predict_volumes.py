@@ -8,6 +8,7 @@ import pytest
 import tifffile
 import torch
 from conftest import QUIET
+from skimage import io as skio
 from torch import nn
 
 from unetseg.batch import plan_outputs
@@ -147,11 +148,34 @@ def test_volumes_over_the_pixel_cap_are_refused_unread(tmp_path):
         predict_file(Bright3D(), SPEC, tmp_path / "v.nii.gz", tmp_path / "o.nii.gz", PredictSettings(max_pixels=1000))
 
 
-def test_volumes_refuse_what_they_cannot_write_yet(tmp_path):
-    write_nifti(tmp_path / "v.nii.gz", blobs())
-    with pytest.raises(ValueError, match="a volume is written as masks, probabilities or labels.* asked for overlay"):
-        predict_file(Bright3D(), SPEC, tmp_path / "v.nii.gz", tmp_path / "o.nii.gz", PredictSettings(overlay=True))
-    assert not list((tmp_path).glob("o*"))
+def test_volume_rois_outline_each_object_in_each_plane_and_the_overlay_shows_the_middle_plane(tmp_path):
+    """--rois on a volume: one ImageJ polygon per object per plane, at that plane's (1-based) stack
+    position, named <label>-<plane>; --overlay: the middle plane with the outlines, beside the outputs."""
+    roifile = pytest.importorskip("roifile")
+    write_nifti(tmp_path / "v.nii.gz", blobs(), spacing=(2.0, 0.5, 0.5))
+    settings = PredictSettings("mask", volume=SMALL, rois=True, overlay=True)
+    predict_file(Bright3D(), SPEC, tmp_path / "v.nii.gz", tmp_path / "out" / "v.nii.gz", settings)
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "v_labels.nii.gz",
+        "v_mask.nii.gz",
+        "v_overlay.png",
+        "v_rois.zip",
+    ]
+    labels = np.asarray(open_volume(tmp_path / "out" / "v_labels.nii.gz").voxels[:])
+    rois = roifile.roiread(tmp_path / "out" / "v_rois.zip")
+    expected = sorted((int(label), z + 1) for z in range(labels.shape[0]) for label in np.unique(labels[z]) if label)
+    assert sorted((int(roi.name[:6]), roi.position) for roi in rois) == expected  # boxes: planes 3-6 and 7-9
+    assert len({roi.name for roi in rois}) == len(rois) == 4 + 3
+    big = next(roi for roi in rois if roi.position == 3)
+    assert big.name.endswith("-0003")
+    np.testing.assert_allclose(big.coordinates().min(axis=0), [4, 3])  # x, y of the box [3:10, 4:12]
+    np.testing.assert_allclose(big.coordinates().max(axis=0), [12, 10])
+    picture = skio.imread(tmp_path / "out" / "v_overlay.png")
+    assert picture.shape == (24, 20, 3)
+    middle = labels[labels.shape[0] // 2] > 0  # plane 5: the first box
+    assert (picture[middle] == [255, 255, 0]).all(axis=-1).any() and not (picture[~middle] == [255, 255, 0]).all(
+        -1
+    ).any()
 
 
 @pytest.mark.parametrize("name, unit", [("ct.nii.gz", "mm"), ("stack.tif", "um")])

@@ -218,12 +218,13 @@ def predict_image(
 
 
 def output_targets(source: str | Path, target: str | Path, settings: PredictSettings) -> dict[str, Path]:
-    """Where each output of `source` goes, by kind ("mask", "prob", "labels", "rois", "measure").
+    """Where each output of `source` goes, by kind ("mask", "prob", "labels", "rois", "measure", "overlay").
 
     One output kind: `target` itself (a TIFF or PNG), or <stem>.ome.zarr beside it with format
     "ome-zarr"; several: <stem>_<kind>.tif / .ome.zarr. For an OME-Zarr input with format
     "ome-zarr", labels and masks go into the input image's labels group (IMAGE.zarr/labels/<kind>),
-    where napari finds them with the image. ROIs: <stem>_rois.zip; measurements: <stem>_objects.csv.
+    where napari finds them with the image. ROIs: <stem>_rois.zip; measurements: <stem>_objects.csv;
+    overlay: <stem>_overlay.png.
     """
     source, target = Path(source), Path(target)
     stem = image_stem(target)
@@ -242,6 +243,8 @@ def output_targets(source: str | Path, target: str | Path, settings: PredictSett
         targets["rois"] = target.with_name(f"{stem}_rois.zip")
     if settings.measure:
         targets["measure"] = target.with_name(f"{stem}_objects.csv")
+    if settings.overlay:
+        targets["overlay"] = overlay_path(target)
     return targets
 
 
@@ -310,7 +313,7 @@ def predict_file(
         _predict_planes(model, input_spec, image, settings, writers, source, bar.update)
         if settings.overlay:
             first, z = writers[0], len(image.planes) // 2
-            write_overlay(overlay_path(target), image.planes[z], first.plane(z), first.kind, options["threshold"])
+            write_overlay(targets["overlay"], image.planes[z], first.plane(z), first.kind, options["threshold"])
         for writer in writers:
             writer.close()
         if rois is not None:

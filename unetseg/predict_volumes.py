@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference import iter_predict_bands
+from unetseg.inference.overlay import write_overlay
 from unetseg.inference.postprocess import to_labels, to_mask, to_mask_tensor
 from unetseg.inference.volume import iter_predict_slabs, per_axis
 from unetseg.io.files import TIFF_SUFFIXES, image_suffix
@@ -78,16 +79,8 @@ def output_suffix(source: Path) -> str:
 
 
 def volume_outputs(settings) -> tuple[str, ...]:
-    """The output kinds a volume is written as (labels too for measurements); ValueError for what
-    volumes do not support (yet): overlays and ROIs."""
-    kinds = tuple(getattr(settings, "outputs", None) or getattr(settings, "kinds", (settings.output,)))
-    extras = [name for name in ("overlay", "rois") if getattr(settings, name, False)]
-    if extras:
-        raise ValueError(
-            "a volume is written as masks, probabilities or labels (and measurements), TIFF, NIfTI or "
-            f"OME-Zarr; asked for {', '.join(extras)}"
-        )
-    return kinds
+    """The output kinds a volume is written as: those asked for, and labels for ROIs and measurements."""
+    return tuple(getattr(settings, "outputs", None) or getattr(settings, "kinds", (settings.output,)))
 
 
 def volume_output(settings) -> str:
@@ -209,7 +202,8 @@ def predict_volume_file(
     kinds, output = volume_outputs(settings), volume_output(settings)
     bar = tqdm(total=volume.shape[0], unit="plane", desc=source.name, leave=False, disable=None if progress else True)
     with bar:
-        if len(kinds) == 1 and output != "labels" and image_suffix(targets[output]) in TIFF_SUFFIXES:
+        streamed = len(kinds) == 1 and output != "labels" and not getattr(settings, "overlay", False)
+        if streamed and image_suffix(targets[output]) in TIFF_SUFFIXES:
             axes, shape, dtype = _layout(output, spec.classes, volume.shape)
             tiff = volume.calibration.tiff_kwargs(axes, dtype)
             with atomic_memmap(targets[output], shape, dtype, **tiff) as out:
@@ -222,7 +216,24 @@ def predict_volume_file(
     if getattr(settings, "measure", False):
         voxels = np.stack([np.asarray(volume.voxels[z]) for z in range(volume.shape[0])])
         write_rows(targets["measure"], *measure_volume(made["labels"], voxels, volume.spacing, volume.unit))
+    if getattr(settings, "rois", False):
+        _write_volume_rois(targets["rois"], made["labels"])
+    if getattr(settings, "overlay", False):  # the middle plane, with the outlines of the first output
+        kind, middle = kinds[0], volume.shape[0] // 2
+        threshold = settings.label_options(spec)["threshold"]
+        write_overlay(targets["overlay"], volume.voxels[middle], made[kind][middle], kind, threshold)
     return int(np.prod(volume.shape))
+
+
+def _write_volume_rois(path: Path, labels: np.ndarray) -> None:
+    """An ImageJ ROI set of 3-D labels: each object's outline in each of its planes, at that plane's
+    position, named <label>-<plane> (1-based, as Fiji counts slices)."""
+    from unetseg.io.rois import RoiSet
+
+    rois = RoiSet()
+    for z, plane in enumerate(labels):
+        rois.add(plane, z=z, plane_in_name=True)
+    rois.write(path)
 
 
 def predict_volume_outputs(

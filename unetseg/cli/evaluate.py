@@ -151,7 +151,7 @@ def named_by_image(pred_files: dict[str, Path], gt_names) -> dict[str, Path]:
 def pair_masks(pred_root: Path, gt_root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     """Prediction and GT files keyed by name; two single files pair whatever their names."""
     pred_files, gt_files = find_masks(pred_root, "PRED"), find_masks(gt_root, "GT")
-    pred_files = named_by_image(without_overlays(pred_files), gt_files)
+    pred_files = without_overlays(named_by_image(pred_files, gt_files))
     if pred_root.is_file() and gt_root.is_file():
         pred_files = {name: pred_root for name in gt_files}
     return pred_files, gt_files

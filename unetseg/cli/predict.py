@@ -44,7 +44,8 @@ Volumes: a 3-D model (UNet spatial_dims 3) predicts ZYX TIFF stacks and NIfTI (.
 in 3-D tiles (--volume-tile, --volume-overlap); NIfTI outputs are NIfTI with the input's
 affine and header, labels come from a 3-D watershed; several outputs (--output labels prob)
 come from one run, as <name>_labels.nii.gz and <name>_prob.nii.gz; --format ome-zarr writes
-<name>.ome.zarr scaled by the voxel size, --measure a CSV of the 3-D objects.
+<name>.ome.zarr scaled by the voxel size, --measure a CSV of the 3-D objects, --rois their
+outlines plane by plane, --overlay the middle plane.
 
 outputs (--output):
   mask    uint8: 0/255 foreground for one-class and boundary models, the class index for

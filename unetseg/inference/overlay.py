@@ -10,7 +10,7 @@ import numpy as np
 from skimage import io as skio
 from skimage.segmentation import find_boundaries
 
-from unetseg.io.files import atomic_output
+from unetseg.io.files import atomic_output, image_stem
 from unetseg.io.images import to_channels
 from unetseg.io.normalize import Normalization
 from unetseg.io.tiff import native
@@ -70,6 +70,6 @@ def write_overlay(path: str | Path, plane: Any, output: np.ndarray, kind: str, t
 
 
 def overlay_path(target: str | Path) -> Path:
-    """Where the overlay of an output goes: next to it, `<stem>_overlay.png`."""
+    """Where the overlay of an output goes: next to it, `<stem>_overlay.png` (`ct.nii.gz` -> `ct_overlay.png`)."""
     target = Path(target)
-    return target.with_name(target.stem + OVERLAY_SUFFIX)
+    return target.with_name(image_stem(target) + OVERLAY_SUFFIX)

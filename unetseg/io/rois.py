@@ -44,11 +44,14 @@ class RoiSet:
             raise ImportError("roifile is not installed; --rois needs pip install 'unetseg[rois]'") from error
         self.roifile, self.rois = roifile, []
 
-    def add(self, labels: np.ndarray, first_row: int = 0, z: int | None = None) -> None:
-        """Add a polygon ROI for each object of `labels`, named by its label (zero-padded, so Fiji sorts them)."""
+    def add(self, labels: np.ndarray, first_row: int = 0, z: int | None = None, plane_in_name: bool = False) -> None:
+        """Add a polygon ROI for each object of `labels`, named by its label (zero-padded, so Fiji sorts
+        them), at stack position `z` (0-based); `plane_in_name` appends the 1-based plane, for
+        3-D objects that have an outline in each of several planes (names must be unique in a set)."""
         for label, outline in object_outlines(labels, first_row):
             points = outline[:, ::-1] + 0.5  # ImageJ (x, y) with pixel centres at +0.5
-            roi = self.roifile.ImagejRoi.frompoints(points.astype(np.float32), name=f"{label:06d}", position=z)
+            name = f"{label:06d}-{z + 1:04d}" if plane_in_name else f"{label:06d}"
+            roi = self.roifile.ImagejRoi.frompoints(points.astype(np.float32), name=name, position=z)
             self.rois.append(roi)
 
     def write(self, path: str | Path) -> Path:
