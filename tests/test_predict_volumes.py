@@ -241,6 +241,56 @@ def test_volume_outputs_as_ome_zarr_keep_voxel_size_and_mark_labels(tmp_path):
     assert not list((tmp_path / "zarr").glob(".*"))  # no partial output left
 
 
+def test_an_ome_zarr_volume_gets_its_labels_in_its_own_labels_group(tmp_path):
+    """A 3-D model on an OME-Zarr volume (z, y, x with a scale, as ome-zarr writes it): read lazily
+    with its voxel size; --format ome-zarr puts the labels into IMAGE.zarr/labels/labels, where
+    napari finds them with the image; the labels equal those of the same volume as a TIFF stack."""
+    zarr = pytest.importorskip("zarr")
+    write_image = pytest.importorskip("ome_zarr.writer").write_image
+    reader = pytest.importorskip("ome_zarr.reader")
+    Reader, Label = reader.Reader, reader.Label
+    parse_url = pytest.importorskip("ome_zarr.io").parse_url
+    volume, source = blobs(), tmp_path / "cells.ome.zarr"
+    axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+    transforms = [[{"type": "scale", "scale": [2.0, 0.5 * 2**k, 0.5 * 2**k]}] for k in range(2)]
+    write_image(
+        volume,
+        zarr.open_group(str(source), mode="w"),
+        axes=axes,
+        coordinate_transformations=transforms,
+        scale_factors=[2],
+    )
+    opened = open_volume(source)
+    assert opened.shape == volume.shape and opened.spacing == pytest.approx((2.0, 0.5, 0.5))
+    settings = PredictSettings("labels", format="ome-zarr", volume=SMALL)
+    predict_file(Bright3D(), SPEC, source, tmp_path / "out" / "cells.tif", settings)
+    tifffile.imwrite(
+        tmp_path / "stack.tif", volume, **spacing_calibration((2.0, 0.5, 0.5), "micron").tiff_kwargs("ZYX", np.uint16)
+    )
+    predict_file(
+        Bright3D(), SPEC, tmp_path / "stack.tif", tmp_path / "stack_labels.tif", PredictSettings("labels", volume=SMALL)
+    )
+    nodes = list(Reader(parse_url(str(source)))())  # the image, then its labels, as napari-ome-zarr reads them
+    (labels_node,) = [node for node in nodes[1:] if node.load(Label)]
+    assert labels_node.metadata["coordinateTransformations"][0][0]["scale"] == [2.0, 0.5, 0.5]
+    np.testing.assert_array_equal(np.asarray(labels_node.data[0]), tifffile.imread(tmp_path / "stack_labels.tif"))
+    assert "image-label" in zarr_attributes(source / "labels" / "labels")
+    with pytest.raises(ImageReadError, match=r"cells.ome.zarr: claims 10x24x20 = 4,800 pixels"):
+        open_volume(source, max_pixels=1000)
+
+
+def test_a_compressed_tiled_tiff_volume_is_read_lazily_and_predicted_as_the_plain_one(tmp_path):
+    volume = blobs()
+    tifffile.imwrite(tmp_path / "plain.tif", volume)
+    tifffile.imwrite(tmp_path / "tiled.tif", volume, tile=(16, 16), compression="zlib")
+    for name in ("plain", "tiled"):
+        settings = PredictSettings("labels", volume=SMALL)
+        predict_file(Bright3D(), SPEC, tmp_path / f"{name}.tif", tmp_path / "out" / f"{name}.tif", settings)
+    plain, tiled = (tifffile.imread(tmp_path / "out" / f"{name}.tif") for name in ("plain", "tiled"))
+    assert plain.max() >= 2  # the two boxes (split further without a voxel size)
+    np.testing.assert_array_equal(tiled, plain)
+
+
 def zarr_attributes(path) -> dict:
     """The OME attributes of a zarr group, NGFF 0.4 (top level) or 0.5 (under "ome")."""
     zarr = pytest.importorskip("zarr")

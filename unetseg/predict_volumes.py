@@ -270,7 +270,7 @@ def _write_volume(target: Path, data: np.ndarray, volume: InputVolume) -> None:
     scale; masks and labels marked as labels) or TIFF (its voxel size), by `target`'s suffix."""
     if is_nifti(target):
         write_nifti(target, data, like=volume.nifti, spacing=_known(volume.spacing))
-    elif target.suffix.lower() == ZARR_SUFFIX:
+    elif ZARR_SUFFIX in (target.suffix.lower(), target.parent.parent.suffix.lower()):  # x.ome.zarr, IMAGE.zarr/labels/x
         from unetseg.io.zarr import OmeZarrWriter
 
         data = np.moveaxis(data, 1, 0) if data.ndim == 4 else data  # NGFF orders c before z

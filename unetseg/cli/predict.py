@@ -40,8 +40,8 @@ TIFF inputs (resolution, ImageJ unit and spacing, OME physical size) is copied t
 A file INPUT may name its OUTPUT .png (masks and labels, 8/16-bit). Inputs unlike the model's
 training images (another channel count; intensities or brightness outside the training range,
 for checkpoints that recorded them) get a warning saying what was converted or differs.
-Volumes: a 3-D model (UNet spatial_dims 3) predicts ZYX TIFF stacks and NIfTI (.nii, .nii.gz)
-in 3-D tiles (--volume-tile, --volume-overlap); NIfTI outputs are NIfTI with the input's
+Volumes: a 3-D model (UNet spatial_dims 3) predicts ZYX TIFF stacks, NIfTI (.nii, .nii.gz)
+and OME-Zarr volumes in 3-D tiles (--volume-tile, --volume-overlap); NIfTI outputs are NIfTI with the input's
 affine and header, labels come from a 3-D watershed; several outputs (--output labels prob)
 come from one run, as <name>_labels.nii.gz and <name>_prob.nii.gz; --format ome-zarr writes
 <name>.ome.zarr scaled by the voxel size, --measure a CSV of the 3-D objects, --rois their

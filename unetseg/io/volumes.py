@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from unetseg.io.files import TIFF_SUFFIXES, image_suffix
+from unetseg.io.files import TIFF_SUFFIXES, image_suffix, is_zarr_folder
 from unetseg.io.images import DEFAULT_MAX_PIXELS, ImageReadError, check_pixels, read_image, to_channels
 from unetseg.io.nifti import NiftiVolume, is_nifti, open_nifti
 from unetseg.io.normalize import Normalization, value_range
@@ -69,7 +69,8 @@ def spacing_calibration(spacing: Spacing, unit: str | None = "micron") -> Calibr
 
 
 def open_volume(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputVolume:
-    """Open a volume: a NIfTI file, or a TIFF read as a Z stack (ZYX, ZCYX/ZYXC through its ImageJ or OME axes).
+    """Open a volume: a NIfTI file, a TIFF read as a Z stack (ZYX, ZCYX/ZYXC through its ImageJ or
+    OME axes), or an OME-Zarr image (*.zarr; its z axis and scale), the last two read lazily.
 
     A 2-D TIFF opens as a volume of one plane. Volumes whose header claims more than `max_pixels`
     voxels are refused unread (None: no cap). Raises ImageReadError naming the file otherwise.
@@ -80,9 +81,15 @@ def open_volume(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
         check_pixels(path, nifti.voxels.shape, 1, max_pixels)
         calibration = spacing_calibration(nifti.spacing, nifti.unit)
         return InputVolume(nifti.voxels, nifti.spacing, nifti.unit, calibration, nifti)
-    if image_suffix(path) not in TIFF_SUFFIXES:
-        raise ImageReadError(f"{path}: a volume must be a TIFF stack or a NIfTI file (.nii, .nii.gz)")
-    image = open_image(path, max_pixels)
+    if is_zarr_folder(path):
+        from unetseg.io.zarr import open_zarr
+
+        image = open_zarr(path)
+        check_pixels(path, image.planes.shape[:3], 1, max_pixels)
+    elif image_suffix(path) not in TIFF_SUFFIXES:
+        raise ImageReadError(f"{path}: a volume must be a TIFF stack, NIfTI (.nii, .nii.gz) or an OME-Zarr image")
+    else:
+        image = open_image(path, max_pixels)
     return InputVolume(image.planes, tiff_spacing(image.calibration), image.calibration.unit, image.calibration)
 
 

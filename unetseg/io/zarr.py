@@ -53,7 +53,8 @@ class LazyPlanes:
     """(Z, H, W[, C]) planes of a chunked array stored in another axis order, read only when sliced.
 
     `planes[z]` is a lazy plane; `planes[z][start:stop]` reads rows start..stop as a numpy
-    array (rows, W[, C]). `order` maps the planes' axes (Z, Y, X[, C]) to the stored ones and
+    array (rows, W[, C]); `planes[start:stop]` reads whole planes (Z, H, W[, C]), as 3-D
+    prediction reads slabs. `order` maps the planes' axes (Z, Y, X[, C]) to the stored ones and
     `fixed` fixes the stored axes that are dropped (singletons such as T = 0) to an index.
     """
 
@@ -65,7 +66,10 @@ class LazyPlanes:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, z: int) -> _LazyPlane:
+    def __getitem__(self, z: int | slice) -> _LazyPlane | np.ndarray:
+        if isinstance(z, slice):
+            planes = [self.read(index, slice(None)) for index in range(*z.indices(len(self)))]
+            return np.stack(planes) if planes else np.empty((0, *self.shape[1:]), self.dtype)
         if not -len(self) <= z < len(self):
             raise IndexError(f"plane {z} of {len(self)}")
         return _LazyPlane(self, z % len(self))
