@@ -101,9 +101,8 @@ def _layout(output: str, classes: int, volume_shape: tuple[int, ...]) -> tuple[s
 def _slabs(model, spec: InputSpec, volume: InputVolume, settings, path) -> Iterator[tuple[int, int, np.ndarray]]:
     """(z_start, z_stop, probs (classes, planes, Y, X)) over the volume, by a 3-D or a 2-D model; for
     output "mask" the uint8 mask (planes, Y, X), thresholded on the device."""
-    tiling = settings.tiling
-    common = dict(batch_size=tiling.batch_size, blend=tiling.blend, pad_mode=tiling.pad_mode, tta=settings.tta(spec))
-    common.update(amp=tiling.amp, compile=tiling.compile)
+    common = settings.engine_options(spec)  # batch, blend, padding, TTA, precision
+    plane_tiles = {key: common.pop(key) for key in ("tile_size", "overlap")}  # 3-D tiles: settings.volume
     if volume_output(settings) == "mask":  # thresholded on the device: uint8 slabs cross to the host
         threshold = settings.label_options(spec)["threshold"]
         common["band_transform"] = partial(_device_mask, spec=spec, threshold=threshold)
@@ -126,9 +125,8 @@ def _slabs(model, spec: InputSpec, volume: InputVolume, settings, path) -> Itera
         bands = iter_predict_bands(
             model,
             ChannelBands(plane, spec.in_channels, path),
-            tile_size=tiling.tile_size,
-            overlap=tiling.overlap,
             normalize=partial(normalization.apply, value_range=value_range),
+            **plane_tiles,
             **common,
         )
         if volume_output(settings) == "mask":  # uint8 bands (rows, X)
