@@ -50,6 +50,15 @@ def blobs(shape=(10, 24, 20), seed=0) -> np.ndarray:
     return volume
 
 
+def write_blobs(path, spacing=(2.0, 0.5, 0.5)):
+    """`blobs()` written as NIfTI (mm) or a TIFF stack (micron) with this voxel size; returns the path."""
+    if path.name.endswith(".nii.gz"):
+        write_nifti(path, blobs(), spacing=spacing)
+    else:
+        tifffile.imwrite(path, blobs(), **spacing_calibration(spacing, "micron").tiff_kwargs("ZYX", np.uint16))
+    return path
+
+
 def expected_mask(volume):
     return np.where(volume > volume.min() + (volume.max() - volume.min()) / 2, 255, 0).astype(np.uint8)
 
@@ -182,12 +191,7 @@ def test_volume_rois_outline_each_object_in_each_plane_and_the_overlay_shows_the
 def test_volume_measurements_are_3d_objects_in_voxels_and_the_files_unit(tmp_path, name, unit):
     """--measure on a volume: one CSV row per 3-D object (volume, centroid, box, mean intensity),
     calibrated by the voxel size (2 x 0.5 x 0.5), and the labels it measured written beside it."""
-    volume = blobs()
-    source = tmp_path / name
-    if name.endswith(".nii.gz"):
-        write_nifti(source, volume, spacing=(2.0, 0.5, 0.5))
-    else:
-        tifffile.imwrite(source, volume, **spacing_calibration((2.0, 0.5, 0.5), "micron").tiff_kwargs("ZYX", np.uint16))
+    source = write_blobs(tmp_path / name)
     suffix = ".nii.gz" if name.endswith(".nii.gz") else ".tif"
     predict_file(
         Bright3D(), SPEC, source, tmp_path / f"out{suffix}", PredictSettings("mask", volume=SMALL, measure=True)
@@ -264,9 +268,7 @@ def test_an_ome_zarr_volume_gets_its_labels_in_its_own_labels_group(tmp_path):
     assert opened.shape == volume.shape and opened.spacing == pytest.approx((2.0, 0.5, 0.5))
     settings = PredictSettings("labels", format="ome-zarr", volume=SMALL)
     predict_file(Bright3D(), SPEC, source, tmp_path / "out" / "cells.tif", settings)
-    tifffile.imwrite(
-        tmp_path / "stack.tif", volume, **spacing_calibration((2.0, 0.5, 0.5), "micron").tiff_kwargs("ZYX", np.uint16)
-    )
+    write_blobs(tmp_path / "stack.tif")
     predict_file(
         Bright3D(), SPEC, tmp_path / "stack.tif", tmp_path / "stack_labels.tif", PredictSettings("labels", volume=SMALL)
     )
@@ -300,12 +302,7 @@ def zarr_attributes(path) -> dict:
 
 @pytest.mark.parametrize("name", ["ct.nii.gz", "stack.tif"])
 def test_several_outputs_of_a_volume_from_one_run_match_the_single_runs(tmp_path, name):
-    volume = blobs()
-    source = tmp_path / name
-    if name.endswith(".nii.gz"):
-        write_nifti(source, volume, spacing=(2.0, 0.5, 0.5))
-    else:
-        tifffile.imwrite(source, volume, **spacing_calibration((2.0, 0.5, 0.5), "micron").tiff_kwargs("ZYX", np.uint16))
+    source = write_blobs(tmp_path / name)
     suffix = ".nii.gz" if name.endswith(".nii.gz") else ".tif"
     kinds = ("mask", "prob", "labels")
     predict_file(Bright3D(), SPEC, source, tmp_path / "all" / f"out{suffix}", PredictSettings(kinds, volume=SMALL))
