@@ -21,6 +21,7 @@ from unetseg.inference.blocks import CONTEXT_ROWS, BlockLabeler, block_rows_for
 from unetseg.inference.overlay import PNG_SUFFIXES, write_png
 from unetseg.inference.postprocess import to_mask
 from unetseg.io.tiff import InputImage, atomic_memmap, native, release_pages
+from unetseg.io.zarr import is_zarr_target
 from unetseg.spec import InputSpec
 
 __all__ = ["FORMATS", "OUTPUTS", "OutputWriter", "layout", "open_writers"]
@@ -73,10 +74,7 @@ class OutputWriter:
         self.block_rows = block_rows or block_rows_for(image.width, context)
         self.context = context
         self.shape, dtype, self.axes = layout(kind, spec, image)
-        self.zarr = target is not None and ".zarr" in (
-            self.target.suffix.lower(),
-            self.target.parent.parent.suffix.lower(),
-        )
+        self.zarr = target is not None and is_zarr_target(self.target)
         self.next_label = 1
         self.labeler: BlockLabeler | None = None
         self.png = target is not None and self.target.suffix.lower() in PNG_SUFFIXES

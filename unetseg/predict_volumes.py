@@ -34,7 +34,7 @@ from unetseg.io.nifti import is_nifti, write_nifti
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import atomic_memmap, release_pages, write_tiff
 from unetseg.io.volumes import InputVolume, VolumeChannels, open_volume, volume_range
-from unetseg.io.zarr import ZARR_SUFFIX
+from unetseg.io.zarr import is_zarr_target
 from unetseg.spec import InputSpec
 
 __all__ = [
@@ -212,7 +212,7 @@ def predict_volume_file(
     for kind, data in made.items():
         _write_volume(targets[kind], data, volume)
     if getattr(settings, "measure", False):
-        voxels = np.stack([np.asarray(volume.voxels[z]) for z in range(volume.shape[0])])
+        voxels = np.asarray(volume.voxels[:])  # the stored values, read whole as the labels are
         write_rows(targets["measure"], *measure_volume(made["labels"], voxels, volume.spacing, volume.unit))
     if getattr(settings, "rois", False):
         _write_volume_rois(targets["rois"], made["labels"])
@@ -268,7 +268,7 @@ def _write_volume(target: Path, data: np.ndarray, volume: InputVolume) -> None:
     scale; masks and labels marked as labels) or TIFF (its voxel size), by `target`'s suffix."""
     if is_nifti(target):
         write_nifti(target, data, like=volume.nifti, spacing=_known(volume.spacing))
-    elif ZARR_SUFFIX in (target.suffix.lower(), target.parent.parent.suffix.lower()):  # x.ome.zarr, IMAGE.zarr/labels/x
+    elif is_zarr_target(target):
         from unetseg.io.zarr import OmeZarrWriter
 
         data = np.moveaxis(data, 1, 0) if data.ndim == 4 else data  # NGFF orders c before z

@@ -20,7 +20,7 @@ import numpy as np
 from unetseg.io.images import ImageReadError
 from unetseg.io.tiff import CHANNEL_AXES, PLANE_AXES, Calibration
 
-__all__ = ["ZARR_SUFFIX", "LazyPlanes", "OmeZarrWriter", "is_zarr", "ngff_scale", "open_zarr"]
+__all__ = ["ZARR_SUFFIX", "LazyPlanes", "OmeZarrWriter", "is_zarr", "is_zarr_target", "ngff_scale", "open_zarr"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,12 @@ def _zarr():
     except ImportError as error:
         raise ImportError("zarr is not installed; OME-Zarr needs pip install 'unetseg[zarr]'") from error
     return zarr
+
+
+def is_zarr_target(path: str | Path) -> bool:
+    """True for an output path that is written as OME-Zarr: x.ome.zarr, or IMAGE.zarr/labels/NAME."""
+    path = Path(path)
+    return ZARR_SUFFIX in (path.suffix.lower(), path.parent.parent.suffix.lower())
 
 
 def is_zarr(path: str | Path) -> bool:
