@@ -88,6 +88,7 @@ class RunReport(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.first_step = trainer.global_step
+        self.on_train_epoch_start(trainer, pl_module)  # Lightning skips that hook when it resumes mid-epoch
         if trainer.is_global_zero:
             resumed = f", resuming at step {trainer.global_step}" if trainer.global_step else ""
             log.info(
