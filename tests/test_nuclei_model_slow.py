@@ -36,7 +36,7 @@ def link_split(out: Path) -> None:
 
 def test_shipped_nuclei_model_scores_on_its_held_out_images(tmp_path):
     _, spec = load_predictor(model_path("nuclei"))
-    assert spec.postprocess == {"threshold": 0.5, "seed_threshold": 0.8, "min_size": 30}  # from unetseg-tune --tta
+    assert spec.postprocess == {"threshold": 0.5, "seed_threshold": 0.7, "min_size": 30}  # from unetseg-tune --tta
     assert spec.tta is True  # predict averages the 8 flips and turns by default
     link_split(tmp_path)
     assert (
@@ -47,9 +47,9 @@ def test_shipped_nuclei_model_scores_on_its_held_out_images(tmp_path):
     assert evaluate_main([*arguments, "--json", str(report)]) == 0
     summary = json.loads(report.read_text())["summary"]
     assert summary["images"] == 85
-    # Measured 0.9194 / 0.6249 (README); a little room for other CPUs' arithmetic.
-    assert summary["dice"] == pytest.approx(0.919, abs=0.005)
-    assert summary["dsb_score"] == pytest.approx(0.625, abs=0.005)
+    # Measured 0.9209 / 0.6264 (README); a little room for other CPUs' arithmetic.
+    assert summary["dice"] == pytest.approx(0.921, abs=0.005)
+    assert summary["dsb_score"] == pytest.approx(0.626, abs=0.005)
     groups = summary["by_modality"]
     assert {name: group["images"] for name, group in groups.items()} == {
         "colour (stained)": 10,
