@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from unetseg.checkpoint import load_predictor, read_checkpoint
+from unetseg.models import UNet
 
 spec = importlib.util.spec_from_file_location("widen", Path(__file__).parents[1] / "scripts" / "widen.py")
 widen = importlib.util.module_from_spec(spec)
@@ -42,3 +43,26 @@ def test_the_copies_differ_so_that_they_train_apart(checkpoint, tmp_path):
 def test_a_shape_that_is_not_a_doubling_is_refused():
     with pytest.raises(SystemExit, match="is not a doubling"):
         widen.widen_tensor("stem.weight", torch.zeros(4, 3), torch.Size([12, 3]), torch.Generator())
+
+
+@pytest.mark.parametrize("shape", [dict(block="plain"), dict(block="residual"), dict(skip="add")])
+def test_every_block_and_skip_kind_is_widened_exactly(shape, monkeypatch):
+    monkeypatch.setattr(widen, "NOISE", 0.0)
+    narrow = UNet(in_channels=3, classes=3, depth=3, width=4, **shape).eval()
+    for module in narrow.modules():  # statistics unlike the fresh ones, so that copying them matters
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    wide = UNet(in_channels=3, classes=3, depth=3, width=8, **shape).eval()
+    old, generator = narrow.state_dict(), torch.Generator()
+    wide.load_state_dict({k: widen.widen_tensor(k, old[k], v.shape, generator) for k, v in wide.state_dict().items()})
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert (narrow(x) - wide(x)).abs().max() < 1e-5
+
+
+def test_dense_blocks_whose_growth_does_not_double_are_refused_by_name():
+    narrow, wide = UNet(block="dense", width=4).state_dict(), UNet(block="dense", width=8).state_dict()
+    with pytest.raises(SystemExit, match=r"stem\.layers\.1\.0\.weight: .* is not a doubling"):
+        for name, template in wide.items():
+            widen.widen_tensor(name, narrow[name], template.shape, torch.Generator())
