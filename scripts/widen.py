@@ -49,9 +49,10 @@ def main(source: str, target: str) -> None:
     state = {}
     for name, template in wide.items():
         state["net." + name] = widen_tensor(name, weights[name], template.shape, generator)
-    checkpoint["state_dict"] = state
     checkpoint["hyper_parameters"]["net"]["init_args"] = init
-    save_checkpoint(checkpoint, target)
+    # Weights only: the narrow run's optimiser state fits no wide network (start with --model.pretrained).
+    kept = {key: checkpoint[key] for key in ("pytorch-lightning_version", "hyper_parameters") if key in checkpoint}
+    save_checkpoint(kept | {"state_dict": state}, target)
     print(f"{target}: width {init['width'] // 2} -> {init['width']}")
 
 

@@ -34,7 +34,9 @@ def test_the_wide_network_gives_the_narrow_ones_probabilities(checkpoint, tmp_pa
 def test_the_copies_differ_so_that_they_train_apart(checkpoint, tmp_path):
     target = tmp_path / "wide.ckpt"
     widen.main(str(checkpoint), str(target))
-    stem = read_checkpoint(target)["state_dict"]["net.stem.body.0.weight"]
+    wide = read_checkpoint(target)
+    assert "optimizer_states" in read_checkpoint(checkpoint) and "optimizer_states" not in wide  # weights only
+    stem = wide["state_dict"]["net.stem.body.0.weight"]
     assert stem.shape[0] % 2 == 0
     assert torch.allclose(stem[0::2], stem[1::2], atol=0.05)
     assert not torch.equal(stem[0::2], stem[1::2])
