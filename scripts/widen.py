@@ -12,47 +12,72 @@ tensor's spread) breaks the symmetry between the copies, which would otherwise t
 import sys
 
 import torch
+from torch import nn
 
-from unetseg.checkpoint import net_state_dict, read_checkpoint, save_checkpoint
+from unetseg.checkpoint import (
+    CheckpointError,
+    checked_net_description,
+    net_state_dict,
+    read_checkpoint,
+    save_checkpoint,
+)
 from unetseg.models import UNet
 
 NOISE = 0.001  # of each weight tensor's standard deviation
 
 
-def widen_tensor(name: str, old: torch.Tensor, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-    """`old` grown to `shape` (each dimension equal or doubled) by copying channel j // 2 into j."""
+def widen_tensor(
+    name: str, old: torch.Tensor, shape: torch.Size, generator: torch.Generator, input_dim: int = 1
+) -> torch.Tensor:
+    """`old` grown to `shape` (each dimension equal or doubled) by copying channel j // 2 into j.
+
+    input_dim: the dimension of a weight that reads the layer's input, halved when it doubles:
+    1 for convolutions (out, in, ...), 0 for transposed ones (in, out, ...).
+    """
     new = old
-    halve = 1.0
     for dim, (was, now) in enumerate(zip(old.shape, shape)):
         if now == was:
             continue
         if now != 2 * was:
             raise SystemExit(f"{name}: {tuple(old.shape)} -> {tuple(shape)} is not a doubling")
         new = new.repeat_interleave(2, dim=dim)
-        # The input dimension of a weight: 1 for Conv (out, in, ...), 0 for ConvTranspose (in, out, ...).
-        reads_input = old.dim() > 1 and dim == (0 if "up.weight" in name else 1)
-        halve *= 0.5 if reads_input else 1.0
-    new = new * halve
+        if old.dim() > 1 and dim == input_dim:
+            new = new * 0.5
     if new.is_floating_point() and old.dim() > 1:
         new = new + torch.randn(new.shape, generator=generator) * NOISE * float(old.float().std())
     return new.to(old.dtype)
 
 
+def widen_weights(weights: dict, wide: nn.Module, generator: torch.Generator) -> dict:
+    """The state dict of `wide` (a network at twice the width of the one `weights` come from)."""
+    transposed = {
+        f"{name}.weight" if name else "weight"
+        for name, module in wide.named_modules()
+        if isinstance(module, nn.ConvTranspose2d | nn.ConvTranspose3d)
+    }
+    return {
+        name: widen_tensor(name, weights[name], template.shape, generator, 0 if name in transposed else 1)
+        for name, template in wide.state_dict().items()
+    }
+
+
 def main(source: str, target: str) -> None:
     """Write the checkpoint `source`'s network at twice its width to `target`."""
-    checkpoint = read_checkpoint(source)
+    try:
+        checkpoint = read_checkpoint(source)
+        description = checked_net_description(checkpoint.get("hyper_parameters", {}).get("net"), source)
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from None
+    if description["class_path"] != "unetseg.models.unet.UNet":
+        raise SystemExit(f"{source}: a {description['class_path']} network; only unetseg's own UNet is widened")
     weights = net_state_dict(checkpoint["state_dict"])
-    init = dict(checkpoint["hyper_parameters"]["net"]["init_args"])
+    init = description["init_args"]
     init["width"] = 2 * init["width"]
-    wide = UNet(**init).state_dict()
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for name, template in wide.items():
-        state["net." + name] = widen_tensor(name, weights[name], template.shape, generator)
+    wide = widen_weights(weights, UNet(**init), torch.Generator().manual_seed(0))
     checkpoint["hyper_parameters"]["net"]["init_args"] = init
     # Weights only: the narrow run's optimiser state fits no wide network (start with --model.pretrained).
     kept = {key: checkpoint[key] for key in ("pytorch-lightning_version", "hyper_parameters") if key in checkpoint}
-    save_checkpoint(kept | {"state_dict": state}, target)
+    save_checkpoint(kept | {"state_dict": {"net." + name: value for name, value in wide.items()}}, target)
     print(f"{target}: width {init['width'] // 2} -> {init['width']}")
 
 

@@ -56,15 +56,33 @@ def test_every_block_and_skip_kind_is_widened_exactly(shape, monkeypatch):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 1.5)
     wide = UNet(in_channels=3, classes=3, depth=3, width=8, **shape).eval()
-    old, generator = narrow.state_dict(), torch.Generator()
-    wide.load_state_dict({k: widen.widen_tensor(k, old[k], v.shape, generator) for k, v in wide.state_dict().items()})
+    wide.load_state_dict(widen.widen_weights(narrow.state_dict(), wide, torch.Generator()))
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert (narrow(x) - wide(x)).abs().max() < 1e-5
 
 
 def test_dense_blocks_whose_growth_does_not_double_are_refused_by_name():
-    narrow, wide = UNet(block="dense", width=4).state_dict(), UNet(block="dense", width=8).state_dict()
+    narrow, wide = UNet(block="dense", width=4), UNet(block="dense", width=8)
     with pytest.raises(SystemExit, match=r"stem\.layers\.1\.0\.weight: .* is not a doubling"):
-        for name, template in wide.items():
-            widen.widen_tensor(name, narrow[name], template.shape, torch.Generator())
+        widen.widen_weights(narrow.state_dict(), wide, torch.Generator())
+
+
+def test_the_input_dimension_of_a_transposed_convolution_is_its_first(monkeypatch):
+    monkeypatch.setattr(widen, "NOISE", 0.0)
+    narrow = torch.nn.ConvTranspose2d(2, 3, 2, stride=2)  # weight (in 2, out 3, 2, 2)
+    wide = torch.nn.ConvTranspose2d(4, 3, 2, stride=2)  # only the input doubles
+    weights = widen.widen_weights(narrow.state_dict(), wide, torch.Generator())
+    assert torch.equal(weights["weight"], narrow.weight.detach().repeat_interleave(2, dim=0) / 2)
+    wide.load_state_dict(weights)
+    x = torch.rand(1, 2, 5, 5)
+    with torch.no_grad():
+        assert torch.allclose(narrow(x), wide(x.repeat_interleave(2, dim=1)), atol=1e-6)
+
+
+def test_only_unetseg_unets_are_widened(tmp_path):
+    source = tmp_path / "smp.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"net": {"class_path": "unetseg.models.SMPUnet"}}}, source)
+    with pytest.raises(SystemExit, match=r"smp\.ckpt: a unetseg\.models\.baseline\.SMPUnet network; only"):
+        widen.main(str(source), str(tmp_path / "wide.ckpt"))
+    assert not (tmp_path / "wide.ckpt").exists()
