@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from unetseg.inference import autocast_dtype, predict_tiled
+from unetseg.inference.pipeline import plane_range
 from unetseg.inference.tiling import padding, tile_starts
 from unetseg.io import Normalization
 from unetseg.models.unet import UNet
-from unetseg.predict import plane_range
 
 THREADS = 2  # the machine this was written on has 2 cores
 TILE_SIZE = 256
@@ -249,7 +249,7 @@ def child(mode: str, source_path: Path, output_path: Path, value_range: tuple[fl
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
     normalization = Normalization()
-    if mode == "range":  # how unetseg.predict takes it: a histogram summed band by band
+    if mode == "range":  # how unetseg.inference.pipeline takes it: a histogram summed band by band
         result = {"range": plane_range(tifffile.memmap(source_path, mode="r"), 1, normalization)}
     elif mode == "range-whole":
         result = {"range": normalization.range(tifffile.memmap(source_path, mode="r"))}
@@ -304,7 +304,7 @@ def run_memory(workdir: Path, modes: list[str]) -> None:
     print(f"{'process':<44}{'seconds':>9}{'peak RSS MiB':>14}{'RSS before predict':>20}")
     labels = {
         "baseline": "baseline: torch + one forward, no image",
-        "range": "unetseg.predict.plane_range(memmap)",
+        "range": "unetseg.inference.pipeline.plane_range(memmap)",
         "range-whole": "Normalization().range(memmap)",
         "memmap": "predict_tiled, input tifffile.memmap",
         "reads": "predict_tiled, input by file reads",

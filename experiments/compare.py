@@ -23,10 +23,10 @@ from skimage.segmentation import find_boundaries
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from unetseg.evaluation.metrics import segmentation_scores, summarize
 from unetseg.inference import predict_tiled
 from unetseg.inference.postprocess import to_labels
 from unetseg.io import Normalization, find_pairs, pair_name, read_image, read_labels, to_channels
-from unetseg.metrics import segmentation_scores, summarize
 from unetseg.models import SMPUnet, UNet
 from unetseg.training.augment import Augmentation
 from unetseg.training.callbacks import read_metrics

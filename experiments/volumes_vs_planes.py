@@ -8,7 +8,7 @@ same voxels per batch (2 patches of 16 x 48 x 48 in 3-D, 32 tiles of 48 x 48 in 
 training volumes (the 2-D net sees their planes) and the same held-out validation volumes. Both
 are scored on held-out volumes the same way: probabilities (of each plane, for the 2-D net)
 stacked into a volume, then one 3-D watershed with the voxel spacing, then 3-D instance
-matching (F1 at IoU > 0.5, `unetseg.metrics`). Writes reports/volumes.md and .json.
+matching (F1 at IoU > 0.5, `unetseg.evaluation.metrics`). Writes reports/volumes.md and .json.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import tifffile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from unetseg.checkpoint import load_predictor  # noqa: E402
+from unetseg.evaluation.metrics import segmentation_scores, summarize  # noqa: E402
+from unetseg.inference.loading import load_predictor  # noqa: E402
+from unetseg.inference.pipeline import PredictSettings  # noqa: E402
+from unetseg.inference.volume_pipeline import VolumeTiling, predict_volume  # noqa: E402
 from unetseg.io.volumes import open_volume, read_volume_labels  # noqa: E402
-from unetseg.metrics import segmentation_scores, summarize  # noqa: E402
-from unetseg.predict import PredictSettings  # noqa: E402
-from unetseg.predict_volumes import VolumeTiling, predict_volume  # noqa: E402
 from unetseg.synthetic import make_nuclei_volumes  # noqa: E402
 
 POOL_3D = "[[1, 2, 2], [2, 2, 2], [2, 2, 2]]"  # 4x thicker slices: the first level pools in-plane only

@@ -5,7 +5,7 @@ python scripts/ship_weights.py BEST.ckpt unetseg/weights/nuclei.ckpt
 
 import sys
 
-from unetseg.checkpoint import slim_checkpoint
+from unetseg.models.checkpoint import slim_checkpoint
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:

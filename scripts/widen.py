@@ -14,14 +14,14 @@ import sys
 import torch
 from torch import nn
 
-from unetseg.checkpoint import (
+from unetseg.models import UNet
+from unetseg.models.checkpoint import (
     CheckpointError,
     checked_net_description,
     net_state_dict,
     read_checkpoint,
     save_checkpoint,
 )
-from unetseg.models import UNet
 
 NOISE = 0.001  # of each weight tensor's standard deviation
 

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 import torch
 
-import unetseg.precision
+import unetseg.runtime.precision
 import unetseg.synthetic
 from unetseg.cli.train import main as train_main
 from unetseg.synthetic import make_nuclei_dataset
@@ -37,7 +37,7 @@ def tiny_train_args(root, run_dir, *extra):
 def float32_by_default():
     """The suite gives the same numbers on every CPU: automatic precision is float32 unless a test turns bf16 on."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(unetseg.precision, "cpu_has_native_bf16", lambda: False)
+        patch.setattr(unetseg.runtime.precision, "cpu_has_native_bf16", lambda: False)
         yield
 
 

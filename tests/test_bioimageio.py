@@ -7,11 +7,12 @@ import pytest
 import tifffile
 import yaml
 
-from unetseg.checkpoint import CheckpointError, load_predictor
 from unetseg.cli import export as cli
 from unetseg.export.bioimageio import export_bioimageio, is_package, load_package, test_package
+from unetseg.inference.loading import load_predictor
+from unetseg.inference.pipeline import PredictSettings, predict_file
 from unetseg.io import Normalization
-from unetseg.predict import PredictSettings, predict_file
+from unetseg.models.checkpoint import CheckpointError
 from unetseg.weights import available_models
 
 pytest.importorskip("bioimageio.core", reason="pip install 'unetseg[bioimageio]'")

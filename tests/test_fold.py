@@ -105,7 +105,7 @@ def test_pinned_transfer_is_chosen_for_cuda_and_its_path_runs_on_the_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bands_come_back_through_pinned_memory_in_bf16():
-    from unetseg.precision import autocast_dtype
+    from unetseg.runtime.precision import autocast_dtype
 
     tensor = torch.arange(12.0, device="cuda").reshape(3, 4)
     np.testing.assert_array_equal(to_host(tensor, pinned=True), tensor.cpu().numpy())

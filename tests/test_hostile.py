@@ -21,17 +21,18 @@ from conftest import CONFIGS, tiny_train_args
 from PIL import Image
 from skimage import io as skio
 
-import unetseg.checkpoint
-from unetseg.batch import plan_outputs
-from unetseg.checkpoint import CheckpointError, checked_net_description, load_net_weights, load_predictor
+import unetseg.models.checkpoint
 from unetseg.cli import evaluate as evaluate_cli
 from unetseg.cli import export as export_cli
 from unetseg.cli import predict as predict_cli
 from unetseg.cli import train as train_cli
+from unetseg.inference.batch import plan_outputs
+from unetseg.inference.loading import load_predictor
+from unetseg.inference.pipeline import PredictSettings, predict_image
 from unetseg.io import ImageReadError, Normalization, find_images, open_image, read_image, read_labels
 from unetseg.io.images import check_pixels
 from unetseg.models import UNet
-from unetseg.predict import PredictSettings, predict_image
+from unetseg.models.checkpoint import CheckpointError, checked_net_description, load_net_weights
 from unetseg.synthetic import nuclei_image
 from unetseg.training.data import load_sample
 from unetseg.training.module import SegmentationModule
@@ -194,7 +195,7 @@ def test_3_network_arguments_out_of_bounds_are_refused_before_building(tmp_path,
     with pytest.raises(CheckpointError, match=f"{argument}={value} is outside"):
         SegmentationModule.load_from_checkpoint(path)
     with pytest.raises(CheckpointError, match=f"{argument}={value} is outside"):
-        unetseg.checkpoint.load_net(path)
+        unetseg.models.checkpoint.load_net(path)
 
 
 def test_3_checkpoints_never_download_encoder_weights(tmp_path):

@@ -90,7 +90,7 @@ def test_center_blend_is_exact_up_to_the_borders_without_mirrored_context(shape)
 
 
 def test_auto_precision_runs_bf16_on_a_cpu_with_native_bf16(monkeypatch):
-    from unetseg import precision
+    from unetseg.runtime import precision
 
     model = conv_stack(width=8)
     image = random_image(2, 60, 50)

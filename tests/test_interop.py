@@ -10,11 +10,11 @@ from scipy import ndimage
 from skimage.draw import polygon2mask
 
 from unetseg.cli.predict import main as predict_main
-from unetseg.inference.blocks import BlockLabeler
+from unetseg.inference.labeling import BlockLabeler
+from unetseg.inference.pipeline import PredictSettings, predict_file, predict_image
 from unetseg.inference.postprocess import to_labels
 from unetseg.io import open_image
 from unetseg.io.zarr import LazyPlanes, open_zarr
-from unetseg.predict import PredictSettings, predict_file, predict_image
 from unetseg.spec import InputSpec
 
 zarr = pytest.importorskip("zarr")
@@ -261,7 +261,7 @@ def test_ngff_04_zarr_v2_image_gets_a_v2_labels_group(predictor, tmp_path):
 
 
 def test_block_rows_bound_block_memory_by_width():
-    from unetseg.inference.blocks import BLOCK_ROWS, block_rows_for
+    from unetseg.inference.labeling import BLOCK_ROWS, block_rows_for
 
     assert block_rows_for(2000) == BLOCK_ROWS
     assert block_rows_for(12000) == 8_000_000 // 12000 - 256
@@ -269,7 +269,7 @@ def test_block_rows_bound_block_memory_by_width():
 
 
 def test_file_labels_made_in_blocks_equal_whole_image_labels(predictor, tmp_path, monkeypatch):
-    import unetseg.inference.blocks as blocks
+    import unetseg.inference.labeling as blocks
 
     model, spec = predictor
     image = ((blobs((700, 300), seed=3) > 0) * 3000 + 100).astype(np.uint16)

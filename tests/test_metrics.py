@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from unetseg.metrics import (
+from unetseg.evaluation.metrics import (
     SCORE_KEYS,
     aggregated_jaccard,
     as_instances,

@@ -7,7 +7,7 @@ import torch
 from conftest import write_pair
 from torch import nn
 
-from unetseg.modality import cluster_name, cluster_weights, image_features, modality_names
+from unetseg.io.modality import cluster_name, cluster_weights, image_features, modality_names
 from unetseg.training.augment import Augmentation, Grey, Invert, StainJitter, build_transform
 from unetseg.training.data import SegmentationDataModule
 from unetseg.training.module import SegmentationModule

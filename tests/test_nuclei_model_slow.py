@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from unetseg.checkpoint import load_predictor
 from unetseg.cli.evaluate import main as evaluate_main
 from unetseg.cli.predict import main as predict_main
+from unetseg.inference.loading import load_predictor
 from unetseg.weights import model_path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from conftest import write_pair
 
 from unetseg.cli import plan as plan_cli
 from unetseg.cli.train import TrainCLI
-from unetseg.plan import (
+from unetseg.planning.plan import (
     choose_depth,
     choose_targets,
     choose_tile,
@@ -17,7 +17,7 @@ from unetseg.plan import (
     plan_config,
     receptive_field,
 )
-from unetseg.survey import mask_kind, survey
+from unetseg.planning.survey import mask_kind, survey
 from unetseg.training.data import SegmentationDataModule
 from unetseg.training.module import SegmentationModule
 
@@ -104,7 +104,7 @@ def test_plan_fills_the_budget_and_its_config_trains(make_dataset, tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_plan_precision_is_the_one_training_picks(make_dataset, monkeypatch, native):
     """The plan times and writes the precision `unetseg-train` would choose on this machine (one detector)."""
-    from unetseg import precision
+    from unetseg.runtime import precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     summary = survey(make_dataset(count=4, shape=(64, 64)))

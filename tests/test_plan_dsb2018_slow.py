@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unetseg.plan import make_plan, plan_config, receptive_field
-from unetseg.survey import survey
+from unetseg.planning.plan import make_plan, plan_config, receptive_field
+from unetseg.planning.survey import survey
 
 DSB2018 = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
 

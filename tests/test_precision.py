@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from unetseg import precision
-from unetseg.precision import autocast_dtype, channels_last, cpu_flags, native_bf16, trainer_precision
+from unetseg.runtime import precision
+from unetseg.runtime.precision import autocast_dtype, channels_last, cpu_flags, native_bf16, trainer_precision
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

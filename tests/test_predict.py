@@ -1,4 +1,4 @@
-"""unetseg.predict: reading inputs as training did, stacks, memory maps, pixel sizes, checkpoints, weights."""
+"""unetseg.inference.pipeline: reading inputs as training did, stacks, memory maps, pixel sizes, weights."""
 
 import os
 from pathlib import Path
@@ -10,15 +10,16 @@ import torch
 from skimage import io as skio
 
 import unetseg.weights
-from unetseg.batch import plan_outputs
-from unetseg.checkpoint import CheckpointError, load_predictor
 from unetseg.inference import TilingConfig, predict_tiled
+from unetseg.inference.batch import plan_outputs
+from unetseg.inference.loading import load_predictor
+from unetseg.inference.pipeline import PredictSettings, predict_file, predict_image
 from unetseg.inference.postprocess import to_mask
 from unetseg.io import ImageReadError, Normalization, to_channels
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import Calibration, open_image, read_calibration
 from unetseg.models import UNet
-from unetseg.predict import PredictSettings, predict_file, predict_image
+from unetseg.models.checkpoint import CheckpointError
 from unetseg.spec import InputSpec
 from unetseg.synthetic import nuclei_image
 from unetseg.training.data import load_sample
@@ -461,7 +462,7 @@ def test_load_predictor_returns_the_net_and_its_input_spec(predictor):
     model, spec = predictor
     assert isinstance(model, UNet) and not model.training
     stored = spec.to_dict()
-    intensity = stored.pop("intensity")  # what the 3 training images looked like (unetseg.quality)
+    intensity = stored.pop("intensity")  # what the 3 training images looked like (unetseg.io.domain)
     assert stored == {
         "in_channels": 1,
         "normalization": {"low": 1.0, "high": 99.8, "clip": True},

@@ -11,8 +11,8 @@ from skimage import io as skio
 
 import unetseg.cli.predict
 import unetseg.weights
-from unetseg.batch import PredictSummary
 from unetseg.cli.predict import build_parser, main
+from unetseg.inference.batch import PredictSummary
 from unetseg.models import UNet
 from unetseg.synthetic import nuclei_image
 

@@ -12,8 +12,8 @@ import pytest
 import tifffile
 from skimage import io as skio
 
-from unetseg.batch import shard
 from unetseg.cli.predict import resolve_shard
+from unetseg.inference.batch import shard
 from unetseg.synthetic import nuclei_image
 
 REPO = Path(__file__).resolve().parents[1]

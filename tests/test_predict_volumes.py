@@ -11,15 +11,15 @@ from conftest import QUIET
 from skimage import io as skio
 from torch import nn
 
-from unetseg.batch import plan_outputs
 from unetseg.cli import main as unetseg_main
+from unetseg.inference.batch import plan_outputs
+from unetseg.inference.pipeline import PredictSettings, predict_file, predict_image
 from unetseg.inference.volume import predict_volume_tiled
+from unetseg.inference.volume_pipeline import VolumeTiling
 from unetseg.io import ImageReadError
 from unetseg.io.nifti import open_nifti, write_nifti
 from unetseg.io.normalize import Normalization
 from unetseg.io.volumes import open_volume, spacing_calibration
-from unetseg.predict import PredictSettings, predict_file, predict_image
-from unetseg.predict_volumes import VolumeTiling
 from unetseg.spec import InputSpec
 from unetseg.synthetic import make_nuclei_volumes
 

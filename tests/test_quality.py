@@ -6,8 +6,8 @@ from skimage import io as skio
 
 from unetseg.cli.predict import main as predict_main
 from unetseg.inference.overlay import overlay
+from unetseg.io.domain import DomainReport, domain_warnings, intensity_summary
 from unetseg.io.normalize import Normalization
-from unetseg.quality import DomainReport, domain_warnings, intensity_summary
 from unetseg.spec import InputSpec
 from unetseg.synthetic import nuclei_image
 

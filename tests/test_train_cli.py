@@ -9,9 +9,9 @@ import yaml
 from conftest import CONFIGS, QUIET, tiny_train_args
 from skimage import io as skio
 
-from unetseg.checkpoint import CheckpointError
 from unetseg.cli import train
 from unetseg.models import SMPUnet, UNet
+from unetseg.models.checkpoint import CheckpointError
 from unetseg.synthetic import make_nuclei_dataset
 from unetseg.training.module import SegmentationModule
 
@@ -251,8 +251,8 @@ def test_fit_help_lists_unetseg_networks_not_torch_nn(capsys):
     ],
 )
 def test_precision_is_chosen_per_machine_unless_the_config_sets_it(monkeypatch, native, config, expected):
-    from unetseg import precision
     from unetseg.cli.train import automatic_precision
+    from unetseg.runtime import precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -270,8 +270,8 @@ def test_a_pretrained_network_of_other_classes_names_adapt_head(shared_dataset, 
 
 
 def test_adapt_head_keeps_the_shared_classes_and_every_other_weight(checkpoint):
-    from unetseg.checkpoint import load_net_weights, read_checkpoint
     from unetseg.models import build_net, net_state_dict
+    from unetseg.models.checkpoint import load_net_weights, read_checkpoint
 
     stored = read_checkpoint(checkpoint)
     old = net_state_dict(stored["state_dict"])

@@ -1,4 +1,4 @@
-"""unetseg.tune and unetseg-tune: post-processing searched on annotated images, stored in the model, used by predict."""
+"""unetseg.evaluation.tune and unetseg-tune: post-processing searched on annotated images, stored in the model."""
 
 import json
 import shutil
@@ -8,17 +8,23 @@ import pytest
 import tifffile
 import torch
 
-from unetseg.checkpoint import load_predictor, read_checkpoint, save_checkpoint, slim_checkpoint, store_postprocess
 from unetseg.cli.train import main as train_main
 from unetseg.cli.tune import main as tune_main
+from unetseg.evaluation.metrics import instance_scores
+from unetseg.evaluation.tune import mean_score, tune_postprocess
 from unetseg.inference import TilingConfig
-from unetseg.inference.postprocess import POSTPROCESS_DEFAULTS, label_settings, to_labels
-from unetseg.metrics import instance_scores
-from unetseg.predict import PredictSettings, predict_image
-from unetseg.spec import InputSpec
+from unetseg.inference.loading import load_predictor
+from unetseg.inference.pipeline import PredictSettings, predict_image
+from unetseg.inference.postprocess import to_labels
+from unetseg.models.checkpoint import (
+    read_checkpoint,
+    save_checkpoint,
+    slim_checkpoint,
+    store_postprocess,
+)
+from unetseg.spec import POSTPROCESS_DEFAULTS, InputSpec, label_settings
 from unetseg.synthetic import nuclei_image
 from unetseg.training.targets import make_target
-from unetseg.tune import mean_score, tune_postprocess
 
 
 def discs(shape=(64, 64), centres=((16, 16), (16, 40), (44, 28)), radius=7) -> np.ndarray:

@@ -8,9 +8,9 @@ import pytest
 import tifffile
 
 from unetseg.cli.evaluate import main as evaluate_main
+from unetseg.evaluation.metrics import as_instances, instance_scores, segmentation_scores
 from unetseg.inference.postprocess import peak_footprint, to_labels
 from unetseg.io.nifti import write_nifti
-from unetseg.metrics import as_instances, instance_scores, segmentation_scores
 from unetseg.training.targets import make_target
 
 pytest.importorskip("nibabel")

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unetseg.checkpoint import load_predictor, read_checkpoint
+from unetseg.inference.loading import load_predictor
 from unetseg.models import UNet
+from unetseg.models.checkpoint import read_checkpoint
 
 spec = importlib.util.spec_from_file_location("widen", Path(__file__).parents[1] / "scripts" / "widen.py")
 widen = importlib.util.module_from_spec(spec)

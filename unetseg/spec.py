@@ -62,7 +62,7 @@ class InputSpec:
         tta: the post-processing was tuned on test-time-augmented probabilities (the 8 flips and
             quarter turns of each tile averaged, `unetseg-tune --tta`): prediction averages them
             too unless told otherwise, as nnU-Net mirrors by default.
-        intensity: a summary of the training images' intensities (`unetseg.quality.intensity_summary`),
+        intensity: a summary of the training images' intensities (`unetseg.io.domain.intensity_summary`),
             against which prediction checks its inputs; empty in checkpoints made before it existed.
     """
 
@@ -121,3 +121,25 @@ class InputSpec:
             raise ValueError(f"bad intensity {intensity!r}")
         tta = spec.get("tta", False)
         return cls(spec["in_channels"], normalization, spec["targets"], spec["classes"], postprocess, intensity, tta)
+
+
+# Settings of `to_labels` that a model may store; these values when it stores none.
+POSTPROCESS_DEFAULTS = {"threshold": 0.5, "seed_threshold": None, "min_size": 15}
+
+
+def label_settings(stored: dict | None = None, **overrides) -> dict:
+    """The `to_labels` settings: POSTPROCESS_DEFAULTS, then a model's `stored` values, then the
+    `overrides` that are not None. Unknown stored keys raise ValueError naming them."""
+    stored = dict(stored or {})
+    unknown = sorted(stored.keys() - POSTPROCESS_DEFAULTS.keys())
+    if unknown:
+        raise ValueError(f"unknown post-processing settings {unknown}; known: {sorted(POSTPROCESS_DEFAULTS)}")
+    settings = {**POSTPROCESS_DEFAULTS, **stored}
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    for key in ("threshold", "seed_threshold"):
+        if settings[key] is not None and not 0.0 <= settings[key] <= 1.0:
+            raise ValueError(f"{key} must be between 0 and 1, got {settings[key]!r}")
+    if int(settings["min_size"]) < 0:
+        raise ValueError(f"min_size must be >= 0, got {settings['min_size']!r}")
+    settings["min_size"] = int(settings["min_size"])
+    return settings

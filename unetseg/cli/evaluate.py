@@ -10,7 +10,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unetseg.evaluation.metrics import (
+    CONNECTIVITY,
+    DSB_THRESHOLDS,
+    MATCH_THRESHOLD,
+    SCORE_KEYS,
+    segmentation_scores,
+    summarize,
+)
 from unetseg.inference.overlay import OVERLAY_SUFFIX
+from unetseg.inference.sinks import OUTPUTS
 from unetseg.io import (
     IMAGE_SUFFIXES,
     DuplicateNameError,
@@ -22,11 +31,9 @@ from unetseg.io import (
     to_channels,
 )
 from unetseg.io.files import image_stem
+from unetseg.io.modality import cluster_name, image_features
 from unetseg.io.volumes import read_mask
-from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
-from unetseg.metrics import CONNECTIVITY, DSB_THRESHOLDS, MATCH_THRESHOLD, SCORE_KEYS, segmentation_scores, summarize
-from unetseg.modality import cluster_name, image_features
-from unetseg.outputs import OUTPUTS
+from unetseg.runtime.logs import add_verbosity_flags, setup_logging, verbosity_level
 
 PROG = "unetseg-evaluate"
 MAX_TABLE_ROWS = 25  # more images than this: the table shows only the summary
@@ -251,7 +258,7 @@ def format_report(evaluation: Evaluation, summary: dict) -> str:
 
 
 def modality_groups(names: list[str], images: Path) -> dict[str, list[str]]:
-    """Scored image names by the modality of their input image in `images` (see `unetseg.modality`);
+    """Scored image names by the modality of their input image in `images` (see `unetseg.io.modality`);
     names without an input image are grouped under "no image"."""
     files = find_masks(images, "--by-modality")
     groups: dict[str, list[str]] = {}

@@ -20,7 +20,7 @@ from unetseg.export import (
     size_multiple,
 )
 from unetseg.export.bioimageio import PACKAGE_SUFFIX
-from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
+from unetseg.runtime.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.weights import MODELS, model_path
 
 PROG = "unetseg-export"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
+from unetseg.runtime.logs import add_verbosity_flags, setup_logging, verbosity_level
 
 PROG = "unetseg-plan"
 log = logging.getLogger("unetseg.cli.plan")
@@ -40,7 +40,7 @@ def positive_ints(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of unetseg-plan."""
     from unetseg.models.unet import BLOCKS, SKIPS
-    from unetseg.plan import BATCH_SIZES, WIDTHS
+    from unetseg.planning.plan import BATCH_SIZES, WIDTHS
 
     parser = argparse.ArgumentParser(
         prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run unetseg-plan; returns 0, or 2 for unusable data or options."""
     args = build_parser().parse_args(argv)
     setup_logging(verbosity_level(args.verbose, args.quiet))
-    from unetseg.plan import make_plan, parse_budget, plan_config, plan_report, survey
+    from unetseg.planning.plan import make_plan, parse_budget, plan_config, plan_report, survey
 
     name = args.data.resolve().name
     out = args.out or Path(f"{name}.yaml")

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 
-from unetseg.batch import plan_outputs, predict_files, shard
-from unetseg.checkpoint import CheckpointError, load_predictor
+from unetseg.inference.batch import plan_outputs, predict_files, shard
+from unetseg.inference.loading import load_predictor
 from unetseg.inference.overlay import overlay_path
+from unetseg.inference.pipeline import FORMATS, OUTPUTS, PredictSettings
 from unetseg.inference.tiling import BLENDS, TilingConfig
+from unetseg.inference.volume_pipeline import VolumeTiling
 from unetseg.io.images import DEFAULT_MAX_PIXELS
-from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
-from unetseg.predict import FORMATS, OUTPUTS, PredictSettings
-from unetseg.predict_volumes import VolumeTiling
+from unetseg.models.checkpoint import CheckpointError
+from unetseg.runtime.logs import add_verbosity_flags, setup_logging, verbosity_level
 from unetseg.weights import MODELS, model_path
 
 log = logging.getLogger("unetseg.cli.predict")

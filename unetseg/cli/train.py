@@ -12,8 +12,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from unetseg.logs import setup_logging, verbosity_level
-from unetseg.precision import trainer_precision
+from unetseg.runtime.logs import setup_logging, verbosity_level
+from unetseg.runtime.precision import trainer_precision
 from unetseg.spec import output_classes
 from unetseg.training.callbacks import FinalCheckpoint, HistoryCSVLogger, MetricsHistory
 from unetseg.training.data import SegmentationDataModule

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from unetseg.checkpoint import CheckpointError, load_predictor, resolve_model, store_postprocess
-from unetseg.inference.postprocess import label_settings, to_labels
+from unetseg.evaluation.metrics import instance_scores
+from unetseg.evaluation.tune import SEARCH_GRID, predict_probabilities, tune_postprocess
+from unetseg.inference.loading import load_predictor
+from unetseg.inference.pipeline import PredictSettings
+from unetseg.inference.postprocess import to_labels
 from unetseg.inference.tiling import TilingConfig
 from unetseg.io import find_pairs, pair_name, read_image, to_channels
-from unetseg.logs import add_verbosity_flags, setup_logging, verbosity_level
-from unetseg.metrics import instance_scores
-from unetseg.modality import image_features, modality_names
-from unetseg.predict import PredictSettings
-from unetseg.tune import SEARCH_GRID, predict_probabilities, tune_postprocess
+from unetseg.io.modality import image_features, modality_names
+from unetseg.models.checkpoint import CheckpointError, resolve_model, store_postprocess
+from unetseg.runtime.logs import add_verbosity_flags, setup_logging, verbosity_level
+from unetseg.spec import label_settings
 
 log = logging.getLogger("unetseg.cli.tune")
 PROG = "unetseg-tune"
@@ -79,7 +81,7 @@ def select_pairs(data: Path, split: Path | None, part: str, max_images: int | No
 
 
 def scores_by_modality(cases, names: list[str], settings: dict) -> dict[str, float]:
-    """Mean DSB score of `settings` per modality group (see `unetseg.modality`)."""
+    """Mean DSB score of `settings` per modality group (see `unetseg.io.modality`)."""
     scores: dict[str, list[float]] = {}
     for (probs, gt), name in zip(cases, names):
         scores.setdefault(name, []).append(instance_scores(to_labels(probs, **settings), gt)["dsb_score"])

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetseg.checkpoint import load_net
 from unetseg.models import describe_net
+from unetseg.models.checkpoint import load_net
 from unetseg.models.unet import UNet, pad_to_multiple
 from unetseg.spec import InputSpec
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from unetseg.inference.fold import inference_copy
 from unetseg.inference.tiling import TilingConfig, axis_weights, pad_indices, padding, tile_starts
-from unetseg.precision import autocast_dtype, channels_last
+from unetseg.runtime.precision import autocast_dtype, channels_last
 
 __all__ = ["autocast_dtype", "iter_predict_bands", "predict_tiled", "select_device", "to_host"]
 

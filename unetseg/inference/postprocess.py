@@ -1,8 +1,7 @@
 """From probabilities to masks and instance labels (thresholds, seeds, watershed).
 
-The settings of `to_labels` that a model can store (tuned by `unetseg-tune`, kept in its input
-spec under `postprocess`) are POSTPROCESS_DEFAULTS' keys; `label_settings` merges the defaults,
-the model's stored values and the user's overrides, in that order.
+The settings of `to_labels` that a model can store are `unetseg.spec.POSTPROCESS_DEFAULTS`;
+`unetseg.spec.label_settings` merges the defaults, the stored values and the user's overrides.
 """
 
 from __future__ import annotations
@@ -15,27 +14,6 @@ from skimage.measure import label as connected_components
 from skimage.segmentation import watershed
 
 from unetseg.spec import foreground_probability
-
-# Settings of `to_labels` that a model may store; these values when it stores none.
-POSTPROCESS_DEFAULTS = {"threshold": 0.5, "seed_threshold": None, "min_size": 15}
-
-
-def label_settings(stored: dict | None = None, **overrides) -> dict:
-    """The `to_labels` settings: POSTPROCESS_DEFAULTS, then a model's `stored` values, then the
-    `overrides` that are not None. Unknown stored keys raise ValueError naming them."""
-    stored = dict(stored or {})
-    unknown = sorted(stored.keys() - POSTPROCESS_DEFAULTS.keys())
-    if unknown:
-        raise ValueError(f"unknown post-processing settings {unknown}; known: {sorted(POSTPROCESS_DEFAULTS)}")
-    settings = {**POSTPROCESS_DEFAULTS, **stored}
-    settings.update({key: value for key, value in overrides.items() if value is not None})
-    for key in ("threshold", "seed_threshold"):
-        if settings[key] is not None and not 0.0 <= settings[key] <= 1.0:
-            raise ValueError(f"{key} must be between 0 and 1, got {settings[key]!r}")
-    if int(settings["min_size"]) < 0:
-        raise ValueError(f"min_size must be >= 0, got {settings['min_size']!r}")
-    settings["min_size"] = int(settings["min_size"])
-    return settings
 
 
 def to_mask(probs: np.ndarray, threshold: float = 0.5, targets: str | None = None) -> np.ndarray:

@@ -48,7 +48,7 @@ class TilingConfig:
         tta: average the probabilities of the 8 flips and quarter turns of each tile; None: as the
             model says (`InputSpec.tta`, set by `unetseg-tune --tta`), else off.
         amp: autocast (bfloat16, or float16 on GPUs without it); None decides per device: on
-            for CUDA and for CPUs with native bfloat16 (`unetseg.precision`).
+            for CUDA and for CPUs with native bfloat16 (`unetseg.runtime.precision`).
         compile: run the network through `torch.compile` (off: on the CPU it measured no gain
             worth its compile time; see BENCHMARKS.md).
     """

@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unetseg.io import ImageReadError, Normalization, find_pairs, pair_name, read_image, read_labels, to_channels
+from unetseg.io.domain import intensity_summary
+from unetseg.io.labels import as_instances
+from unetseg.io.modality import cluster_weights, image_features, modality_names
 from unetseg.io.normalize import count_non_finite, warn_non_finite
-from unetseg.metrics import as_instances
-from unetseg.modality import cluster_weights, image_features, modality_names
-from unetseg.quality import intensity_summary
 from unetseg.spec import InputSpec, output_classes
 from unetseg.synthetic import default_dataset, default_volume_dataset
 from unetseg.training.augment import Augmentation, build_transform
@@ -207,7 +207,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             Binary masks (0/1, 0/255) are split into connected components first, so the map
             weighs the gaps between touching objects there too.
         modality_balance: group training images by brightness and colourfulness
-            (`unetseg.modality`: fluorescence, grey brightfield, colour) and draw group g in
+            (`unetseg.io.modality`: fluorescence, grey brightfield, colour) and draw group g in
             proportion to n_g ** (1 - modality_balance): 0 draws images evenly (groups by their
             size), 1 draws the groups evenly, 0.5 by the square root of their size.
         num_workers: DataLoader workers; None picks min(4, CPUs - 1).
@@ -276,7 +276,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.split: dict[str, list[str]] | None = None
         self.modalities: dict[str, str] = {}  # training image name -> its modality group
         self.stored_channels: dict[int, int] = {}  # channels in the files -> images, known after setup()
-        self.intensity: dict = {}  # the training images' intensities (unetseg.quality), known after setup()
+        self.intensity: dict = {}  # the training images' intensities (unetseg.io.domain), known after setup()
 
     @property
     def output_classes(self) -> int:

@@ -14,7 +14,10 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, MulticlassF1Score
 
-from unetseg.checkpoint import (
+from unetseg.evaluation.metrics import instance_scores
+from unetseg.inference.postprocess import to_labels
+from unetseg.models import UNet, build_net, describe_net
+from unetseg.models.checkpoint import (
     CheckpointError,
     checked_net_description,
     load_net_weights,
@@ -22,10 +25,7 @@ from unetseg.checkpoint import (
     read_checkpoint,
     resolve_model,
 )
-from unetseg.inference.postprocess import to_labels
-from unetseg.metrics import instance_scores
-from unetseg.models import UNet, build_net, describe_net
-from unetseg.precision import channels_last
+from unetseg.runtime.precision import channels_last
 from unetseg.spec import InputSpec
 from unetseg.training.losses import SegmentationLoss
 
@@ -127,7 +127,7 @@ class SegmentationModule(pl.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location=None, **kwargs) -> SegmentationModule:
         """Rebuild the module, its network included, from a checkpoint: tensors and plain data only, and only
-        networks unetseg allows (see `unetseg.checkpoint`). Keyword arguments override saved hyperparameters."""
+        networks unetseg allows (see `unetseg.models.checkpoint`). Keyword arguments override saved hyperparameters."""
         checkpoint = read_checkpoint(checkpoint_path)
         if non_finite_weights(checkpoint.get("state_dict", {})):
             log.warning("%s: some weights are NaN or infinite; the training that wrote it diverged", checkpoint_path)

@@ -3,7 +3,7 @@ non-finite loss, and never a non-finite checkpoint. (The metrics history that su
 `unetseg.training.callbacks.HistoryCSVLogger`.)
 
 - `AtomicCheckpointIO` (a Lightning CheckpointIO plugin): every checkpoint is written beside its
-  target, flushed to disk and renamed (`unetseg.checkpoint.save_checkpoint`). Lightning's own
+  target, flushed to disk and renamed (`unetseg.models.checkpoint.save_checkpoint`). Lightning's own
   writer stages the file in the temp folder and copies it when the run folder is on another
   filesystem, so a kill during the copy left a 0-byte `last.ckpt`. It also refuses to write
   weights holding NaN or Inf.
@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from unetseg.checkpoint import non_finite_weights, save_checkpoint
+from unetseg.models.checkpoint import non_finite_weights, save_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "FiniteLoss", "NonFiniteTrainingError"]
 

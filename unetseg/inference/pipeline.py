@@ -4,10 +4,10 @@ Each input is opened (`unetseg.io.tiff.open_image`, `unetseg.io.zarr.open_zarr`)
 model's training read it (`to_channels`, then `Normalization` with the range of the whole image,
 or of each plane of a Z stack) and predicted tile by tile (`unetseg.inference.iter_predict_bands`).
 Uncompressed TIFFs are read through a memory map, compressed and tiled TIFFs and OME-Zarr chunk
-by chunk, and every output kind asked for is written from the same bands by `unetseg.outputs`
+by chunk, and every output kind asked for is written from the same bands by `unetseg.inference.sinks`
 (labels block by block), so a 12000 x 12000 image needs memory in proportion to its width.
 Every output is written to a temporary name and renamed, and carries the pixel size of its input.
-Folders (planning, sharding, the loop over files) are `unetseg.batch`.
+Folders (planning, sharding, the loop over files) are `unetseg.inference.batch`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ from tqdm import tqdm
 
 from unetseg.inference import TilingConfig, iter_predict_bands
 from unetseg.inference.overlay import PNG_SUFFIXES, overlay_path, write_overlay
-from unetseg.inference.postprocess import label_settings, to_mask_tensor
+from unetseg.inference.postprocess import to_mask_tensor
+from unetseg.inference.sinks import FORMATS, OUTPUTS, OutputWriter, open_writers
+from unetseg.inference.volume_pipeline import (
+    VolumeTiling,
+    model_spatial_dims,
+    predict_volume_file,
+    predict_volume_outputs,
+)
+from unetseg.io.domain import DomainReport
 from unetseg.io.files import image_stem
 from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.io.nifti import is_nifti
@@ -34,10 +42,7 @@ from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import InputImage, open_image
 from unetseg.io.volumes import InputVolume
 from unetseg.io.zarr import ZARR_SUFFIX, is_zarr, open_zarr
-from unetseg.outputs import FORMATS, OUTPUTS, OutputWriter, open_writers
-from unetseg.predict_volumes import VolumeTiling, model_spatial_dims, predict_volume_file, predict_volume_outputs
-from unetseg.quality import DomainReport
-from unetseg.spec import InputSpec
+from unetseg.spec import InputSpec, label_settings
 
 __all__ = ["FORMATS", "OUTPUTS", "PredictSettings", "open_input", "output_targets", "predict_file", "predict_image"]
 
@@ -58,7 +63,7 @@ class PredictSettings:
         seed_threshold: seed class probability that starts an object in "labels".
         min_size: smallest object, in pixels, kept in "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
-        volume: tile size and overlap (Z, Y, X) of 3-D models (`unetseg.predict_volumes`).
+        volume: tile size and overlap (Z, Y, X) of 3-D models (`unetseg.inference.volume_pipeline`).
         max_pixels: the most pixels (height x width x planes) an input may claim in its header;
             larger ones are refused unread (decompression bombs). None: no cap.
         overlay: also write `<stem>_overlay.png` next to each output: the input with the

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from unetseg.io import Normalization
-from unetseg.survey import DataSummary
+from unetseg.planning.survey import DataSummary
 from unetseg.training.augment import Augmentation, build_transform
 from unetseg.training.data import TileDataset, pad_sample
 from unetseg.training.losses import SegmentationLoss

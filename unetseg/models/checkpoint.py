@@ -22,17 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from unetseg.inference.postprocess import label_settings
 from unetseg.io.files import atomic_output
 from unetseg.models import build_net, net_state_dict
-from unetseg.spec import InputSpec
+from unetseg.spec import InputSpec, label_settings
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
     "CheckpointError",
     "load_net",
     "load_net_weights",
-    "load_predictor",
     "non_finite_weights",
     "read_checkpoint",
     "resolve_model",
@@ -180,59 +178,6 @@ def load_net(path: str | Path) -> tuple[nn.Module, InputSpec | None, dict]:
     except Exception as error:  # wrong keys or shapes, bad init arguments
         raise CheckpointError(f"{path}: cannot rebuild the network ({type(error).__name__}: {error})") from None
     return net, spec, hparams
-
-
-def load_predictor(path: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, InputSpec]:
-    """Load a model for prediction and the input spec it was trained with: (model in eval mode, spec).
-
-    .ckpt/.pt/.pth are training checkpoints (see `read_checkpoint`); .onnx files written by
-    unetseg-export run through ONNX Runtime (`unetseg.export.onnx.OnnxPredictor`) with the spec
-    stored in the file, and so do bioimage.io packages (.zip) written by unetseg-export. Raises
-    CheckpointError naming the file when it cannot be used.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        model, spec = _load_onnx(path)
-    elif suffix == ".zip":  # a bioimage.io package written by unetseg-export: its ONNX weights and stored spec
-        try:
-            from unetseg.export.bioimageio import load_package
-
-            model, spec = load_package(path)
-        except (ImportError, ValueError, OSError) as error:
-            message = str(error).removeprefix(f"{path}: ")
-            raise CheckpointError(f"{path}: cannot load the bioimage.io package ({message})") from None
-    elif suffix in CHECKPOINT_SUFFIXES:
-        model, spec, _ = load_net(path)
-        if spec is None:
-            raise CheckpointError(
-                f"{path}: has no input_spec (channels and normalisation); it was saved without a "
-                "SegmentationDataModule, so prediction cannot repeat its input normalisation"
-            )
-    else:
-        raise CheckpointError(
-            f"{path}: unknown model file type {suffix!r}; expected {', '.join(CHECKPOINT_SUFFIXES)}, .onnx or .zip"
-        )
-    if device is not None:
-        model = model.to(device)
-    return model.eval(), spec
-
-
-def _load_onnx(path: Path) -> tuple[nn.Module, InputSpec]:
-    """An ONNX export run by ONNX Runtime, and the input spec stored in it."""
-    try:
-        from unetseg.export.onnx import load_onnx
-
-        model, spec = load_onnx(path)
-        if spec is None:
-            raise ValueError("no input_spec in its metadata; export it with unetseg-export from a trained checkpoint")
-        return model, spec
-    except (ImportError, ValueError, OSError) as error:  # no onnxruntime, not an export, unreadable
-        message = str(error)
-        message = message[len(f"{path}: ") :] if message.startswith(f"{path}: ") else message
-        raise CheckpointError(f"{path}: cannot load the ONNX model ({message})") from None
 
 
 def load_net_weights(net: nn.Module, source: str | Path, adapt_head: bool = False) -> list[str]:

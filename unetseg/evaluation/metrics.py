@@ -22,13 +22,13 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import sparse
-from skimage.measure import label as connected_components
 from skimage.metrics import adapted_rand_error, variation_of_information
 from skimage.segmentation import relabel_sequential
 
+from unetseg.io.labels import CONNECTIVITY, as_instances
+
 DSB_THRESHOLDS = tuple(round(0.5 + 0.05 * step, 2) for step in range(10))  # 0.5, 0.55, ..., 0.95
 MATCH_THRESHOLD = 0.5  # for tp/fp/fn, precision, recall and F1
-CONNECTIVITY = 1  # 4-neighbours: splits binary masks at one-pixel diagonal gaps (see as_instances)
 
 # Per-image values that the summary averages over images, and counts that it adds up.
 MEAN_KEYS = (
@@ -88,26 +88,6 @@ def foreground_dice(pred: np.ndarray, gt: np.ndarray) -> float:
 def foreground_iou(pred: np.ndarray, gt: np.ndarray) -> float:
     """Jaccard index |P & G| / |P | G| of the foregrounds (label > 0); 1.0 when both are empty."""
     return _iou(*_foreground_counts(pred, gt))
-
-
-def as_instances(mask: np.ndarray, connectivity: int = CONNECTIVITY) -> np.ndarray:
-    """Instance labels of a mask: a label image is returned as it is, a binary mask is split into components.
-
-    A mask is binary when it holds at most one non-zero value (0/1, 0/255, bool). Its connected
-    components are labelled 1..n with `skimage.measure.label`. The default connectivity 1
-    (4-neighbours in 2D) keeps cells apart that are separated by a one-pixel, diagonally
-    connected membrane or gap; pass `connectivity=mask.ndim` for 8-neighbours.
-    """
-    mask = np.asarray(mask)
-    if mask.dtype.kind not in "uib":
-        raise ValueError(f"a mask must hold integers or booleans, got dtype {mask.dtype}")
-    if mask.dtype.kind == "i" and mask.size and mask.min() < 0:
-        raise ValueError("a mask must not hold negative labels")
-    foreground = mask[mask != 0]
-    is_binary = foreground.size == 0 or bool(np.all(foreground == foreground[0]))
-    if not is_binary:
-        return mask
-    return connected_components(mask != 0, connectivity=connectivity)
 
 
 def _sequential(labels: np.ndarray) -> tuple[np.ndarray, int]:

@@ -1,10 +1,10 @@
 """A training plan from the data and this machine: read the folder once, time candidate networks, write a config.
 
 As nnU-Net plans its patch size, batch and network from a dataset fingerprint and Cellpose
-estimates the object diameter, `unetseg.survey` measures the images (sizes, channels, dtype, intensity
+estimates the object diameter, `unetseg.planning.survey` measures the images (sizes, channels, dtype, intensity
 range) and masks (binary / instances / classes, object sizes, touching objects); `choose_*`
 turn that into a tile size, a depth whose receptive field covers the largest objects and the
-targets; `unetseg.timing` times a few training steps of each width and batch on this machine,
+targets; `unetseg.planning.timing` times a few training steps of each width and batch on this machine,
 and `make_plan` keeps the widest network that sees enough tiles within the budget.
 """
 
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from unetseg.models import UNet
-from unetseg.precision import native_bf16
+from unetseg.planning.survey import DataSummary, survey
+from unetseg.planning.timing import Candidate, time_data, time_forward, time_step, training_device
+from unetseg.runtime.precision import native_bf16
 from unetseg.spec import output_classes
-from unetseg.survey import DataSummary, survey
-from unetseg.timing import Candidate, time_data, time_forward, time_step, training_device
 from unetseg.training.report import duration
 
 __all__ = ["DataSummary", "Plan", "make_plan", "parse_budget", "plan_config", "plan_report", "survey"]

@@ -1,5 +1,5 @@
 """Prediction of folders: which outputs the inputs get (`plan_outputs`), this process's share of them
-(`shard`), and the loop that predicts each file with `unetseg.predict.predict_file`, naming the
+(`shard`), and the loop that predicts each file with `unetseg.inference.pipeline.predict_file`, naming the
 files that fail without stopping the others (`predict_files`)."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference.overlay import PNG_SUFFIXES
+from unetseg.inference.pipeline import PredictSettings, output_targets, predict_file
+from unetseg.inference.volume_pipeline import output_suffix
 from unetseg.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -23,11 +25,9 @@ from unetseg.io import (
     image_key,
     is_image_file,
 )
+from unetseg.io.domain import DomainReport
 from unetseg.io.nifti import is_nifti
 from unetseg.io.zarr import is_zarr
-from unetseg.predict import PredictSettings, output_targets, predict_file
-from unetseg.predict_volumes import output_suffix
-from unetseg.quality import DomainReport
 from unetseg.spec import InputSpec
 
 __all__ = ["PredictSummary", "plan_outputs", "predict_files", "shard"]

@@ -153,7 +153,7 @@ def predict_volume(
 ) -> Any:
     """Predict `volume` into `out`: (Z, Y, X) masks or labels, (Z, Y, X) or (Z, C, Y, X) probabilities.
 
-    `settings` is a `unetseg.predict.PredictSettings` (output, post-processing, tiling; its
+    `settings` is a `unetseg.inference.pipeline.PredictSettings` (output, post-processing, tiling; its
     `volume` tiling for 3-D models). Labels are made from the whole probability volume by the 3-D
     watershed of `to_labels`, with the voxel spacing where the file gives all of it.
     """
@@ -187,7 +187,7 @@ def predict_volume_file(
     progress: bool = False,
 ) -> int:
     """Predict one volume file into `targets` (a NIfTI or TIFF file per output kind, by its suffix; see
-    `unetseg.predict.output_targets`); returns the voxels predicted.
+    `unetseg.inference.pipeline.output_targets`); returns the voxels predicted.
 
     NIfTI targets keep a NIfTI input's affine and header (only the data type changes); TIFF
     targets carry the voxel size as ImageJ resolution and spacing (OME PhysicalSizeX/Y/Z for

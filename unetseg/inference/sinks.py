@@ -2,7 +2,7 @@
 
 Every writer takes the probability bands of one model run (`band`), so one pass writes
 several outputs. Masks and probabilities go band by band into a memory-mapped TIFF or an
-OME-Zarr array. Labels are made block by block (`unetseg.inference.blocks.BlockLabeler`)
+OME-Zarr array. Labels are made block by block (`unetseg.inference.labeling.BlockLabeler`)
 and painted into a uint32 scratch map (narrowed to uint16 when they fit) or a zarr array, so
 memory never holds a whole plane; each block's objects also go to the ROI set and the
 measurements. Everything is written under a temporary name and renamed when complete.
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from unetseg.inference.blocks import CONTEXT_ROWS, BlockLabeler, block_rows_for
+from unetseg.inference.labeling import CONTEXT_ROWS, BlockLabeler, block_rows_for
 from unetseg.inference.overlay import PNG_SUFFIXES, write_png
 from unetseg.inference.postprocess import to_mask
 from unetseg.io.tiff import InputImage, atomic_memmap, native, release_pages

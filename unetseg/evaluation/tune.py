@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from unetseg.inference.postprocess import label_settings, to_labels
+from unetseg.evaluation.metrics import as_instances, instance_scores
+from unetseg.inference.pipeline import PredictSettings, predict_image
+from unetseg.inference.postprocess import to_labels
 from unetseg.io import read_image, read_labels
-from unetseg.metrics import as_instances, instance_scores
-from unetseg.predict import PredictSettings, predict_image
-from unetseg.spec import InputSpec
+from unetseg.spec import InputSpec, label_settings
 
 __all__ = ["SEARCH_GRID", "TuneResult", "mean_score", "predict_probabilities", "tune_postprocess"]
 

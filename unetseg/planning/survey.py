@@ -1,5 +1,5 @@
 """A training folder's fingerprint, read once: image sizes, channels, dtype and intensity range; mask kind
-(binary / instances / classes), object sizes and touching objects. `unetseg.plan` chooses settings from it."""
+(binary / instances / classes), object sizes and touching objects. `unetseg.planning.plan` chooses settings from it."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Scoring predictions against annotations (`metrics`), and searching post-processing on them (`tune`)."""

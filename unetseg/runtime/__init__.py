@@ -1,0 +1,1 @@
+"""Where a run stands on this machine: precision per device, logging."""
