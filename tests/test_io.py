@@ -298,3 +298,14 @@ def test_failed_write_leaves_neither_temporary_nor_final_file(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - whatever tifffile raises, nothing may be left behind
         write_tiff(tmp_path / "bad.tif", np.array([object()] * 4))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_normalization_of_a_read_only_float32_view_copies_it():
+    # float32 planes of a NIfTI file are read-only views: normalising must neither fail nor write into them.
+    stored = np.linspace(0, 100, 60, dtype=np.float32).reshape(1, 6, 10)
+    view = stored[:, 1:5]
+    view.flags.writeable = False
+    out = Normalization(0.0, 100.0).apply(view, (0.0, 100.0))
+    assert out.dtype == np.float32 and out.flags.writeable and not np.shares_memory(out, stored)
+    np.testing.assert_allclose(out, view / 100.0, rtol=1e-6)
+    assert stored.max() == 100.0

@@ -500,13 +500,13 @@ def test_output_files_get_ordinary_permissions(tmp_path, predictor):
         os.umask(umask)
 
 
-@pytest.mark.parametrize("classes, targets", [(1, "foreground"), (3, "boundary"), (4, "classes")])
+@pytest.mark.parametrize("classes, targets", [(1, "foreground"), (3, "boundary"), (4, "distance"), (4, "classes")])
 def test_device_mask_equals_the_host_mask(classes, targets):
-    from unetseg.inference.postprocess import to_mask_tensor
+    from unetseg.inference.postprocess import to_mask
 
     probs = torch.softmax(torch.randn(classes, 9, 7, generator=torch.Generator().manual_seed(classes)), dim=0)
     if classes == 1:
         probs = torch.rand(1, 9, 7, generator=torch.Generator().manual_seed(0))
-    mask = to_mask_tensor(probs, 0.4, targets)
+    mask = to_mask(probs, 0.4, targets)
     assert mask.dtype == torch.uint8
     np.testing.assert_array_equal(mask.numpy(), to_mask(probs.numpy(), 0.4, targets))

@@ -12,6 +12,7 @@ from skimage import io as skio
 from torch import nn
 
 from unetseg.cli import main as unetseg_main
+from unetseg.inference import TilingConfig
 from unetseg.inference.batch import plan_outputs
 from unetseg.inference.pipeline import PredictSettings, predict_file, predict_image
 from unetseg.inference.volume import predict_volume_tiled
@@ -393,3 +394,20 @@ def test_train_tiny3d_then_predict_a_nifti_volume_end_to_end(tmp_path, synthetic
     assert written.shape == original.shape == (32, 32, 8)
     np.testing.assert_allclose(written.affine, original.affine)
     assert written.header.get_zooms() == pytest.approx((0.5, 0.5, 2.0))
+
+
+@pytest.mark.parametrize("outputs", [("mask",), ("prob",), ("labels",), ("mask", "prob", "labels")])
+def test_a_2d_model_predicts_a_float_nifti_stack_as_its_tiff_stack(tmp_path, outputs):
+    # Each container of a Z stack goes through one path: a 2-D model predicts (and labels) plane by plane.
+    stack = np.stack([blobs((1, 160, 176), seed=seed)[0] for seed in range(3)]).astype(np.float32)
+    write_nifti(tmp_path / "s.nii.gz", stack, spacing=(2.0, 1.0, 1.0))
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    settings = PredictSettings(output=outputs if len(outputs) > 1 else outputs[0], tiling=TilingConfig(64, 16))
+    predict_file(Bright3D(dims=2), SPEC, tmp_path / "s.nii.gz", tmp_path / "out.nii.gz", settings)
+    predict_file(Bright3D(dims=2), SPEC, tmp_path / "s.tif", tmp_path / "out.tif", settings)
+    for kind in outputs:
+        suffix = f"_{kind}" if len(outputs) > 1 else ""
+        from_nifti = np.asarray(open_nifti(tmp_path / f"out{suffix}.nii.gz").voxels[:])
+        from_tiff = tifffile.imread(tmp_path / f"out{suffix}.tif")
+        assert from_nifti.shape == from_tiff.shape == stack.shape
+        np.testing.assert_allclose(from_nifti, from_tiff, atol=1e-6)

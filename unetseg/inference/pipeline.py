@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 from unetseg.inference import TilingConfig, iter_predict_bands
 from unetseg.inference.overlay import PNG_SUFFIXES, overlay_path, write_overlay
-from unetseg.inference.postprocess import to_mask_tensor
+from unetseg.inference.postprocess import to_mask
 from unetseg.inference.sinks import FORMATS, OUTPUTS, OutputWriter, open_writers
 from unetseg.inference.volume_pipeline import (
     VolumeTiling,
     model_spatial_dims,
     predict_volume_file,
     predict_volume_outputs,
+    write_volume,
 )
 from unetseg.io.domain import DomainReport
 from unetseg.io.files import image_stem
@@ -40,7 +41,7 @@ from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.io.nifti import is_nifti
 from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.tiff import InputImage, open_image
-from unetseg.io.volumes import InputVolume
+from unetseg.io.volumes import InputVolume, open_volume
 from unetseg.io.zarr import ZARR_SUFFIX, is_zarr, open_zarr
 from unetseg.spec import InputSpec, label_settings
 
@@ -181,9 +182,9 @@ def _check_classes(probs: Any, spec: InputSpec) -> None:
 
 
 def _device_mask(probs: Any, spec: InputSpec, threshold: float) -> Any:
-    """The uint8 mask of a band of probabilities, computed where they are (`to_mask_tensor`)."""
+    """The uint8 mask of a band of probabilities, computed where they are (`to_mask`)."""
     _check_classes(probs, spec)
-    return to_mask_tensor(probs, threshold, spec.targets)
+    return to_mask(probs, threshold, spec.targets)
 
 
 def predict_image(
@@ -291,9 +292,14 @@ def predict_file(
     settings.check(input_spec)
     source = Path(source)
     targets = output_targets(source, target, settings)
-    if is_nifti(source) or model_spatial_dims(model) == 3:
+    if model_spatial_dims(model) == 3:
         return predict_volume_file(model, input_spec, source, targets, settings, progress)
-    image = open_input(source, settings.max_pixels)
+    # A 2-D model predicts every plane of a stack, whatever holds it: a NIfTI volume goes the TIFF stack's way,
+    # its outputs made in memory and written as NIfTI with the input's geometry.
+    volume = open_volume(source, settings.max_pixels) if is_nifti(source) else None
+    image = open_input(source, settings.max_pixels) if volume is None else volume.as_stack()
+    nifti_targets = {kind: targets[kind] for kind in settings.outputs if is_nifti(targets[kind])}
+    writer_targets = {kind: None if kind in nifti_targets else target for kind, target in targets.items()}
     for kind in settings.outputs:
         settings.check_target(targets[kind], image.stack)
     (domain or DomainReport()).check(source, image.planes[0], input_spec)
@@ -314,13 +320,15 @@ def predict_file(
         ) as bar,
         ExitStack() as stack,
     ):
-        writers = open_writers(settings.outputs, targets, input_spec, image, options, stack, rois, measurements)
+        writers = open_writers(settings.outputs, writer_targets, input_spec, image, options, stack, rois, measurements)
         _predict_planes(model, input_spec, image, settings, writers, source, bar.update)
         if settings.overlay:
             first, z = writers[0], len(image.planes) // 2
             write_overlay(targets["overlay"], image.planes[z], first.plane(z), first.kind, options["threshold"])
         for writer in writers:
-            writer.close()
+            made = writer.close()
+            if writer.kind in nifti_targets:
+                write_volume(nifti_targets[writer.kind], made, volume)
         if rois is not None:
             rois.write(targets["rois"])
         if measurements is not None:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from unetseg.inference import iter_predict_bands
 from unetseg.inference.overlay import write_overlay
-from unetseg.inference.postprocess import to_labels, to_mask, to_mask_tensor
+from unetseg.inference.postprocess import to_labels, to_mask
 from unetseg.inference.volume import iter_predict_slabs, per_axis
 from unetseg.io.files import TIFF_SUFFIXES, image_suffix
 from unetseg.io.measure import measure_volume, write_rows
@@ -139,7 +139,7 @@ def _device_mask(probs, spec: InputSpec, threshold: float):
     """The uint8 mask of a slab (classes, planes, Y, X) of probabilities, computed where they are."""
     if probs.shape[0] != spec.classes:
         raise ValueError(f"the model returned {probs.shape[0]} classes; its input_spec says {spec.classes}")
-    return to_mask_tensor(probs, threshold, spec.targets)
+    return to_mask(probs, threshold, spec.targets)
 
 
 def predict_volume(
@@ -210,7 +210,7 @@ def predict_volume_file(
         else:
             made = predict_volume_outputs(model, spec, volume, settings, source, bar.update)
     for kind, data in made.items():
-        _write_volume(targets[kind], data, volume)
+        write_volume(targets[kind], data, volume)
     if getattr(settings, "measure", False):
         voxels = np.asarray(volume.voxels[:])  # the stored values, read whole as the labels are
         write_rows(targets["measure"], *measure_volume(made["labels"], voxels, volume.spacing, volume.unit))
@@ -263,7 +263,7 @@ def _smallest_labels(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.uint16) if labels.max(initial=0) < 2**16 else labels
 
 
-def _write_volume(target: Path, data: np.ndarray, volume: InputVolume) -> None:
+def write_volume(target: Path, data: np.ndarray, volume: InputVolume) -> None:
     """Write one output of `volume` as NIfTI (the input's geometry), OME-Zarr (its voxel size as the
     scale; masks and labels marked as labels) or TIFF (its voxel size), by `target`'s suffix."""
     if is_nifti(target):

@@ -56,9 +56,7 @@ class Normalization:
         """Scale with a range from `range()`; float32 out, clipped to [0, 1] when `clip`."""
         low, high = value_range
         scale = np.float32(1.0 / max(high - low, 1e-6))
-        out = np.asarray(image, dtype=np.float32)
-        if out is image:
-            out = out.copy()
+        out = np.array(image, dtype=np.float32)  # always a copy: float32 input may be a read-only view of a file
         out -= np.float32(low)
         out *= scale
         if np.asarray(image).dtype.kind == "f":

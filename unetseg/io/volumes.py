@@ -18,7 +18,7 @@ from unetseg.io.files import TIFF_SUFFIXES, image_suffix, is_zarr_folder
 from unetseg.io.images import DEFAULT_MAX_PIXELS, ImageReadError, check_pixels, read_image, to_channels
 from unetseg.io.nifti import NiftiVolume, is_nifti, open_nifti
 from unetseg.io.normalize import Normalization, value_range
-from unetseg.io.tiff import Calibration, _ratio, native, open_image, release_pages
+from unetseg.io.tiff import Calibration, InputImage, _ratio, native, open_image, release_pages
 
 Spacing = tuple[float | None, float | None, float | None]  # (Z, Y, X)
 
@@ -43,6 +43,10 @@ class InputVolume:
     def shape(self) -> tuple[int, int, int]:
         """(Z, Y, X)."""
         return tuple(int(n) for n in self.voxels.shape[:3])
+
+    def as_stack(self) -> InputImage:
+        """The volume as a Z stack of planes, as a 2-D model predicts it (each plane by itself)."""
+        return InputImage(self.voxels, stack=True, calibration=self.calibration)
 
 
 def is_volume_file(path: str | Path) -> bool:
