@@ -30,7 +30,7 @@ from unetseg.inference.batch import plan_outputs
 from unetseg.inference.loading import load_predictor
 from unetseg.inference.pipeline import PredictSettings, predict_image
 from unetseg.io import ImageReadError, Normalization, find_images, open_image, read_image, read_labels
-from unetseg.io.images import check_pixels
+from unetseg.io.source import check_pixels
 from unetseg.models import UNet
 from unetseg.models.checkpoint import CheckpointError, checked_net_description, load_net_weights
 from unetseg.synthetic import nuclei_image

@@ -17,7 +17,8 @@ from unetseg.inference.pipeline import PredictSettings, predict_file, predict_im
 from unetseg.inference.postprocess import to_mask
 from unetseg.io import ImageReadError, Normalization, to_channels
 from unetseg.io.normalize import ChannelBands, plane_range
-from unetseg.io.tiff import Calibration, open_image, read_calibration
+from unetseg.io.source import Calibration
+from unetseg.io.tiff import open_image, read_calibration
 from unetseg.models import UNet
 from unetseg.models.checkpoint import CheckpointError
 from unetseg.spec import InputSpec

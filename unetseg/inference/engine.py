@@ -25,7 +25,7 @@ from unetseg.inference.fold import inference_copy
 from unetseg.inference.tiling import TilingConfig, axis_weights, pad_indices, padding, tile_starts
 from unetseg.runtime.precision import autocast_dtype, channels_last
 
-__all__ = ["autocast_dtype", "iter_predict_bands", "predict_tiled", "select_device", "to_host"]
+__all__ = ["autocast_dtype", "iter_predict_bands", "select_device", "to_host"]
 
 DEFAULT = TilingConfig()
 
@@ -329,60 +329,3 @@ def to_host(tensor: torch.Tensor, pinned: bool = False) -> np.ndarray:
     if tensor.device.type == "cuda":
         torch.cuda.current_stream(tensor.device).synchronize()  # the non-blocking copy must land before numpy reads
     return host.numpy()
-
-
-def predict_tiled(
-    model: nn.Module,
-    image: Any,
-    *,
-    tile_size: int = DEFAULT.tile_size,
-    overlap: int = DEFAULT.overlap,
-    batch_size: int = DEFAULT.batch_size,
-    blend: str = DEFAULT.blend,
-    pad_mode: str = DEFAULT.pad_mode,
-    tta: bool = False,
-    normalize: Callable[[Any], Any] | None = None,
-    device: str | torch.device | None = None,
-    amp: bool | None = DEFAULT.amp,
-    compile: bool = DEFAULT.compile,
-    out: Any = None,
-) -> np.ndarray:
-    """Predict a whole (C, H, W) image tile by tile; returns probabilities (classes, H, W), float32.
-
-    Takes the arguments of `iter_predict_bands`, plus:
-        out: a (classes, H, W) array written band by band and returned, e.g. a
-            `tifffile.memmap` for images too large for memory; None allocates one.
-
-    A volume (C, Z, Y, X) with a 3-D model (3-D convolution weights) is predicted in 3-D tiles,
-    slab by slab along Z (`unetseg.inference.volume.iter_predict_slabs`); tile_size and overlap
-    may then give one value per axis (Z, Y, X).
-    """
-    if len(image.shape) == 4 and any(parameter.ndim == 5 for parameter in model.parameters()):
-        from unetseg.inference.volume import predict_volume_tiled
-
-        options = dict(tile_size=tile_size, overlap=overlap, batch_size=batch_size, blend=blend, pad_mode=pad_mode)
-        options.update(tta=tta, normalize=normalize, device=device, amp=amp, compile=compile)
-        return predict_volume_tiled(model, image, out=out, **options)
-    height, width = tuple(image.shape)[-2:] if len(image.shape) == 3 else (0, 0)
-    bands = iter_predict_bands(
-        model,
-        image,
-        tile_size=tile_size,
-        overlap=overlap,
-        batch_size=batch_size,
-        blend=blend,
-        pad_mode=pad_mode,
-        tta=tta,
-        normalize=normalize,
-        device=device,
-        amp=amp,
-        compile=compile,
-    )
-    for start, stop, probs in bands:
-        expected = (probs.shape[0], height, width)
-        if out is None:
-            out = np.empty(expected, dtype=np.float32)
-        elif tuple(out.shape) != expected:
-            raise ValueError(f"out must have shape {expected} (classes, H, W); got {tuple(out.shape)}")
-        out[:, start:stop] = probs
-    return out

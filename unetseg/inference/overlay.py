@@ -13,7 +13,7 @@ from skimage.segmentation import find_boundaries
 from unetseg.io.files import atomic_output, image_stem
 from unetseg.io.images import to_channels
 from unetseg.io.normalize import Normalization
-from unetseg.io.tiff import native
+from unetseg.io.source import native
 
 PNG_SUFFIXES = (".png",)
 OVERLAY_SUFFIX = "_overlay.png"  # <stem>_overlay.png beside an output: a picture, not a prediction

@@ -37,10 +37,10 @@ from unetseg.inference.volume_pipeline import (
 )
 from unetseg.io.domain import DomainReport
 from unetseg.io.files import image_stem
-from unetseg.io.images import DEFAULT_MAX_PIXELS
 from unetseg.io.nifti import is_nifti
 from unetseg.io.normalize import ChannelBands, plane_range
-from unetseg.io.tiff import InputImage, open_image
+from unetseg.io.source import DEFAULT_MAX_PIXELS, InputImage
+from unetseg.io.tiff import open_image
 from unetseg.io.volumes import InputVolume, open_volume
 from unetseg.io.zarr import ZARR_SUFFIX, is_zarr, open_zarr
 from unetseg.spec import InputSpec, label_settings

@@ -20,7 +20,8 @@ import numpy as np
 from unetseg.inference.labeling import CONTEXT_ROWS, BlockLabeler, block_rows_for
 from unetseg.inference.overlay import PNG_SUFFIXES, write_png
 from unetseg.inference.postprocess import to_mask
-from unetseg.io.tiff import InputImage, atomic_memmap, native, release_pages
+from unetseg.io.source import InputImage, native
+from unetseg.io.tiff import atomic_memmap, release_pages
 from unetseg.io.zarr import is_zarr_target
 from unetseg.spec import InputSpec
 

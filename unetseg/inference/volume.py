@@ -17,11 +17,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from unetseg.inference.engine import DEFAULT, BlockPredictor, autocast_dtype, iter_blocks, plan_axis, select_device
+from unetseg.inference.engine import (
+    DEFAULT,
+    BlockPredictor,
+    autocast_dtype,
+    iter_blocks,
+    iter_predict_bands,
+    plan_axis,
+    select_device,
+)
 from unetseg.inference.fold import inference_copy
 from unetseg.inference.tiling import TilingConfig, check_tiling
 
-__all__ = ["iter_predict_slabs", "per_axis", "predict_volume_tiled"]
+__all__ = ["iter_predict_slabs", "per_axis", "predict_tiled", "predict_volume_tiled"]
 
 
 def per_axis(value: int | Sequence[int], name: str, axes: int = 3) -> tuple[int, ...]:
@@ -105,5 +113,60 @@ def predict_volume_tiled(model: nn.Module, volume: Any, *, out: Any = None, **op
             out = np.empty(expected, dtype=np.float32)
         elif tuple(out.shape) != expected:
             raise ValueError(f"out must have shape {expected} (classes, Z, Y, X); got {tuple(out.shape)}")
+        out[:, start:stop] = probs
+    return out
+
+
+def predict_tiled(
+    model: nn.Module,
+    image: Any,
+    *,
+    tile_size: int = DEFAULT.tile_size,
+    overlap: int = DEFAULT.overlap,
+    batch_size: int = DEFAULT.batch_size,
+    blend: str = DEFAULT.blend,
+    pad_mode: str = DEFAULT.pad_mode,
+    tta: bool = False,
+    normalize: Callable[[Any], Any] | None = None,
+    device: str | torch.device | None = None,
+    amp: bool | None = DEFAULT.amp,
+    compile: bool = DEFAULT.compile,
+    out: Any = None,
+) -> np.ndarray:
+    """Predict a whole (C, H, W) image tile by tile; returns probabilities (classes, H, W), float32.
+
+    Takes the arguments of `iter_predict_bands`, plus:
+        out: a (classes, H, W) array written band by band and returned, e.g. a
+            `tifffile.memmap` for images too large for memory; None allocates one.
+
+    A volume (C, Z, Y, X) with a 3-D model (3-D convolution weights) is predicted in 3-D tiles,
+    slab by slab along Z (`unetseg.inference.volume.iter_predict_slabs`); tile_size and overlap
+    may then give one value per axis (Z, Y, X).
+    """
+    if len(image.shape) == 4 and any(parameter.ndim == 5 for parameter in model.parameters()):
+        options = dict(tile_size=tile_size, overlap=overlap, batch_size=batch_size, blend=blend, pad_mode=pad_mode)
+        options.update(tta=tta, normalize=normalize, device=device, amp=amp, compile=compile)
+        return predict_volume_tiled(model, image, out=out, **options)
+    height, width = tuple(image.shape)[-2:] if len(image.shape) == 3 else (0, 0)
+    bands = iter_predict_bands(
+        model,
+        image,
+        tile_size=tile_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        blend=blend,
+        pad_mode=pad_mode,
+        tta=tta,
+        normalize=normalize,
+        device=device,
+        amp=amp,
+        compile=compile,
+    )
+    for start, stop, probs in bands:
+        expected = (probs.shape[0], height, width)
+        if out is None:
+            out = np.empty(expected, dtype=np.float32)
+        elif tuple(out.shape) != expected:
+            raise ValueError(f"out must have shape {expected} (classes, H, W); got {tuple(out.shape)}")
         out[:, start:stop] = probs
     return out

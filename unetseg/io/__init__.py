@@ -12,9 +12,10 @@ from unetseg.io.files import (
     is_image_file,
     pair_name,
 )
-from unetseg.io.images import ImageReadError, read_image, read_labels, to_channels
+from unetseg.io.images import read_image, read_labels, to_channels
 from unetseg.io.normalize import Normalization, plane_range, value_range
-from unetseg.io.tiff import Calibration, InputImage, open_image, read_calibration, write_tiff
+from unetseg.io.source import Calibration, ImageReadError, InputImage
+from unetseg.io.tiff import open_image, read_calibration, write_tiff
 
 __all__ = [
     "IMAGE_SUFFIXES",

@@ -15,7 +15,7 @@ import numpy as np
 
 from unetseg.io.images import to_channels
 from unetseg.io.normalize import Normalization
-from unetseg.io.tiff import native
+from unetseg.io.source import native
 
 log = logging.getLogger(__name__)
 

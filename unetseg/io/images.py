@@ -15,25 +15,9 @@ from PIL import Image
 from skimage import io as skio
 
 from unetseg.io.files import TIFF_SUFFIXES, image_suffix
+from unetseg.io.source import DEFAULT_MAX_PIXELS, ImageReadError, check_pixels
 
-# Pixels (height x width x planes, channels not counted) an image may claim before it is refused
-# unread: a 30000 x 30000 RGB image passes, a 50000 x 50000 decompression bomb does not.
-DEFAULT_MAX_PIXELS = 1_000_000_000
 JPEG_SUFFIXES = (".jpg", ".jpeg")
-
-
-class ImageReadError(ValueError):
-    """An image or mask file that cannot be used; the message names the file and the reason."""
-
-
-def check_pixels(path: Path, shape: tuple, channels: int, max_pixels: int | None) -> None:
-    """Refuse an image whose header claims more than `max_pixels` pixels (shape without its `channels` axis)."""
-    pixels = math.prod(int(side) for side in shape) // max(1, channels)
-    if max_pixels is not None and pixels > max_pixels:
-        raise ImageReadError(
-            f"{path}: claims {'x'.join(map(str, shape))} = {pixels:,} pixels, more than the limit of "
-            f"{max_pixels:,} (--max-pixels); refused before decoding"
-        )
 
 
 def _header_shape(path: Path) -> tuple[tuple, int]:

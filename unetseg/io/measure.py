@@ -15,7 +15,7 @@ import numpy as np
 from skimage.measure import regionprops_table
 
 from unetseg.io.files import atomic_output
-from unetseg.io.tiff import Calibration
+from unetseg.io.source import Calibration
 
 __all__ = ["Measurements", "measure_volume", "write_rows"]
 

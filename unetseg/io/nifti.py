@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from unetseg.io.files import atomic_output
-from unetseg.io.images import ImageReadError
-from unetseg.io.tiff import native
+from unetseg.io.source import ImageReadError, native
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Millimetres, the usual unit of medical volumes; NIfTI's xyzt_units names it.

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from unetseg.io.images import to_channels
-from unetseg.io.tiff import native, release_pages
+from unetseg.io.source import native
+from unetseg.io.tiff import release_pages
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import os
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,58 +24,19 @@ import numpy as np
 import tifffile
 
 from unetseg.io.files import TIFF_SUFFIXES, atomic_output
-from unetseg.io.images import DEFAULT_MAX_PIXELS, ImageReadError, check_pixels, read_image
+from unetseg.io.images import read_image
+from unetseg.io.source import (
+    CHANNEL_AXES,
+    DEFAULT_MAX_PIXELS,
+    IMAGEJ_UNITS,
+    PLANE_AXES,
+    Calibration,
+    ImageReadError,
+    InputImage,
+    check_pixels,
+)
 
 log = logging.getLogger(__name__)
-
-IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)  # what an ImageJ hyperstack can hold
-CHANNEL_AXES, PLANE_AXES = "SC", "ZTQI"  # tifffile axis letters: samples/channels; slices/frames/pages
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """The physical pixel size of an image, as its TIFF tags and ImageJ or OME metadata give it."""
-
-    resolution: tuple | None = None  # (XResolution, YResolution): pixels per unit, TIFF rationals or floats
-    resolution_unit: int | None = None  # TIFF ResolutionUnit: 1 none (see `unit`), 2 inch, 3 centimetre
-    unit: str | None = None  # ImageJ unit name ("micron", "nm"...) when resolution_unit is 1
-    spacing: float | None = None  # distance between the planes of a stack, in `unit`
-
-    def tiff_kwargs(self, axes: str, dtype: np.dtype) -> dict:
-        """`tifffile.imwrite` arguments writing this calibration: ImageJ metadata, OME where ImageJ can't (uint32)."""
-        kwargs: dict[str, Any] = {"photometric": "minisblack"}  # never let a width of 3 or 4 pass for RGB
-        if self.resolution is not None:
-            kwargs["resolution"] = self.resolution
-        if self.resolution_unit is not None:
-            kwargs["resolutionunit"] = self.resolution_unit
-        if np.dtype(dtype) in IMAGEJ_DTYPES:
-            metadata = {"axes": axes, "unit": self.unit, "spacing": self.spacing}
-            kwargs["imagej"] = True
-        else:
-            metadata = {"axes": axes, **self._ome_sizes()}
-            kwargs["ome"] = True
-        kwargs["metadata"] = {key: value for key, value in metadata.items() if value is not None}
-        return kwargs
-
-    def _ome_sizes(self) -> dict:
-        """OME PhysicalSizeX/Y/Z and units, where the unit has an OME name."""
-        unit = {2: "in", 3: "cm"}.get(self.resolution_unit) or OME_UNITS.get(self.unit or "")
-        if self.resolution is None or unit is None:
-            return {}
-        x, y = (_ratio(value) for value in self.resolution)
-        sizes = {"PhysicalSizeX": 1 / x, "PhysicalSizeXUnit": unit, "PhysicalSizeY": 1 / y, "PhysicalSizeYUnit": unit}
-        if self.spacing is not None:
-            sizes |= {"PhysicalSizeZ": self.spacing, "PhysicalSizeZUnit": unit}
-        return sizes
-
-
-OME_UNITS = {"micron": "µm", "um": "µm", "µm": "µm", "\\u00B5m": "µm", "nm": "nm", "mm": "mm", "cm": "cm"}
-IMAGEJ_UNITS = {"µm": "micron", "nm": "nm", "mm": "mm", "cm": "cm", "m": "m", "Å": "angstrom"}
-
-
-def _ratio(value) -> float:
-    """A TIFF rational (numerator, denominator) or a number, as a float."""
-    return value[0] / value[1] if isinstance(value, tuple) else float(value)
 
 
 def read_calibration(tif: tifffile.TiffFile) -> Calibration:
@@ -123,29 +83,6 @@ def _ome_pixels(xml: str | None) -> dict:
         return {}
     pixels = next((element for element in root.iter() if element.tag.rsplit("}", 1)[-1] == "Pixels"), None)
     return dict(pixels.attrib) if pixels is not None else {}
-
-
-@dataclass
-class InputImage:
-    """An input opened for prediction.
-
-    planes: (Z, H, W) or (Z, H, W, C) in the stored dtype, Z = 1 for a 2D image; a read-only
-        memory map of the file where the file allows it (uncompressed, contiguous TIFF).
-    stack: True for a Z (or T) stack, predicted plane by plane into a stack of the same depth.
-    """
-
-    planes: Any
-    stack: bool = False
-    plane_axis: str = "Z"
-    calibration: Calibration = field(default_factory=Calibration)
-
-    @property
-    def height(self) -> int:
-        return int(self.planes.shape[1])
-
-    @property
-    def width(self) -> int:
-        return int(self.planes.shape[2])
 
 
 def open_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputImage:
@@ -236,12 +173,6 @@ def _arrange(array: Any, axes: str, path: Path) -> tuple[Any, bool, str]:
     if not others:
         return arranged[None], False, "Z"
     return arranged, True, "T" if axes[others[0]] == "T" else "Z"
-
-
-def native(array: Any) -> np.ndarray:
-    """An array in native byte order (big-endian TIFFs map as such), as read_image returns it."""
-    array = np.asarray(array)
-    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
 
 def write_tiff(path: str | Path, array: np.ndarray, **kwargs) -> Path:

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from unetseg.io.files import TIFF_SUFFIXES, image_suffix, is_zarr_folder
-from unetseg.io.images import DEFAULT_MAX_PIXELS, ImageReadError, check_pixels, read_image, to_channels
+from unetseg.io.images import read_image, to_channels
 from unetseg.io.nifti import NiftiVolume, is_nifti, open_nifti
 from unetseg.io.normalize import Normalization, value_range
-from unetseg.io.tiff import Calibration, InputImage, _ratio, native, open_image, release_pages
+from unetseg.io.source import DEFAULT_MAX_PIXELS, Calibration, ImageReadError, InputImage, _ratio, check_pixels, native
+from unetseg.io.tiff import open_image, release_pages
 
 Spacing = tuple[float | None, float | None, float | None]  # (Z, Y, X)
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from unetseg.io.images import ImageReadError
-from unetseg.io.tiff import CHANNEL_AXES, PLANE_AXES, Calibration
+from unetseg.io.source import CHANNEL_AXES, PLANE_AXES, Calibration, ImageReadError
 
 __all__ = ["ZARR_SUFFIX", "LazyPlanes", "OmeZarrWriter", "is_zarr", "is_zarr_target", "ngff_scale", "open_zarr"]
 
@@ -142,7 +141,7 @@ def _ome_attributes(group: Any) -> dict:
 
 def open_zarr(path: str | Path):
     """Open an OME-Zarr image (its full-resolution level) as an `InputImage`, lazily; ImageReadError if unusable."""
-    from unetseg.io.tiff import InputImage
+    from unetseg.io.source import InputImage
 
     zarr, path = _zarr(), Path(path)
     try:

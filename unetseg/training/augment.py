@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from skimage.color import hed_from_rgb, rgb_from_hed
 
 
@@ -145,3 +146,15 @@ class StainJitter(A.ImageOnlyTransform):
         density = -np.log(np.clip(img, 1.0 / 255, 1.0))  # optical density per RGB channel
         hed = density @ hed_from_rgb * scale + shift  # shift in optical density units
         return np.clip(np.exp(-(hed @ rgb_from_hed)), 0.0, 1.0).astype(np.float32)
+
+
+def process_rank() -> int:
+    """This process's rank under torch.distributed, 0 otherwise."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
+
+
+def draw_rng() -> np.random.Generator:
+    """The generator of one random tile or patch: drawn from torch's generator, which DataLoader seeds per
+    worker and per epoch, with the rank mixed in because Lightning seeds every DDP process alike."""
+    return np.random.default_rng([int(torch.randint(2**62, ())), process_rank()])

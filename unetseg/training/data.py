@@ -22,7 +22,7 @@ from unetseg.io.modality import cluster_weights, image_features, modality_names
 from unetseg.io.normalize import count_non_finite, warn_non_finite
 from unetseg.spec import InputSpec, output_classes
 from unetseg.synthetic import default_dataset, default_volume_dataset
-from unetseg.training.augment import Augmentation, build_transform
+from unetseg.training.augment import Augmentation, build_transform, draw_rng
 from unetseg.training.targets import border_weight_map, compact_target, make_target
 from unetseg.training.volumes import load_volume_sample, volume_datasets
 
@@ -117,9 +117,7 @@ class TileDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if self.grid is None:
-            # Drawn from torch's generator, which DataLoader seeds per worker and per epoch; the
-            # rank is mixed in because Lightning seeds every DDP process alike.
-            rng = np.random.default_rng([int(torch.randint(2**62, ())), process_rank()])
+            rng = draw_rng()
             sample_index, y, x = self.random_tile(rng)
         else:
             sample_index, y, x = self.grid[index]
@@ -165,12 +163,6 @@ class TileDataset(Dataset):
         else:
             y, x = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
         return index, y, x
-
-
-def process_rank() -> int:
-    """This process's rank under torch.distributed, 0 otherwise."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if distributed else 0
 
 
 def tile_grid(sample: Sample, tile_size: int) -> list[tuple[int, int]]:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from unetseg.io import ImageReadError, Normalization
 from unetseg.io.volumes import read_volume, read_volume_labels, volume_range, volume_to_channels
-from unetseg.training.augment import Augmentation, build_transform
+from unetseg.training.augment import Augmentation, build_transform, draw_rng
 from unetseg.training.targets import make_target
 
 
@@ -160,11 +160,8 @@ class PatchDataset(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        from unetseg.training.data import process_rank
-
         if self.grid is None:
-            # torch's generator is seeded per worker and epoch by DataLoader; the rank is mixed in for DDP.
-            rng = np.random.default_rng([int(torch.randint(2**62, ())), process_rank()])
+            rng = draw_rng()
             sample, corner = self.random_patch(rng)
         else:
             sample_index, corner = self.grid[index]
