@@ -11,8 +11,8 @@ import pytest
 import tifffile
 from skimage import io as skio
 
-from unetseg.cli import evaluate
 from unetseg.cli.evaluate import main
+from unetseg.evaluation import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
