@@ -107,66 +107,30 @@ def predict_volume_tiled(model: nn.Module, volume: Any, *, out: Any = None, **op
     Takes the arguments of `iter_predict_slabs`; `out` is a (classes, Z, Y, X) array written
     slab by slab and returned (None allocates one).
     """
-    for start, stop, probs in iter_predict_slabs(model, volume, **options):
-        expected = (probs.shape[0], *tuple(volume.shape)[1:])
-        if out is None:
-            out = np.empty(expected, dtype=np.float32)
-        elif tuple(out.shape) != expected:
-            raise ValueError(f"out must have shape {expected} (classes, Z, Y, X); got {tuple(out.shape)}")
-        out[:, start:stop] = probs
-    return out
+    return _gather(iter_predict_slabs(model, volume, **options), tuple(volume.shape)[1:], out, "(classes, Z, Y, X)")
 
 
-def predict_tiled(
-    model: nn.Module,
-    image: Any,
-    *,
-    tile_size: int = DEFAULT.tile_size,
-    overlap: int = DEFAULT.overlap,
-    batch_size: int = DEFAULT.batch_size,
-    blend: str = DEFAULT.blend,
-    pad_mode: str = DEFAULT.pad_mode,
-    tta: bool = False,
-    normalize: Callable[[Any], Any] | None = None,
-    device: str | torch.device | None = None,
-    amp: bool | None = DEFAULT.amp,
-    compile: bool = DEFAULT.compile,
-    out: Any = None,
-) -> np.ndarray:
+def predict_tiled(model: nn.Module, image: Any, *, out: Any = None, **options) -> np.ndarray:
     """Predict a whole (C, H, W) image tile by tile; returns probabilities (classes, H, W), float32.
 
-    Takes the arguments of `iter_predict_bands`, plus:
-        out: a (classes, H, W) array written band by band and returned, e.g. a
-            `tifffile.memmap` for images too large for memory; None allocates one.
-
-    A volume (C, Z, Y, X) with a 3-D model (3-D convolution weights) is predicted in 3-D tiles,
-    slab by slab along Z (`unetseg.inference.volume.iter_predict_slabs`); tile_size and overlap
-    may then give one value per axis (Z, Y, X).
+    Takes the arguments of `unetseg.inference.engine.iter_predict_bands`, plus `out`: a (classes,
+    H, W) array written band by band and returned, e.g. a `tifffile.memmap` for images too large
+    for memory; None allocates one. A volume (C, Z, Y, X) with a 3-D model (3-D convolution
+    weights) is predicted in 3-D tiles (`predict_volume_tiled`); tile_size and overlap may then
+    give one value per axis (Z, Y, X).
     """
     if len(image.shape) == 4 and any(parameter.ndim == 5 for parameter in model.parameters()):
-        options = dict(tile_size=tile_size, overlap=overlap, batch_size=batch_size, blend=blend, pad_mode=pad_mode)
-        options.update(tta=tta, normalize=normalize, device=device, amp=amp, compile=compile)
         return predict_volume_tiled(model, image, out=out, **options)
-    height, width = tuple(image.shape)[-2:] if len(image.shape) == 3 else (0, 0)
-    bands = iter_predict_bands(
-        model,
-        image,
-        tile_size=tile_size,
-        overlap=overlap,
-        batch_size=batch_size,
-        blend=blend,
-        pad_mode=pad_mode,
-        tta=tta,
-        normalize=normalize,
-        device=device,
-        amp=amp,
-        compile=compile,
-    )
-    for start, stop, probs in bands:
-        expected = (probs.shape[0], height, width)
+    return _gather(iter_predict_bands(model, image, **options), tuple(image.shape)[1:], out, "(classes, H, W)")
+
+
+def _gather(blocks, spatial: tuple[int, ...], out: Any, axes: str) -> np.ndarray:
+    """Write blocks (start, stop, probs) along the first spatial axis into `out` (allocated on the first block)."""
+    for start, stop, probs in blocks:
+        expected = (probs.shape[0], *spatial)
         if out is None:
             out = np.empty(expected, dtype=np.float32)
         elif tuple(out.shape) != expected:
-            raise ValueError(f"out must have shape {expected} (classes, H, W); got {tuple(out.shape)}")
+            raise ValueError(f"out must have shape {expected} {axes}; got {tuple(out.shape)}")
         out[:, start:stop] = probs
     return out
