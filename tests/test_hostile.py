@@ -26,6 +26,7 @@ from unetseg.cli import evaluate as evaluate_cli
 from unetseg.cli import export as export_cli
 from unetseg.cli import predict as predict_cli
 from unetseg.cli import train as train_cli
+from unetseg.evaluation import evaluate as evaluation
 from unetseg.inference.batch import plan_outputs
 from unetseg.inference.loading import load_predictor
 from unetseg.inference.pipeline import PredictSettings, predict_image
@@ -388,7 +389,7 @@ def test_9_evaluate_reports_a_pair_it_cannot_score_and_scores_the_rest(tmp_path,
         (tmp_path / folder).mkdir()
         for name in ("a", "b"):
             tifffile.imwrite(tmp_path / folder / f"{name}.tif", np.eye(16, dtype=np.uint8))
-    real = evaluate_cli.segmentation_scores
+    real = evaluation.segmentation_scores
     calls = []
 
     def scores(pred, gt):
@@ -397,7 +398,7 @@ def test_9_evaluate_reports_a_pair_it_cannot_score_and_scores_the_rest(tmp_path,
             raise ValueError("labels must not be negative")
         return real(pred, gt)
 
-    monkeypatch.setattr(evaluate_cli, "segmentation_scores", scores)
+    monkeypatch.setattr(evaluation, "segmentation_scores", scores)
     assert evaluate_cli.main([str(tmp_path / "pred"), str(tmp_path / "gt")]) == 1
     captured = capsys.readouterr()
     assert "a.tif: cannot score" in captured.err and "mean of 1 images" in captured.out
