@@ -1,11 +1,13 @@
-"""Prediction of volumes (3-D TIFF stacks, NIfTI): files in, outputs out, geometry kept.
+"""Prediction of volumes by 3-D models (3-D TIFF stacks, NIfTI, OME-Zarr): files in, outputs out, geometry kept.
 
 A 3-D model predicts the whole volume in 3-D tiles, slab by slab along Z
 (`unetseg.inference.volume`), normalised with the percentiles of the whole volume as its
-training was; a 2-D model predicts a NIfTI volume plane by plane (each plane normalised by
-itself, as 2-D TIFF stacks are). Masks and probabilities of TIFF outputs are written slab by
-slab through a memory map; NIfTI and OME-Zarr outputs, instance labels (a 3-D watershed that
-needs the whole probability volume) and several outputs of one run are made in memory. NIfTI
+training was. Files given to a 2-D model never come here: `unetseg.inference.pipeline` predicts
+and labels them plane by plane, whatever the container. `predict_volume` itself still takes a
+2-D model (each plane normalised by itself) and then labels its planes by one 3-D watershed, as
+`experiments/volumes_vs_planes.py` compares. Masks and probabilities of TIFF outputs are written
+slab by slab through a memory map; NIfTI and OME-Zarr outputs, instance labels (a 3-D watershed
+that needs the whole probability volume) and several outputs of one run are made in memory. NIfTI
 outputs keep the input's affine and header; TIFF outputs carry the voxel size (ImageJ spacing,
 OME PhysicalSizeZ); OME-Zarr outputs carry it as their scale. Measurements (`--measure`) are a
 CSV of the labels' objects in 3-D: volume, centroid, bounding box and mean intensity, in voxels
