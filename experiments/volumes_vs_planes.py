@@ -14,6 +14,7 @@ matching (F1 at IoU > 0.5, `unetseg.evaluation.metrics`). Writes reports/volumes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,8 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from unetseg.evaluation.metrics import segmentation_scores, summarize  # noqa: E402
 from unetseg.inference.loading import load_predictor  # noqa: E402
-from unetseg.inference.pipeline import PredictSettings  # noqa: E402
-from unetseg.inference.volume_pipeline import VolumeTiling, predict_volume  # noqa: E402
+from unetseg.inference.pipeline import PredictSettings, predict_image  # noqa: E402
+from unetseg.inference.postprocess import to_labels  # noqa: E402
+from unetseg.inference.volume import VolumeTiling  # noqa: E402
 from unetseg.io.volumes import open_volume, read_volume_labels  # noqa: E402
 from unetseg.synthetic import make_nuclei_volumes  # noqa: E402
 
@@ -58,14 +60,20 @@ def train(config: list[str], run: Path, log: Path) -> subprocess.Popen:
 
 
 def score(checkpoint: Path, test: Path, settings: PredictSettings) -> tuple[dict, dict]:
-    """3-D scores of a model's labels on every held-out volume, and their summary."""
+    """3-D scores of a model's labels on every held-out volume, and their summary: the probabilities of the
+    volume (of each plane, for a 2-D model) labelled by one 3-D watershed with the voxel spacing."""
     model, spec = load_predictor(checkpoint, "cpu")
+    options = settings.label_options(spec)
+    probabilities = dataclasses.replace(settings, output="prob")
     per_volume = {}
     for image_path in sorted((test / "images").iterdir()):
         volume = open_volume(image_path)
         stem = image_path.name.split(".")[0]
         truth = read_volume_labels(next((test / "masks").glob(f"{stem}.*")))
-        labels = predict_volume(model, spec, volume, settings, np.zeros(volume.shape, np.uint32), image_path)
+        probs = predict_image(model, spec, np.asarray(volume.planes[:]), probabilities)  # (Z, [C,] Y, X)
+        probs = np.moveaxis(probs, 1, 0) if probs.ndim == 4 else probs[None]
+        spacing = volume.spacing if all(volume.spacing) else None
+        labels = to_labels(probs, spacing=spacing, **options)
         per_volume[stem] = segmentation_scores(labels, truth)
     return per_volume, summarize(list(per_volume.values()))
 

@@ -51,7 +51,7 @@ def label_in_blocks(probs, block_rows, context, band=70):
         region = out[first : first + labels.shape[0]]
         region[labels > 0] = labels[labels > 0]
 
-    labeler = BlockLabeler(height, width, paint, 0.5, block_rows=block_rows, context=context)
+    labeler = BlockLabeler((height, width), paint, 0.5, block_rows=block_rows, context=context)
     for start in range(0, height, band):
         labeler.add(start, min(start + band, height), probs[:, start : start + band])
     assert labeler.finish() == out.max() + 1

@@ -15,8 +15,7 @@ from unetseg.cli import main as unetseg_main
 from unetseg.inference import TilingConfig
 from unetseg.inference.batch import plan_outputs
 from unetseg.inference.pipeline import PredictSettings, predict_file, predict_image
-from unetseg.inference.volume import predict_volume_tiled
-from unetseg.inference.volume_pipeline import VolumeTiling
+from unetseg.inference.volume import VolumeTiling, predict_volume_tiled
 from unetseg.io import ImageReadError
 from unetseg.io.nifti import open_nifti, write_nifti
 from unetseg.io.normalize import Normalization

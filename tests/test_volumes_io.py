@@ -10,14 +10,8 @@ import tifffile
 from unetseg.io import ImageReadError, find_images, image_key
 from unetseg.io.nifti import open_nifti, read_nifti, write_nifti
 from unetseg.io.normalize import Normalization
-from unetseg.io.volumes import (
-    VolumeChannels,
-    open_volume,
-    read_volume_labels,
-    spacing_calibration,
-    tiff_spacing,
-    volume_range,
-)
+from unetseg.io.source import spacing_calibration, tiff_spacing
+from unetseg.io.volumes import VolumeChannels, open_volume, read_volume_labels, volume_range
 from unetseg.synthetic import make_nuclei_volumes
 
 nibabel = pytest.importorskip("nibabel")

@@ -14,7 +14,7 @@ from unetseg.inference.loading import load_predictor
 from unetseg.inference.overlay import overlay_path
 from unetseg.inference.pipeline import FORMATS, OUTPUTS, PredictSettings
 from unetseg.inference.tiling import BLENDS, TilingConfig
-from unetseg.inference.volume_pipeline import VolumeTiling
+from unetseg.inference.volume import VolumeTiling
 from unetseg.io.source import DEFAULT_MAX_PIXELS
 from unetseg.models.checkpoint import CheckpointError
 from unetseg.runtime.logs import add_verbosity_flags, setup_logging, verbosity_level

@@ -13,9 +13,7 @@ from pathlib import Path
 from torch import nn
 from tqdm import tqdm
 
-from unetseg.inference.overlay import PNG_SUFFIXES
-from unetseg.inference.pipeline import PredictSettings, output_targets, predict_file
-from unetseg.inference.volume_pipeline import output_suffix
+from unetseg.inference.pipeline import PredictSettings, output_suffix, output_targets, predict_file
 from unetseg.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -26,8 +24,7 @@ from unetseg.io import (
     is_image_file,
 )
 from unetseg.io.domain import DomainReport
-from unetseg.io.nifti import is_nifti
-from unetseg.io.zarr import is_zarr
+from unetseg.io.registry import container, output_container
 from unetseg.spec import InputSpec
 
 __all__ = ["PredictSummary", "plan_outputs", "predict_files", "shard"]
@@ -47,10 +44,10 @@ def plan_outputs(input: str | Path, output: str | Path, glob: str | None = None)
     inputs with one output name.
     """
     root, output = Path(input), Path(output)
-    if root.is_file() or is_zarr(root):
+    if root.is_file() or container(root) == "ome-zarr" and root.is_dir():
         if not is_image_file(root):
             raise ValueError(f"INPUT {root}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-        named = output.suffix.lower() in TIFF_SUFFIXES + PNG_SUFFIXES or is_nifti(output)
+        named = output_container(output) in ("nifti", "png") or output.suffix.lower() in TIFF_SUFFIXES
         target = output if named else output / f"{image_key(root, root.parent)}{output_suffix(root)}"
         if not named and output.suffix.lower() in IMAGE_SUFFIXES:
             raise ValueError(f"OUTPUT {output}: outputs are .tif/.tiff, or .png for masks and labels")

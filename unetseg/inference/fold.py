@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 _copies: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
+FOLDABLE = {(nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d)}  # a convolution and the norm after it
+
+
 def fold_batchnorm(model: nn.Module) -> int:
-    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d in an nn.Sequential, in place.
+    """Fold every eval-mode BatchNorm that directly follows a convolution of its dimension (Conv2d and
+    BatchNorm2d, Conv3d and BatchNorm3d) in an nn.Sequential, in place.
 
     The convolution takes the BatchNorm's scale and shift; the BatchNorm becomes nn.Identity.
     Only the Sequential pattern is folded (the U-Net's blocks, SMP's Conv2dReLU), so a
@@ -37,7 +41,7 @@ def fold_batchnorm(model: nn.Module) -> int:
             continue
         for index in range(len(module) - 1):
             conv, norm = module[index], module[index + 1]
-            if type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and norm.track_running_stats:
+            if (type(conv), type(norm)) in FOLDABLE and norm.track_running_stats:
                 if conv.training or norm.training:
                     raise ValueError(
                         "fold_batchnorm needs a model in eval mode (BatchNorm uses its running statistics)"
@@ -62,7 +66,7 @@ def inference_copy(model: nn.Module, *, channels_last: bool = False, compile: bo
     when its weights change (training steps, `load_state_dict`, `.to(device)`), so predicting
     many images pays for it once.
     """
-    if not any(parameter.ndim == 4 for parameter in model.parameters()):
+    if not any(parameter.ndim in (4, 5) for parameter in model.parameters()):
         return model.eval()
     key = _state_key(model, channels_last, compile)
     cached = _copies.get(model)

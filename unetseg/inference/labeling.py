@@ -1,21 +1,24 @@
-"""Instance labels of huge images in bounded memory: overlapping blocks of rows, objects merged across borders.
+"""Instance labels of huge images and volumes in bounded memory: overlapping blocks along the first axis,
+objects merged across borders.
 
-Probabilities arrive band by band from the tiled engine. `BlockLabeler` gathers them into
-blocks of full-width rows: a core of `block_rows` rows with `context` rows on either side,
-labels each block with `postprocess.to_labels`, and keeps the objects whose foreground region
-(8-connected) begins in the core and does not touch the block's cut edges, as StarDist's
-`predict_instances_big` keeps objects by block. Every step of `to_labels` (distance transform,
-peaks, watershed, size filter) looks only at a foreground region and its surroundings, so a
-region at most context / 2 rows high gets exactly the labels whole-image processing gives it,
-up to their numbers. Taller regions are cut at block edges (a warning says so). Memory holds
-one block: (classes, block_rows + 2 context, W) probabilities and its labels, with block_rows
-chosen from the width (`block_rows_for`) so that a block holds about 8 M pixels.
+Probabilities arrive in order along the first spatial axis from the tiled engine: bands of
+rows of a plane, or slabs of planes of a volume. `BlockLabeler` gathers them into blocks of
+that axis, whole along the others: a core of `block_rows` rows (planes) with `context` rows
+on either side, labels each block with `postprocess.to_labels` (2-D or 3-D, with the voxel
+spacing), and keeps the objects whose foreground region (fully connected) begins in the core
+and does not touch the block's cut edges, as StarDist's `predict_instances_big` keeps objects
+by block. Every step of `to_labels` (distance transform, peaks, watershed, size filter) looks
+only at a foreground region and its surroundings, so a region at most context / 2 rows high
+gets exactly the labels whole-array processing gives it, up to their numbers. Taller regions
+are cut at block edges (a warning says so). Memory holds one block: (classes, block_rows + 2
+context, ...) probabilities and its labels, with block_rows chosen from the size of one row
+or plane (`block_rows_for`) so that a block holds about BLOCK_PIXELS pixels.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,31 +30,41 @@ __all__ = ["BLOCK_PIXELS", "BLOCK_ROWS", "CONTEXT_ROWS", "BlockLabeler", "block_
 
 log = logging.getLogger(__name__)
 
-BLOCK_ROWS, CONTEXT_ROWS = 1024, 128  # most core rows per block; rows of context above and below it
+BLOCK_ROWS, CONTEXT_ROWS = 1024, 128  # most core rows per block; rows of context above and below it (images)
+CONTEXT_PLANES = 8  # planes of context of a volume's blocks: nuclei of 2 micron slices are 4 to 6 planes deep
 BLOCK_PIXELS = 8_000_000  # pixels of a block with its context: (classes, rows, W) float32 and to_labels' arrays
 MIN_BLOCK_ROWS = 128
-EIGHT = np.ones((3, 3), dtype=bool)
+MIN_BLOCK_PLANES = 8
 
 
-def block_rows_for(width: int, context: int = CONTEXT_ROWS) -> int:
-    """Core rows per block for an image `width` wide: blocks of about BLOCK_PIXELS, at most BLOCK_ROWS rows.
+def block_rows_for(row_pixels: int, context: int = CONTEXT_ROWS, minimum: int = MIN_BLOCK_ROWS) -> int:
+    """Core rows per block when one row holds `row_pixels` (an image's width; a volume's Y x X): blocks of
+    about BLOCK_PIXELS, at most BLOCK_ROWS rows, at least `minimum`.
 
     Memory stays bounded whatever the width (8 M pixels: 1024 + 256 rows up to 6000 wide, 410 + 256
-    rows at 12000); at least MIN_BLOCK_ROWS rows, so very wide images grow their blocks again.
+    rows at 12000); very wide images (and big planes) grow their blocks again at the minimum.
     """
-    return int(min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, BLOCK_PIXELS // max(width, 1) - 2 * context)))
+    return int(min(BLOCK_ROWS, max(minimum, BLOCK_PIXELS // max(row_pixels, 1) - 2 * context)))
+
+
+def block_geometry(shape: Sequence[int]) -> tuple[int, int]:
+    """(core rows, context rows) of the blocks of an array of spatial `shape`: rows of an image, planes of a volume."""
+    row_pixels = int(np.prod(shape[1:]))
+    if len(shape) == 2:
+        return block_rows_for(row_pixels), CONTEXT_ROWS
+    return block_rows_for(row_pixels, CONTEXT_PLANES, MIN_BLOCK_PLANES), CONTEXT_PLANES
 
 
 def owned_objects(
     labels: np.ndarray, foreground: np.ndarray, core: tuple[int, int], cut_top: bool, cut_bottom: bool
 ) -> tuple[np.ndarray, int]:
-    """`labels` (block rows, W) keeping only the objects this block owns, and how many regions were cut.
+    """`labels` (block rows, ...) keeping only the objects this block owns, and how many regions were cut.
 
-    A foreground region is owned when its first row lies in `core` (start, stop) of the block,
-    and it is kept whole; a region touching a cut edge (`cut_top` / `cut_bottom`: the block
-    edge is not the image edge) is incomplete here and counted.
+    A foreground region is owned when its first row (plane) lies in `core` (start, stop) of the
+    block, and it is kept whole; a region touching a cut edge (`cut_top` / `cut_bottom`: the
+    block edge is not the array's edge) is incomplete here and counted.
     """
-    regions, _ = ndimage.label(foreground, structure=EIGHT)
+    regions, _ = ndimage.label(foreground, structure=np.ones((3,) * foreground.ndim, dtype=bool))
     slices = ndimage.find_objects(regions)
     keep = np.zeros(len(slices) + 1, dtype=bool)
     cut = 0
@@ -68,33 +81,41 @@ def owned_objects(
 
 
 class BlockLabeler:
-    """Turns a stream of probability bands of one plane into owned objects of overlapping blocks.
+    """Turns a stream of probability bands of one plane (or slabs of one volume) into owned objects of
+    overlapping blocks.
 
     Args:
-        height, width: the plane's size.
-        paint: called as paint(first_row, labels) for each block, labels (rows, W) uint32 holding
+        shape: the spatial shape: (H, W) of a plane, (Z, Y, X) of a volume.
+        paint: called as paint(first_row, labels) for each block, labels (rows, ...) uint32 holding
             the block's owned objects with their final numbers (0 elsewhere); objects of
             different blocks never overlap, and a block's rows may reach into earlier ones.
         threshold, label_options: arguments of `to_labels`.
-        block_rows, context: core rows per block and rows of context on each side.
+        block_rows, context: core rows per block and rows of context on each side; None: `block_geometry`.
         first_label: the number of the first object (numbers run on across planes).
+        spacing: the voxel size (one value per axis) of the 3-D watershed; None: isotropic.
     """
 
     def __init__(
         self,
-        height: int,
-        width: int,
+        shape: Sequence[int],
         paint: Callable[[int, np.ndarray], Any],
         threshold: float = 0.5,
         label_options: dict | None = None,
-        block_rows: int = BLOCK_ROWS,
-        context: int = CONTEXT_ROWS,
+        block_rows: int | None = None,
+        context: int | None = None,
         first_label: int = 1,
+        spacing: Sequence[float] | None = None,
     ):
+        self.shape = tuple(int(n) for n in shape)
+        default_rows, default_context = block_geometry(self.shape)
+        block_rows = default_rows if block_rows is None else block_rows
+        context = default_context if context is None else context
         if block_rows < 1 or context < 0:
             raise ValueError(f"block_rows must be >= 1 and context >= 0, got {block_rows}, {context}")
-        self.height, self.width, self.paint = height, width, paint
+        self.height, self.paint = self.shape[0], paint
         self.threshold, self.label_options = threshold, dict(label_options or {})
+        if spacing is not None and len(self.shape) == 3:
+            self.label_options["spacing"] = tuple(spacing)
         self.block_rows, self.context = block_rows, context
         self.next_label = first_label
         self.cut = 0
@@ -103,9 +124,9 @@ class BlockLabeler:
         self._buffer_start = 0
 
     def add(self, start: int, stop: int, probs: np.ndarray) -> None:
-        """Take the probabilities (classes, stop - start, W) of rows start..stop (in order, no gaps)."""
+        """Take the probabilities (classes, stop - start, ...) of rows start..stop (in order, no gaps)."""
         if self._buffer is None:
-            self._buffer = np.empty((probs.shape[0], 0, self.width), np.float32)
+            self._buffer = np.empty((probs.shape[0], 0, *self.shape[1:]), np.float32)
         if start != self._buffer_start + self._buffer.shape[1]:
             raise ValueError(f"bands must come in order: expected row {self._buffer_start + self._buffer.shape[1]}")
         self._buffer = np.concatenate([self._buffer, probs], axis=1)

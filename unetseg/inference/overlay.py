@@ -15,7 +15,6 @@ from unetseg.io.images import to_channels
 from unetseg.io.normalize import Normalization
 from unetseg.io.source import native
 
-PNG_SUFFIXES = (".png",)
 OVERLAY_SUFFIX = "_overlay.png"  # <stem>_overlay.png beside an output: a picture, not a prediction
 OVERLAY_MAX_SIDE = 4096  # larger inputs are shown every k-th pixel: a picture to look at, not a measurement
 OUTLINE_COLOUR = (255, 255, 0)  # yellow reads on grey, fluorescence and brightfield alike

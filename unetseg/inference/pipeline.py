@@ -1,11 +1,15 @@
-"""Prediction of one image or file with a trained model: orchestration only, a file in, its outputs out.
+"""Prediction of one image, stack or volume with a trained model: orchestration only, a file in, its outputs out.
 
-Each input is opened (`unetseg.io.tiff.open_image`, `unetseg.io.zarr.open_zarr`), read as its
-model's training read it (`to_channels`, then `Normalization` with the range of the whole image,
-or of each plane of a Z stack) and predicted tile by tile (`unetseg.inference.iter_predict_bands`).
-Uncompressed TIFFs are read through a memory map, compressed and tiled TIFFs and OME-Zarr chunk
-by chunk, and every output kind asked for is written from the same bands by `unetseg.inference.sinks`
-(labels block by block), so a 12000 x 12000 image needs memory in proportion to its width.
+One path for every model and container. Each input is opened through the registry
+(`unetseg.io.registry.open_source`: TIFF and TIFF stacks, PNG, NIfTI, OME-Zarr) as one
+`InputImage`, read as its model's training read it (`to_channels`, then `Normalization`) and
+predicted tile by tile: a 2-D model predicts every plane by itself, normalised with that plane's
+range (`unetseg.inference.iter_predict_bands`), and a 3-D model predicts the planes as one volume
+in 3-D tiles, normalised with the whole volume's range (`unetseg.inference.volume.iter_predict_slabs`).
+Whatever the container, the same model gives the same outputs. Uncompressed TIFFs are read
+through a memory map, compressed and tiled TIFFs, NIfTI and OME-Zarr chunk by chunk, and every
+output kind asked for is written from the same bands by `unetseg.inference.sinks` (labels block
+by block, in 2-D or 3-D), so memory grows with one band (slab), not with the image (volume).
 Every output is written to a temporary name and renamed, and carries the pixel size of its input.
 Folders (planning, sharding, the loop over files) are `unetseg.inference.batch`.
 """
@@ -13,7 +17,7 @@ Folders (planning, sharding, the loop over files) are `unetseg.inference.batch`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,27 +29,29 @@ from torch import nn
 from tqdm import tqdm
 
 from unetseg.inference import TilingConfig, iter_predict_bands
-from unetseg.inference.overlay import PNG_SUFFIXES, overlay_path, write_overlay
+from unetseg.inference.overlay import overlay_path, write_overlay
 from unetseg.inference.postprocess import to_mask
 from unetseg.inference.sinks import FORMATS, OUTPUTS, OutputWriter, open_writers
-from unetseg.inference.volume_pipeline import (
-    VolumeTiling,
-    model_spatial_dims,
-    predict_volume_file,
-    predict_volume_outputs,
-    write_volume,
-)
+from unetseg.inference.volume import VolumeTiling, iter_predict_slabs, spatial_dims
 from unetseg.io.domain import DomainReport
-from unetseg.io.files import image_stem
-from unetseg.io.nifti import is_nifti
+from unetseg.io.files import ZARR_SUFFIXES, image_stem, image_suffix
 from unetseg.io.normalize import ChannelBands, plane_range
+from unetseg.io.registry import container, open_source, output_container
 from unetseg.io.source import DEFAULT_MAX_PIXELS, InputImage
-from unetseg.io.tiff import open_image
-from unetseg.io.volumes import InputVolume, open_volume
-from unetseg.io.zarr import ZARR_SUFFIX, is_zarr, open_zarr
+from unetseg.io.volumes import VolumeChannels, volume_range
 from unetseg.spec import InputSpec, label_settings
 
-__all__ = ["FORMATS", "OUTPUTS", "PredictSettings", "open_input", "output_targets", "predict_file", "predict_image"]
+__all__ = [
+    "FORMATS",
+    "OUTPUTS",
+    "PredictSettings",
+    "iter_predictions",
+    "open_input",
+    "output_suffix",
+    "output_targets",
+    "predict_file",
+    "predict_image",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,7 @@ class PredictSettings:
         seed_threshold: seed class probability that starts an object in "labels".
         min_size: smallest object, in pixels, kept in "labels".
         tiling: tile size, overlap, batch, blend, TTA and precision of the tiled engine.
-        volume: tile size and overlap (Z, Y, X) of 3-D models (`unetseg.inference.volume_pipeline`).
+        volume: tile size and overlap (Z, Y, X) of 3-D models (`unetseg.inference.volume.VolumeTiling`).
         max_pixels: the most pixels (height x width x planes) an input may claim in its header;
             larger ones are refused unread (decompression bombs). None: no cap.
         overlay: also write `<stem>_overlay.png` next to each output: the input with the
@@ -125,7 +131,7 @@ class PredictSettings:
 
     def check_target(self, target: Path, stack: bool = False) -> None:
         """Raise ValueError when `target`'s format cannot hold this output (PNG: one 8/16-bit plane)."""
-        if target.suffix.lower() in PNG_SUFFIXES and ("prob" in self.outputs or stack):
+        if output_container(target) == "png" and ("prob" in self.outputs or stack):
             what = "float probabilities" if "prob" in self.outputs else "a stack"
             raise ValueError(f"{target}: PNG holds one plane of 8/16-bit masks or labels, not {what}; write .tif")
 
@@ -138,7 +144,38 @@ class PredictSettings:
         return {**vars(self.tiling), "tta": self.tta(spec)}
 
 
-def _predict_planes(
+def iter_predictions(
+    model: nn.Module,
+    spec: InputSpec,
+    image: InputImage,
+    settings: PredictSettings,
+    path: str | Path = "image",
+    device_mask: bool = False,
+) -> Iterator[tuple[int, Iterator[tuple[int, int, Any]]]]:
+    """(item, blocks) of `image`: for a 2-D model each plane in turn (item = its index), for a 3-D model the
+    one volume (item 0); blocks are (start, stop, probabilities (classes, stop - start, ...)) along the first
+    spatial axis, in order, or the uint8 masks (stop - start, ...) with `device_mask`."""
+    normalization, in_channels = spec.normalization, spec.in_channels
+    options = settings.engine_options(spec)  # tiling, batch, blend, padding, TTA, precision
+    if device_mask:  # thresholded where the model runs: uint8 masks cross to the host
+        threshold = settings.label_options(spec)["threshold"]
+        options["band_transform"] = partial(_device_mask, spec=spec, threshold=threshold)
+    if spatial_dims(model) == 3:
+        value_range = volume_range(image.planes, in_channels, normalization, path)
+        options.update(tile_size=settings.volume.tile_size, overlap=settings.volume.overlap)
+        normalize = partial(normalization.apply, value_range=value_range)
+        yield (
+            0,
+            iter_predict_slabs(model, VolumeChannels(image.planes, in_channels, path), normalize=normalize, **options),
+        )
+        return
+    for z, plane in enumerate(image.planes):
+        value_range = plane_range(plane, in_channels, normalization, path)
+        normalize = partial(normalization.apply, value_range=value_range)
+        yield z, iter_predict_bands(model, ChannelBands(plane, in_channels, path), normalize=normalize, **options)
+
+
+def _predict(
     model: nn.Module,
     spec: InputSpec,
     image: InputImage,
@@ -147,32 +184,20 @@ def _predict_planes(
     path: str | Path = "image",
     on_rows: Callable[[int], Any] | None = None,
 ) -> None:
-    """Predict every plane of `image` once, band by band, handing each band to every writer."""
-    normalization = spec.normalization
-    in_channels = spec.in_channels
-    threshold = settings.label_options(spec)["threshold"]
-    # A mask alone is thresholded on the device: uint8 bands cross to the host.
-    device_mask = [writer.kind for writer in writers] == ["mask"]
-    for z, plane in enumerate(image.planes):
-        value_range = plane_range(plane, in_channels, normalization, path)
-        bands = iter_predict_bands(
-            model,
-            ChannelBands(plane, in_channels, path),
-            normalize=partial(normalization.apply, value_range=value_range),
-            band_transform=partial(_device_mask, spec=spec, threshold=threshold) if device_mask else None,
-            **settings.engine_options(spec),
-        )
+    """Predict `image` once, handing each band (slab) to every writer."""
+    device_mask = [writer.kind for writer in writers] == ["mask"]  # a mask alone is thresholded on the device
+    for item, blocks in iter_predictions(model, spec, image, settings, path, device_mask):
         for writer in writers:
-            writer.start_plane(z)
-        for start, stop, probs in bands:
+            writer.start(item)
+        for start, stop, probs in blocks:
             if not device_mask:
                 _check_classes(probs, spec)
             for writer in writers:
-                writer.band(z, start, stop, probs)
+                writer.band(item, start, stop, probs)
             if on_rows is not None:
                 on_rows(stop - start)
         for writer in writers:
-            writer.end_plane(z)
+            writer.end(item)
 
 
 def _check_classes(probs: Any, spec: InputSpec) -> None:
@@ -203,13 +228,12 @@ def predict_image(
     give a dict of them by kind.
     """
     settings.check(input_spec)
-    image = np.asarray(image)
-    if model_spatial_dims(model) == 3:  # a volume (Z, Y, X[, C]) in 3-D tiles
+    image, dims = np.asarray(image), spatial_dims(model)
+    if dims == 3:  # a volume (Z, Y, X[, C]) in 3-D tiles
         if image.ndim not in (3, 4):
             raise ValueError(f"a 3-D model predicts volumes (Z, Y, X) or (Z, Y, X, C); got shape {image.shape}")
-        made = predict_volume_outputs(model, input_spec, InputVolume(image), settings)
-        return made[settings.output] if isinstance(settings.output, str) else made
-    if image.ndim == 2 or image.ndim == 3 and image.shape[-1] <= 4:
+        arranged = InputImage(image, stack=True)
+    elif image.ndim == 2 or image.ndim == 3 and image.shape[-1] <= 4:
         arranged = InputImage(image[None])
     elif image.ndim in (3, 4):
         arranged = InputImage(image, stack=True)
@@ -217,10 +241,16 @@ def predict_image(
         raise ValueError(f"image must be (H, W), (H, W, C), (Z, H, W) or (Z, H, W, C); got shape {image.shape}")
     with ExitStack() as stack:
         options = settings.label_options(input_spec)
-        writers = open_writers(settings.kinds, dict.fromkeys(settings.kinds), input_spec, arranged, options, stack)
-        _predict_planes(model, input_spec, arranged, settings, writers)
+        targets = dict.fromkeys(settings.kinds)
+        writers = open_writers(settings.kinds, targets, input_spec, arranged, options, stack, dims=dims)
+        _predict(model, input_spec, arranged, settings, writers)
         results = {writer.kind: writer.close() for writer in writers}
     return results[settings.output] if isinstance(settings.output, str) else results
+
+
+def output_suffix(source: Path) -> str:
+    """The output suffix for an input: NIfTI stays NIfTI (.nii or .nii.gz as given), anything else is TIFF."""
+    return image_suffix(source) if container(source) == "nifti" else ".tif"
 
 
 def output_targets(source: str | Path, target: str | Path, settings: PredictSettings) -> dict[str, Path]:
@@ -235,11 +265,11 @@ def output_targets(source: str | Path, target: str | Path, settings: PredictSett
     source, target = Path(source), Path(target)
     stem = image_stem(target)
     zarr_out = settings.format == "ome-zarr"
-    suffix = ".ome" + ZARR_SUFFIX if zarr_out else target.name[len(stem) :] or ".tif"  # .nii.gz kept whole
+    suffix = ".ome" + ZARR_SUFFIXES[0] if zarr_out else target.name[len(stem) :] or ".tif"  # .nii.gz kept whole
     kinds = settings.outputs
     targets = {}
     for kind in kinds:
-        if zarr_out and kind != "prob" and is_zarr(source):
+        if zarr_out and kind != "prob" and container(source) == "ome-zarr" and source.is_dir():
             targets[kind] = source / "labels" / kind
         elif len(kinds) == 1 and not zarr_out:
             targets[kind] = target
@@ -255,8 +285,8 @@ def output_targets(source: str | Path, target: str | Path, settings: PredictSett
 
 
 def open_input(source: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputImage:
-    """An image file or an OME-Zarr image (*.zarr folder), opened lazily for prediction."""
-    return open_zarr(source) if is_zarr(source) else open_image(source, max_pixels)
+    """Any input (image file, TIFF stack, NIfTI, OME-Zarr), opened lazily for prediction (`open_source`)."""
+    return open_source(source, max_pixels)
 
 
 def predict_file(
@@ -268,22 +298,25 @@ def predict_file(
     progress: bool = False,
     domain: DomainReport | None = None,
 ) -> int:
-    """Predict an image file (or OME-Zarr image) into outputs of its height and width; returns the pixels predicted.
+    """Predict an image, stack or volume file (or OME-Zarr image) into outputs of its shape; returns the
+    pixels (voxels) predicted.
 
     Every output kind of `settings` is written from one model run, to the places
     `output_targets` gives: masks and probabilities band by band, labels block by block, each
-    into a temporary TIFF (memory-mapped), PNG (masks and labels) or OME-Zarr store renamed into
-    place when complete. The input's pixel size is written with the outputs (TIFF: ImageJ
-    metadata, OME for uint32 labels; OME-Zarr: the scale of y and x). Stacks are predicted plane
-    by plane, each normalised with its own range, into a ZYX stack. With `settings.rois` /
-    `measure`, the objects of the labels also go to an ImageJ ROI set and a CSV of measurements.
+    into a temporary TIFF (memory-mapped), PNG (masks and labels), NIfTI (the input's affine and
+    header kept) or OME-Zarr store renamed into place when complete. The input's pixel (voxel)
+    size is written with the outputs (TIFF: ImageJ metadata, OME for uint32 labels; OME-Zarr:
+    the scale; NIfTI: pixdim). A 2-D model predicts the planes of a stack or volume one by one,
+    each normalised with its own range, and labels them plane by plane; a 3-D model predicts
+    the volume and labels it in 3-D with its voxel size. With `settings.rois` / `measure`, the
+    objects of the labels also go to an ImageJ ROI set and a CSV of measurements.
 
     Args:
         model, input_spec: from `load_predictor`.
-        source: the image file or .zarr folder (see `open_image`, `open_zarr`).
-        target: the output TIFF or PNG (see `output_targets` for other formats and several outputs).
+        source: the input file or .zarr folder (see `unetseg.io.registry.open_source`).
+        target: the output TIFF, PNG or NIfTI (see `output_targets` for other formats and several outputs).
         settings: the output kinds, format, threshold and tiling.
-        progress: show a progress bar over the rows of the image.
+        progress: show a progress bar over the rows of the image (the planes of a volume).
         domain: collects out-of-domain warnings over many files (one per kind); None warns for this file.
 
     Raises ImageReadError for an input that cannot be read or used, ValueError for a model
@@ -292,14 +325,9 @@ def predict_file(
     settings.check(input_spec)
     source = Path(source)
     targets = output_targets(source, target, settings)
-    if model_spatial_dims(model) == 3:
-        return predict_volume_file(model, input_spec, source, targets, settings, progress)
-    # A 2-D model predicts every plane of a stack, whatever holds it: a NIfTI volume goes the TIFF stack's way,
-    # its outputs made in memory and written as NIfTI with the input's geometry.
-    volume = open_volume(source, settings.max_pixels) if is_nifti(source) else None
-    image = open_input(source, settings.max_pixels) if volume is None else volume.as_stack()
-    nifti_targets = {kind: targets[kind] for kind in settings.outputs if is_nifti(targets[kind])}
-    writer_targets = {kind: None if kind in nifti_targets else target for kind, target in targets.items()}
+    image, dims = open_input(source, settings.max_pixels), spatial_dims(model)
+    if dims == 3:
+        image.stack = True  # a 2-D image is a volume of one plane to a 3-D model
     for kind in settings.outputs:
         settings.check_target(targets[kind], image.stack)
     (domain or DomainReport()).check(source, image.planes[0], input_spec)
@@ -312,23 +340,18 @@ def predict_file(
     if settings.measure:
         from unetseg.io.measure import Measurements
 
-        measurements = Measurements(image.calibration, image.stack)
+        measurements = Measurements.of(image, dims)
     planes = len(image.planes)
-    with (
-        tqdm(
-            total=planes * image.height, unit="row", desc=source.name, leave=False, disable=None if progress else True
-        ) as bar,
-        ExitStack() as stack,
-    ):
-        writers = open_writers(settings.outputs, writer_targets, input_spec, image, options, stack, rois, measurements)
-        _predict_planes(model, input_spec, image, settings, writers, source, bar.update)
+    total, unit = (planes, "plane") if dims == 3 else (planes * image.height, "row")
+    bar = tqdm(total=total, unit=unit, desc=source.name, leave=False, disable=None if progress else True)
+    with bar, ExitStack() as stack:
+        writers = open_writers(settings.outputs, targets, input_spec, image, options, stack, rois, measurements, dims)
+        _predict(model, input_spec, image, settings, writers, source, bar.update)
         if settings.overlay:
             first, z = writers[0], len(image.planes) // 2
             write_overlay(targets["overlay"], image.planes[z], first.plane(z), first.kind, options["threshold"])
         for writer in writers:
-            made = writer.close()
-            if writer.kind in nifti_targets:
-                write_volume(nifti_targets[writer.kind], made, volume)
+            writer.close()
         if rois is not None:
             rois.write(targets["rois"])
         if measurements is not None:

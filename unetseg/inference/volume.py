@@ -11,6 +11,7 @@ proportion to one slab (tile depth x Y x X), not to its size.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from unetseg.inference.engine import (
 from unetseg.inference.fold import inference_copy
 from unetseg.inference.tiling import TilingConfig, check_tiling
 
-__all__ = ["iter_predict_slabs", "per_axis", "predict_tiled", "predict_volume_tiled"]
+__all__ = ["VolumeTiling", "iter_predict_slabs", "per_axis", "predict_tiled", "predict_volume_tiled", "spatial_dims"]
 
 
 def per_axis(value: int | Sequence[int], name: str, axes: int = 3) -> tuple[int, ...]:
@@ -40,6 +41,33 @@ def per_axis(value: int | Sequence[int], name: str, axes: int = 3) -> tuple[int,
     if len(values) != axes:
         raise ValueError(f"{name} must be an integer or {axes} integers (Z, Y, X), got {value!r}")
     return values
+
+
+@dataclass(frozen=True)
+class VolumeTiling:
+    """3-D tiles of a 3-D model, one size per axis (Z, Y, X): thick-slice data want short tiles along Z.
+
+    Blend, batch size, padding, TTA and precision are those of the 2-D `TilingConfig`.
+    """
+
+    tile_size: tuple[int, int, int] = (16, 128, 128)
+    overlap: tuple[int, int, int] = (4, 32, 32)
+
+    def __post_init__(self):
+        tiles, overlaps = per_axis(self.tile_size, "volume tile_size"), per_axis(self.overlap, "volume overlap")
+        object.__setattr__(self, "tile_size", tiles)
+        object.__setattr__(self, "overlap", overlaps)
+        for size, margin in zip(tiles, overlaps):
+            if not 0 <= margin < size:
+                raise ValueError(f"volume overlap {overlaps} must be >= 0 and < tile_size {tiles} on every axis")
+
+
+def spatial_dims(model: nn.Module) -> int:
+    """3 for a volumetric network (`UNet(spatial_dims=3)`, or any with 3-D convolution weights), else 2."""
+    declared = getattr(model, "spatial_dims", None)
+    if declared is not None:
+        return int(declared)
+    return 3 if any(parameter.ndim == 5 for parameter in model.parameters()) else 2
 
 
 def iter_predict_slabs(
@@ -92,7 +120,7 @@ def iter_predict_slabs(
         plan_axis(length, size, margin, blend, pad_mode) for length, size, margin in zip(shape[1:], tiles, overlaps)
     ]
     was_training = model.training
-    # Channels-last and BatchNorm folding are 2-D layouts: a 3-D network runs as it is (in eval mode).
+    # BatchNorm is folded into Conv3d as into Conv2d; channels-last stays a 2-D layout here.
     network = inference_copy(model, channels_last=False, compile=compile)
     predictor = BlockPredictor(network, plans, tiles, batch_size, tta, device, autocast_dtype(device, amp))
     try:
@@ -119,7 +147,7 @@ def predict_tiled(model: nn.Module, image: Any, *, out: Any = None, **options) -
     weights) is predicted in 3-D tiles (`predict_volume_tiled`); tile_size and overlap may then
     give one value per axis (Z, Y, X).
     """
-    if len(image.shape) == 4 and any(parameter.ndim == 5 for parameter in model.parameters()):
+    if len(image.shape) == 4 and spatial_dims(model) == 3:
         return predict_volume_tiled(model, image, out=out, **options)
     return _gather(iter_predict_bands(model, image, **options), tuple(image.shape)[1:], out, "(classes, H, W)")
 

@@ -80,19 +80,30 @@ def _ratio(value) -> float:
     return value[0] / value[1] if isinstance(value, tuple) else float(value)
 
 
+Spacing = tuple[float | None, float | None, float | None]  # (Z, Y, X); None where the file does not say
+
+
 @dataclass
 class InputImage:
-    """An input opened for prediction.
+    """An image, stack or volume opened for prediction or training: one object whatever the container.
 
-    planes: (Z, H, W) or (Z, H, W, C) in the stored dtype, Z = 1 for a 2D image; a read-only
-        memory map of the file where the file allows it (uncompressed, contiguous TIFF).
-    stack: True for a Z (or T) stack, predicted plane by plane into a stack of the same depth.
+    planes: (Z, H, W) or (Z, H, W, C) in the stored dtype, Z = 1 for a 2D image; read lazily (a
+        read-only memory map of an uncompressed TIFF, a chunked OME-Zarr array, a NIfTI proxy).
+    stack: True for a Z (or T) stack or a volume: its outputs keep the Z axis.
+    calibration: the pixel size written with TIFF and OME-Zarr outputs (Z spacing included).
+    stated_spacing: the voxel size (Z, Y, X) in the calibration's unit where the file states it
+        exactly (NIfTI pixdim); None: derived from the calibration (`spacing`).
+    nifti: the NIfTI input whose affine and header NIfTI outputs keep; None for other inputs.
+
+    A 2-D model predicts every plane by itself; a 3-D model predicts the planes as one volume.
     """
 
     planes: Any
     stack: bool = False
     plane_axis: str = "Z"
     calibration: Calibration = field(default_factory=Calibration)
+    stated_spacing: Spacing | None = None
+    nifti: Any = None
 
     @property
     def height(self) -> int:
@@ -101,6 +112,43 @@ class InputImage:
     @property
     def width(self) -> int:
         return int(self.planes.shape[2])
+
+    @property
+    def voxels(self) -> Any:
+        """The planes, as a volume (Z, Y, X[, C])."""
+        return self.planes
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X)."""
+        return tuple(int(n) for n in self.planes.shape[:3])
+
+    @property
+    def unit(self) -> str | None:
+        return self.calibration.unit
+
+    @property
+    def spacing(self) -> Spacing:
+        """(Z, Y, X) voxel size in `unit`; None where the file does not say."""
+        return self.stated_spacing if self.stated_spacing is not None else tiff_spacing(self.calibration)
+
+
+def tiff_spacing(calibration: Calibration) -> Spacing:
+    """(Z, Y, X) voxel size of a calibration, in its unit; None where the TIFF does not say."""
+    y = x = None
+    if calibration.resolution is not None:
+        x, y = (1.0 / _ratio(value) if _ratio(value) else None for value in calibration.resolution)
+    return calibration.spacing, y, x
+
+
+def spacing_calibration(spacing: Spacing, unit: str | None = "micron") -> Calibration:
+    """The TIFF calibration of a voxel spacing (Z, Y, X): resolution in pixels per unit, ImageJ spacing.
+
+    Used to write TIFF outputs of NIfTI inputs, and synthetic volumes, with their voxel size.
+    """
+    z, y, x = spacing
+    resolution = (1.0 / x, 1.0 / y) if x and y else None
+    return Calibration(resolution, 1 if resolution else None, unit if resolution else None, z)
 
 
 def native(array: Any) -> np.ndarray:
@@ -119,7 +167,10 @@ __all__ = [
     "InputImage",
     "OME_UNITS",
     "PLANE_AXES",
+    "Spacing",
     "_ratio",
     "check_pixels",
     "native",
+    "spacing_calibration",
+    "tiff_spacing",
 ]

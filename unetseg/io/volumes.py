@@ -8,46 +8,30 @@ guess, so the caller decides (e.g. isotropic voxels).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unetseg.io.files import TIFF_SUFFIXES, image_suffix, is_zarr_folder
+from unetseg.io.files import TIFF_SUFFIXES, image_suffix
 from unetseg.io.images import read_image, to_channels
-from unetseg.io.nifti import NiftiVolume, is_nifti, open_nifti
+from unetseg.io.nifti import is_nifti, open_nifti
 from unetseg.io.normalize import Normalization, value_range
-from unetseg.io.source import DEFAULT_MAX_PIXELS, Calibration, ImageReadError, InputImage, _ratio, check_pixels, native
-from unetseg.io.tiff import open_image, release_pages
+from unetseg.io.registry import container, open_source
+from unetseg.io.source import DEFAULT_MAX_PIXELS, ImageReadError, InputImage, native, spacing_calibration
+from unetseg.io.tiff import release_pages
 
-Spacing = tuple[float | None, float | None, float | None]  # (Z, Y, X)
-
-
-@dataclass
-class InputVolume:
-    """A volume opened for prediction or training.
-
-    voxels: (Z, Y, X) or (Z, Y, X, C), read lazily plane by plane (a memory map, a NIfTI proxy).
-    spacing: voxel size (Z, Y, X) in `unit`; an entry is None where the file does not say.
-    calibration: the TIFF pixel size written with TIFF outputs (Z spacing included).
-    nifti: the NIfTI input whose affine and header NIfTI outputs keep; None for TIFF inputs.
-    """
-
-    voxels: Any
-    spacing: Spacing = (None, None, None)
-    unit: str | None = None
-    calibration: Calibration = field(default_factory=Calibration)
-    nifti: NiftiVolume | None = None
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(Z, Y, X)."""
-        return tuple(int(n) for n in self.voxels.shape[:3])
-
-    def as_stack(self) -> InputImage:
-        """The volume as a Z stack of planes, as a 2-D model predicts it (each plane by itself)."""
-        return InputImage(self.voxels, stack=True, calibration=self.calibration)
+__all__ = [
+    "VolumeChannels",
+    "is_volume_file",
+    "open_volume",
+    "read_mask",
+    "read_volume",
+    "read_volume_labels",
+    "spacing_calibration",
+    "volume_range",
+    "volume_to_channels",
+]
 
 
 def is_volume_file(path: str | Path) -> bool:
@@ -55,53 +39,25 @@ def is_volume_file(path: str | Path) -> bool:
     return is_nifti(path) or image_suffix(Path(path)) in TIFF_SUFFIXES
 
 
-def tiff_spacing(calibration: Calibration) -> Spacing:
-    """(Z, Y, X) voxel size in the calibration's unit; None where the TIFF does not say."""
-    y = x = None
-    if calibration.resolution is not None:
-        x, y = (1.0 / _ratio(value) if _ratio(value) else None for value in calibration.resolution)
-    return calibration.spacing, y, x
-
-
-def spacing_calibration(spacing: Spacing, unit: str | None = "micron") -> Calibration:
-    """The TIFF calibration of a voxel spacing (Z, Y, X): resolution in pixels per unit, ImageJ spacing.
-
-    Used to write TIFF outputs of NIfTI inputs, and synthetic volumes, with their voxel size.
-    """
-    z, y, x = spacing
-    resolution = (1.0 / x, 1.0 / y) if x and y else None
-    return Calibration(resolution, 1 if resolution else None, unit if resolution else None, z)
-
-
-def open_volume(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputVolume:
-    """Open a volume: a NIfTI file, a TIFF read as a Z stack (ZYX, ZCYX/ZYXC through its ImageJ or
-    OME axes), or an OME-Zarr image (*.zarr; its z axis and scale), the last two read lazily.
+def open_volume(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputImage:
+    """Open a volume through the registry (`unetseg.io.registry.open_source`): a NIfTI file, a TIFF read as
+    a Z stack (ZYX, ZCYX/ZYXC through its ImageJ or OME axes), or an OME-Zarr image (its z axis and scale).
 
     A 2-D TIFF opens as a volume of one plane. Volumes whose header claims more than `max_pixels`
     voxels are refused unread (None: no cap). Raises ImageReadError naming the file otherwise.
     """
     path = Path(path)
-    if is_nifti(path):
-        nifti = open_nifti(path)
-        check_pixels(path, nifti.voxels.shape, 1, max_pixels)
-        calibration = spacing_calibration(nifti.spacing, nifti.unit)
-        return InputVolume(nifti.voxels, nifti.spacing, nifti.unit, calibration, nifti)
-    if is_zarr_folder(path):
-        from unetseg.io.zarr import open_zarr
-
-        image = open_zarr(path)
-        check_pixels(path, image.planes.shape[:3], 1, max_pixels)
-    elif image_suffix(path) not in TIFF_SUFFIXES:
+    if container(path) == "image" and image_suffix(path) not in TIFF_SUFFIXES:
         raise ImageReadError(f"{path}: a volume must be a TIFF stack, NIfTI (.nii, .nii.gz) or an OME-Zarr image")
-    else:
-        image = open_image(path, max_pixels)
-    return InputVolume(image.planes, tiff_spacing(image.calibration), image.calibration.unit, image.calibration)
+    image = open_source(path, max_pixels)
+    image.stack = True
+    return image
 
 
-def read_volume(path: str | Path) -> InputVolume:
+def read_volume(path: str | Path) -> InputImage:
     """`open_volume` with the voxels read into memory in native byte order (training data)."""
     volume = open_volume(path)
-    volume.voxels = np.ascontiguousarray(native(volume.voxels[:]))
+    volume.planes = np.ascontiguousarray(native(volume.planes[:]))
     return volume
 
 

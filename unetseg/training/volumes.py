@@ -53,7 +53,13 @@ def load_volume_sample(
     value_range = volume_range(volume.voxels, in_channels, normalization, image_path)
     stored_channels = 1 if volume.voxels.ndim == 3 else min(volume.voxels.shape[-1], 3)
     return VolumeSample(
-        name or image_path.stem, image, labels, value_range, foreground_voxels(labels), volume.spacing, stored_channels
+        name or image_path.stem,
+        image,
+        labels,
+        value_range,
+        foreground_voxels(labels),
+        volume.spacing,
+        stored_channels,
     )
 
 
