@@ -1,11 +1,12 @@
-"""Tiled prediction of whole images: tiles cut, run and stitched on the model's device, band by band.
+"""Tiled prediction of images (C, H, W) and volumes (C, Z, Y, X): tiles cut, run and stitched on the model's
+device, block by block along the first spatial axis (`iter_predict`).
 
-Rows of tiles are processed in horizontal bands; each finished band of probabilities is handed
-out, so memory grows with the image width, not its area. The input is read band by band too,
-from anything that slices like a (C, H, W) array (numpy, `tifffile.memmap`, torch, zarr).
-`BlockPredictor` and `iter_blocks` are written for any number of spatial axes: volumes
-(`unetseg.inference.volume`) go through them slab by slab, tile layers along Z taking the
-place of tile rows.
+Rows of tiles (layers of 3-D tiles) are processed in bands (slabs); each finished band of
+probabilities is handed out, so memory grows with one band (one slab), not with the image
+(volume). The input is read band by band too, from anything that slices like an array (numpy,
+`tifffile.memmap`, torch, zarr). Every axis has its own tile size, overlap, padding and blend
+weights (`plan_axis`), and a tile's weight is the outer product of its axes' weights, so one
+code path serves 2-D and 3-D.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from unetseg.inference.fold import inference_copy
 from unetseg.inference.tiling import TilingConfig, axis_weights, pad_indices, padding, tile_starts
 from unetseg.runtime.precision import autocast_dtype, channels_last
 
-__all__ = ["autocast_dtype", "iter_predict_bands", "select_device", "to_host"]
+__all__ = ["autocast_dtype", "iter_predict", "iter_predict_bands", "per_axis", "select_device", "to_host"]
 
 DEFAULT = TilingConfig()
 
@@ -254,12 +255,23 @@ def grow_sum(total: torch.Tensor | None, shape: tuple[int, ...], device: torch.d
     return grown
 
 
-def iter_predict_bands(
+def per_axis(value: int | Sequence[int], name: str, axes: int = 3) -> tuple[int, ...]:
+    """An int for every axis, or one value per axis (Z, Y, X / Y, X); ValueError naming the option otherwise."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return (int(value),) * axes
+    values = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else ()
+    if len(values) != axes:
+        names = "(Z, Y, X)" if axes == 3 else "(Y, X)"
+        raise ValueError(f"{name} must be an integer or {axes} integers {names}, got {value!r}")
+    return values
+
+
+def iter_predict(
     model: nn.Module,
-    image: Any,
+    array: Any,
     *,
-    tile_size: int = DEFAULT.tile_size,
-    overlap: int = DEFAULT.overlap,
+    tile_size: int | Sequence[int] = DEFAULT.tile_size,
+    overlap: int | Sequence[int] = DEFAULT.overlap,
     batch_size: int = DEFAULT.batch_size,
     blend: str = DEFAULT.blend,
     pad_mode: str = DEFAULT.pad_mode,
@@ -270,45 +282,66 @@ def iter_predict_bands(
     compile: bool = DEFAULT.compile,
     band_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Predict an image band by band: yields (row_start, row_stop, probs) with probs (classes, rows, W) float32.
+    """Predict an image (C, H, W) or a volume (C, Z, Y, X) block by block along its first spatial axis: yields
+    (start, stop, probs) with probs (classes, stop - start, ...) float32.
 
-    Bands come in order, cover every row once, and only one band of input and output is held
-    at a time, so a huge image needs memory in proportion to its width.
+    Blocks (bands of rows, slabs of planes) come in order, cover every position once, and only
+    one block of input and output is held at a time, so a huge image needs memory in proportion
+    to its width, a volume to one slab.
 
     Args:
-        model: an nn.Module returning logits (N, classes, h, w) for (N, C, h, w). It runs as a
-            copy in eval mode with BatchNorm folded into its convolutions, channels-last on CPU
-            and CUDA (`unetseg.inference.fold.inference_copy`); the model itself is not changed.
-            One output channel gives sigmoid probabilities, several a softmax.
-        image: (C, H, W) of any size, anything sliced as `image[:, start:stop]` (numpy,
-            `numpy.memmap`/`tifffile.memmap`, torch tensor, zarr); read one band at a time.
-        tile_size, overlap, batch_size, blend, pad_mode, tta, amp, compile: see `TilingConfig`.
-        normalize: applied to each raw band (C, rows, W) before tiling, e.g.
+        model: an nn.Module returning logits (N, classes, ...) for (N, C, ...) tiles. It runs as a
+            copy in eval mode with BatchNorm folded into its convolutions (2-D and 3-D),
+            channels-last for 2-D on CPU and CUDA (`unetseg.inference.fold.inference_copy`); the
+            model itself is not changed. One output channel gives sigmoid probabilities, several a
+            softmax.
+        array: (C, H, W) or (C, Z, Y, X) of any size, anything sliced as `array[:, start:stop]` (numpy,
+            `numpy.memmap`/`tifffile.memmap`, torch tensor, zarr, `VolumeChannels`).
+        tile_size, overlap: an int for every axis, or one per axis: thick-slice volumes want
+            short tiles along Z. The rules of `TilingConfig` hold per axis (border context
+            overlap // 2; `center` is exact when the receptive field radius fits in it).
+        batch_size, blend, pad_mode, tta, amp, compile: see `TilingConfig`; tta averages the 8
+            in-plane flips and quarter turns (tiles square in the last two axes).
+        normalize: applied to each raw block (C, rows, ...) before tiling, e.g.
             `lambda band: Normalization().apply(band, value_range)` with a range computed once
-            for the whole image; None takes the image as already normalised.
+            for the whole image; None takes the input as already normalised.
         device: where tiles are run and stitched; None means the model's device.
-        band_transform: applied on the device to each finished band of probabilities (classes,
-            rows, W) before it is copied to the host, e.g. a threshold to a uint8 mask, so only
-            the smallest type crosses to the host; bands are then what it returns.
+        band_transform: applied on the device to each finished block of probabilities before it
+            is copied to the host, e.g. a threshold to a uint8 mask, so only the smallest type
+            crosses to the host; blocks are then what it returns.
     """
-    TilingConfig(tile_size, overlap, batch_size, blend, pad_mode, tta, amp, compile)  # checks every setting
-    shape = tuple(image.shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"image must have shape (C, H, W) with C, H, W >= 1; got shape {shape}")
-    _, height, width = shape
+    shape = tuple(array.shape)
+    if len(shape) not in (3, 4) or min(shape) < 1:
+        raise ValueError(f"array must have shape (C, H, W) or (C, Z, Y, X), every size >= 1; got shape {shape}")
+    dims = len(shape) - 1
+    tiles, overlaps = per_axis(tile_size, "tile_size", dims), per_axis(overlap, "overlap", dims)
+    for size, margin in zip(tiles, overlaps):
+        TilingConfig(size, margin, batch_size, blend, pad_mode, tta, amp, compile)  # checks every setting
+    if tta and tiles[-1] != tiles[-2]:
+        raise ValueError(f"tta turns tiles a quarter: needs tile_size square in Y and X, got {tiles}")
     device = select_device(model, device)
-    plans = [plan_axis(length, tile_size, overlap, blend, pad_mode) for length in (height, width)]
-    layout = channels_last(device)
+    plans = [
+        plan_axis(length, size, margin, blend, pad_mode) for length, size, margin in zip(shape[1:], tiles, overlaps)
+    ]
+    layout = dims == 2 and channels_last(device)  # channels_last_3d measured no gain here (BENCHMARKS.md)
     was_training = model.training
     network = inference_copy(model, channels_last=layout, compile=compile)
     converted = network is not model  # a network without conv weights (ONNX Runtime) takes tiles as they are
     memory_format = torch.channels_last if converted and layout else torch.contiguous_format
     dtype = autocast_dtype(device, amp)
-    predictor = BlockPredictor(network, plans, (tile_size,) * 2, batch_size, tta, device, dtype, memory_format)
+    predictor = BlockPredictor(network, plans, tiles, batch_size, tta, device, dtype, memory_format)
     try:
-        yield from iter_blocks(predictor, image, normalize, band_transform)
+        yield from iter_blocks(predictor, array, normalize, band_transform)
     finally:
         model.train(was_training)
+
+
+def iter_predict_bands(model: nn.Module, image: Any, **options) -> Iterator[tuple[int, int, np.ndarray]]:
+    """`iter_predict` of an image (C, H, W): yields (row_start, row_stop, probs (classes, rows, W))."""
+    shape = tuple(image.shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image must have shape (C, H, W) with C, H, W >= 1; got shape {shape}")
+    return iter_predict(model, image, **options)
 
 
 def pinned_transfer(device: torch.device) -> bool:
