@@ -10,34 +10,28 @@ from unetseg.io import ImageReadError, Normalization
 from unetseg.synthetic import make_nuclei_volumes
 from unetseg.training.augment import Augmentation
 from unetseg.training.data import SegmentationDataModule
-from unetseg.training.volumes import (
-    PatchDataset,
-    VolumeAugmentation,
-    VolumeSample,
-    foreground_voxels,
-    load_volume_sample,
-    patch_grid,
-)
+from unetseg.training.samples import Sample, foreground_coordinates, pad_sample, window_grid
+from unetseg.training.volumes import PatchDataset, VolumeAugmentation, load_volume_sample
 
 pytest.importorskip("nibabel")
 NO_AUGMENTATION = Augmentation(flip=0, rotate90=0, brightness_contrast=0, gamma=0, noise=0, blur=0)
 
 
-def sample(shape=(6, 20, 24), name="v") -> VolumeSample:
+def sample(shape=(6, 20, 24), name="v") -> Sample:
     labels = np.zeros(shape, np.int32)
     labels[2:4, 5:9, 6:12] = 1
     image = (labels * 1000 + 100).astype(np.uint16)[None]
-    return VolumeSample(name, image, labels, (100.0, 1100.0), foreground_voxels(labels))
+    return Sample(name, image, labels, (100.0, 1100.0), foreground_coordinates(labels))
 
 
-def test_patch_grid_covers_the_volume_with_shifted_last_patches():
-    corners = patch_grid((6, 20, 24), (4, 8, 8))
+def test_window_grid_covers_the_volume_with_shifted_last_patches():
+    corners = window_grid((6, 20, 24), (4, 8, 8))
     assert corners[0] == (0, 0, 0) and corners[-1] == (2, 12, 16)
     covered = np.zeros((6, 20, 24), bool)
     for z, y, x in corners:
         covered[z : z + 4, y : y + 8, x : x + 8] = True
     assert covered.all()
-    assert patch_grid((3, 5, 5), (4, 8, 8)) == [(0, 0, 0)]  # smaller than a patch: one smaller patch
+    assert window_grid((3, 5, 5), (4, 8, 8)) == [(0, 0, 0)]  # smaller than a patch: one smaller patch
 
 
 def test_random_patches_have_the_patch_size_and_oversample_foreground():
@@ -53,7 +47,7 @@ def test_random_patches_have_the_patch_size_and_oversample_foreground():
 
 def test_validation_patches_are_fixed_and_cover_each_volume():
     dataset = PatchDataset([sample(), sample(name="w")], Normalization(), (4, 8, 8), "boundary")
-    assert len(dataset) == 2 * len(patch_grid((6, 20, 24), (4, 8, 8)))
+    assert len(dataset) == 2 * len(window_grid((6, 20, 24), (4, 8, 8)))
     first, again = dataset[0], dataset[0]
     assert torch.equal(first["image"], again["image"]) and first["target"].shape == (4, 8, 8)
 
@@ -130,3 +124,22 @@ def test_data_module_refuses_2d_only_options_and_stacks_in_2d(tmp_path):
     root = make_nuclei_volumes(tmp_path / "v", count=2, shape=(8, 32, 32))
     with pytest.raises(ValueError, match="set data.spatial_dims: 3"):
         SegmentationDataModule(root=str(root), num_workers=0).setup("fit")
+
+
+def test_pad_sample_pads_every_axis_shorter_than_a_window_and_keeps_what_it_knew():
+    """One pad for images and volumes: the 2-D pad dropped stored_channels before the merge."""
+    small = Sample(
+        "v",
+        np.ones((1, 3, 5, 40), np.uint16),
+        np.ones((3, 5, 40), np.int32),
+        (0.0, 1.0),
+        foreground_coordinates(np.ones((3, 5, 40))),
+        stored_channels=3,
+        spacing=(2.0, 0.5, 0.5),
+    )
+    padded = pad_sample(small, (4, 8, 8))
+    assert padded.labels.shape == (4, 8, 40) and padded.image.shape == (1, 4, 8, 40)
+    assert padded.stored_channels == 3 and padded.spacing == (2.0, 0.5, 0.5)
+    assert padded.foreground.shape[1] == 3 and len(padded.foreground) == min(4096, 4 * 8 * 40)
+    image = pad_sample(Sample("i", np.ones((3, 10, 20)), np.ones((10, 20), np.int32), (0.0, 1.0), np.zeros((0, 2))), 16)
+    assert image.labels.shape == (16, 20) and image.image.shape == (3, 16, 20)

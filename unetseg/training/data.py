@@ -7,7 +7,6 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -23,20 +22,9 @@ from unetseg.io.normalize import count_non_finite, warn_non_finite
 from unetseg.spec import InputSpec, output_classes
 from unetseg.synthetic import default_dataset, default_volume_dataset
 from unetseg.training.augment import Augmentation, build_transform, draw_rng
+from unetseg.training.samples import Sample, foreground_coordinates, pad_sample, random_window, window_grid
 from unetseg.training.targets import border_weight_map, compact_target, make_target
 from unetseg.training.volumes import load_volume_sample, volume_datasets
-
-
-@dataclass
-class Sample:
-    """One image (C, H, W) in its stored dtype, its labels (H, W) and its percentile range."""
-
-    name: str
-    image: np.ndarray
-    labels: np.ndarray
-    value_range: tuple[float, float]
-    foreground: np.ndarray  # (K, 2) coordinates of foreground pixels, subsampled
-    stored_channels: int = 0  # channels of the file (alpha dropped), before conversion to in_channels
 
 
 def load_sample(
@@ -59,12 +47,6 @@ def load_sample(
     warn_non_finite(image_path, count_non_finite(image), image.size)
     value_range = normalization.range(image)
     return Sample(name or image_path.stem, image, labels, value_range, foreground_coordinates(labels), stored_channels)
-
-
-def foreground_coordinates(labels: np.ndarray, limit: int = 4096) -> np.ndarray:
-    """(K, 2) row/column coordinates of foreground pixels, evenly subsampled to at most `limit`."""
-    coordinates = np.argwhere(labels > 0)
-    return coordinates[:: max(1, -(-len(coordinates) // limit))]
 
 
 class TileDataset(Dataset):
@@ -153,24 +135,12 @@ class TileDataset(Dataset):
             index = int(rng.integers(len(self.samples)))
         else:
             index = int(rng.choice(len(self.samples), p=self.sample_weights))
-        sample = self.samples[index]
-        height, width = sample.labels.shape
-        size = self.tile_size
-        if len(sample.foreground) and rng.random() < self.foreground_oversampling:
-            cy, cx = sample.foreground[rng.integers(len(sample.foreground))]
-            y = int(np.clip(cy - size // 2, 0, height - size))
-            x = int(np.clip(cx - size // 2, 0, width - size))
-        else:
-            y, x = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
-        return index, y, x
+        return (index, *random_window(self.samples[index], (self.tile_size,) * 2, rng, self.foreground_oversampling))
 
 
 def tile_grid(sample: Sample, tile_size: int) -> list[tuple[int, int]]:
     """Top-left corners of tiles covering the sample, the last ones shifted inside."""
-    height, width = sample.labels.shape
-    rows = sorted({min(y, max(height - tile_size, 0)) for y in range(0, height, tile_size)})
-    cols = sorted({min(x, max(width - tile_size, 0)) for x in range(0, width, tile_size)})
-    return [(y, x) for y in rows for x in cols]
+    return window_grid(sample.labels.shape, (tile_size, tile_size))
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -402,15 +372,3 @@ class SegmentationDataModule(pl.LightningDataModule):
         return DataLoader(
             self.val_set, batch_size=1, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
         )
-
-
-def pad_sample(sample: Sample, tile_size: int) -> Sample:
-    """Reflect-pad a sample smaller than a tile, so random tiles always fit."""
-    height, width = sample.labels.shape
-    pad_h, pad_w = max(0, tile_size - height), max(0, tile_size - width)
-    if not pad_h and not pad_w:
-        return sample
-    spec = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
-    labels = np.pad(sample.labels, spec, mode="reflect")  # numpy repeats the reflection for large pads
-    image = np.pad(sample.image, ((0, 0), *spec), mode="reflect")
-    return Sample(sample.name, image, labels, sample.value_range, foreground_coordinates(labels))

@@ -12,7 +12,6 @@ repeat one noise field in every plane.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +21,13 @@ from torch.utils.data import Dataset
 from unetseg.io import ImageReadError, Normalization
 from unetseg.io.volumes import read_volume, read_volume_labels, volume_range, volume_to_channels
 from unetseg.training.augment import Augmentation, build_transform, draw_rng
+from unetseg.training.samples import Sample, foreground_coordinates, pad_sample, random_window, window_grid
 from unetseg.training.targets import make_target
-
-
-@dataclass
-class VolumeSample:
-    """One volume (C, Z, Y, X) in its stored dtype, its labels (Z, Y, X), percentile range and spacing."""
-
-    name: str
-    image: np.ndarray
-    labels: np.ndarray
-    value_range: tuple[float, float]
-    foreground: np.ndarray  # (K, 3) coordinates of foreground voxels, subsampled
-    spacing: tuple = (None, None, None)
-    stored_channels: int = 1  # channels of the file (alpha dropped), before conversion to in_channels
 
 
 def load_volume_sample(
     image_path: Path, mask_path: Path, in_channels: int, normalization: Normalization, name: str | None = None
-) -> VolumeSample:
+) -> Sample:
     """Read and check one volume pair, and take its whole-volume normalisation range."""
     volume = read_volume(image_path)
     image = volume_to_channels(volume.voxels, in_channels, image_path)
@@ -52,21 +39,15 @@ def load_volume_sample(
         )
     value_range = volume_range(volume.voxels, in_channels, normalization, image_path)
     stored_channels = 1 if volume.voxels.ndim == 3 else min(volume.voxels.shape[-1], 3)
-    return VolumeSample(
+    return Sample(
         name or image_path.stem,
         image,
         labels,
         value_range,
-        foreground_voxels(labels),
-        volume.spacing,
-        stored_channels,
+        foreground_coordinates(labels),
+        stored_channels=stored_channels,
+        spacing=volume.spacing,
     )
-
-
-def foreground_voxels(labels: np.ndarray, limit: int = 4096) -> np.ndarray:
-    """(K, ndim) coordinates of foreground voxels, evenly subsampled to at most `limit`."""
-    coordinates = np.argwhere(labels > 0)
-    return coordinates[:: max(1, -(-len(coordinates) // limit))]
 
 
 def check_patch_size(patch_size: Sequence[int]) -> tuple[int, int, int]:
@@ -74,34 +55,6 @@ def check_patch_size(patch_size: Sequence[int]) -> tuple[int, int, int]:
     if len(patch_size) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in patch_size):
         raise ValueError(f"patch_size must be three positive integers (Z, Y, X), got {patch_size!r}")
     return tuple(patch_size)
-
-
-def pad_volume_sample(sample: VolumeSample, patch_size: Sequence[int]) -> VolumeSample:
-    """Reflect-pad a volume smaller than a patch along any axis, so random patches always fit."""
-    pads = [max(0, size - length) for size, length in zip(patch_size, sample.labels.shape)]
-    if not any(pads):
-        return sample
-    spec = tuple((pad // 2, pad - pad // 2) for pad in pads)
-    labels = np.pad(sample.labels, spec, mode="reflect")
-    image = np.pad(sample.image, ((0, 0), *spec), mode="reflect")
-    return VolumeSample(
-        sample.name,
-        image,
-        labels,
-        sample.value_range,
-        foreground_voxels(labels),
-        sample.spacing,
-        sample.stored_channels,
-    )
-
-
-def patch_grid(shape: Sequence[int], patch_size: Sequence[int]) -> list[tuple[int, ...]]:
-    """Corners of patches covering a volume, the last ones along each axis shifted inside."""
-    axes = [
-        sorted({min(start, max(length - size, 0)) for start in range(0, length, size)})
-        for length, size in zip(shape, patch_size)
-    ]
-    return [tuple(corner) for corner in np.array(np.meshgrid(*axes, indexing="ij")).reshape(len(axes), -1).T]
 
 
 class VolumeAugmentation:
@@ -144,7 +97,7 @@ class PatchDataset(Dataset):
 
     def __init__(
         self,
-        samples: Sequence[VolumeSample],
+        samples: Sequence[Sample],
         normalization: Normalization,
         patch_size: Sequence[int],
         targets: str,
@@ -158,7 +111,7 @@ class PatchDataset(Dataset):
         self.grid = (
             None
             if length
-            else [(i, corner) for i, s in enumerate(samples) for corner in patch_grid(s.labels.shape, self.patch_size)]
+            else [(i, corner) for i, s in enumerate(samples) for corner in window_grid(s.labels.shape, self.patch_size)]
         )
         self.length = length or len(self.grid)
 
@@ -182,21 +135,13 @@ class PatchDataset(Dataset):
             "target": torch.from_numpy(make_target(np.ascontiguousarray(labels), self.targets)),
         }
 
-    def random_patch(self, rng: np.random.Generator) -> tuple[VolumeSample, tuple[int, ...]]:
+    def random_patch(self, rng: np.random.Generator) -> tuple[Sample, tuple[int, ...]]:
         sample = self.samples[rng.integers(len(self.samples))]
-        shape = sample.labels.shape
-        if len(sample.foreground) and rng.random() < self.foreground_oversampling:
-            centre = sample.foreground[rng.integers(len(sample.foreground))]
-            corner = tuple(
-                int(np.clip(c - size // 2, 0, length - size)) for c, size, length in zip(centre, self.patch_size, shape)
-            )
-        else:
-            corner = tuple(int(rng.integers(length - size + 1)) for size, length in zip(self.patch_size, shape))
-        return sample, corner
+        return sample, random_window(sample, self.patch_size, rng, self.foreground_oversampling)
 
 
 def volume_datasets(
-    samples: dict[str, VolumeSample],
+    samples: dict[str, Sample],
     split: dict[str, list[str]],
     patch_size: Sequence[int],
     normalization: Normalization,
@@ -207,7 +152,7 @@ def volume_datasets(
 ) -> tuple[PatchDataset, PatchDataset]:
     """(training, validation) patch datasets of a split of volume samples."""
     patch_size = check_patch_size(patch_size)
-    train = [pad_volume_sample(samples[name], patch_size) for name in split["train"]]
+    train = [pad_sample(samples[name], patch_size) for name in split["train"]]
     val = [samples[name] for name in split["val"]]
     common = dict(normalization=normalization, patch_size=patch_size, targets=targets)
     train_set = PatchDataset(
@@ -223,9 +168,8 @@ def volume_datasets(
 __all__ = [
     "PatchDataset",
     "VolumeAugmentation",
-    "VolumeSample",
     "build_volume_transform",
+    "check_patch_size",
     "load_volume_sample",
-    "patch_grid",
     "volume_datasets",
 ]
