@@ -111,18 +111,9 @@ def pad_indices(length: int, before: int, after: int, pad_mode: str = "reflect")
         raise ValueError(f"pad_mode must be one of {', '.join(PAD_MODES)}; got {pad_mode!r}")
     if length < 1:
         raise ValueError(f"cannot pad an empty axis (length {length})")
-    index = np.arange(-before, length + after, dtype=np.int64)
-    if pad_mode == "edge":
-        return np.clip(index, 0, length - 1)
-    if pad_mode == "reflect":
-        if length == 1:
-            return np.zeros_like(index)
-        period = 2 * (length - 1)
-        index = np.abs(index) % period
-        return np.where(index >= length, period - index, index)
-    period = 2 * length  # symmetric: the edge pixel is repeated at each mirror
-    index = index % period
-    return np.where(index >= length, period - 1 - index, index)
+    if pad_mode == "reflect" and length == 1:  # numpy refuses to reflect a single pixel
+        return np.zeros(length + before + after, dtype=np.int64)
+    return np.pad(np.arange(length, dtype=np.int64), (before, after), mode=pad_mode)
 
 
 def gaussian_window(tile_size: int) -> np.ndarray:
