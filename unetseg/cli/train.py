@@ -41,6 +41,8 @@ data (images/ and masks/ under --data.root, paired by file name):
   --data.batch_size N          tiles per step
   --data.tiles_per_epoch N     tiles per epoch (steps per epoch = tiles_per_epoch / batch_size)
   --data.split_file FILE       reuse a train/validation split (the split.json of a run)
+  --data.folds K --data.fold I k-fold cross-validation: fold I of K validates (stratified by image type;
+                               every fold of a dataset at once: unetseg-cv)
 network (--model.net.class_path unetseg.models.UNet or unetseg.models.SMPUnet):
   --model.net.init_args.depth N        downsamplings (receptive field grows with it)
   --model.net.init_args.width N        channels of the first level

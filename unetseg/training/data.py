@@ -22,6 +22,7 @@ from unetseg.io.normalize import count_non_finite, warn_non_finite
 from unetseg.spec import InputSpec, output_classes
 from unetseg.synthetic import default_dataset, default_volume_dataset
 from unetseg.training.augment import Augmentation, build_transform, draw_rng
+from unetseg.training.folds import assign_folds, fold_split
 from unetseg.training.samples import Sample, foreground_coordinates, pad_sample, random_window, window_grid
 from unetseg.training.targets import border_weight_map, compact_target, make_target
 from unetseg.training.volumes import load_volume_sample, volume_datasets
@@ -138,6 +139,12 @@ class TileDataset(Dataset):
         return (index, *random_window(self.samples[index], (self.tile_size,) * 2, rng, self.foreground_oversampling))
 
 
+def image_type(sample: Sample) -> str:
+    """The image type (`unetseg.io.modality`) of a sample: of its middle plane for a volume."""
+    image = sample.image if sample.image.ndim == 3 else sample.image[:, sample.image.shape[1] // 2]
+    return modality_names(image_features(image))[0]
+
+
 def tile_grid(sample: Sample, tile_size: int) -> list[tuple[int, int]]:
     """Top-left corners of tiles covering the sample, the last ones shifted inside."""
     return window_grid(sample.labels.shape, (tile_size, tile_size))
@@ -162,6 +169,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         val_fraction: share of images held out for validation, chosen by `seed`.
         split_file: a JSON {"train": [...], "val": [...]} of pair names (path under images/
             without suffix), e.g. the split.json of an earlier run, to use instead.
+        folds, fold: k-fold cross-validation instead of `val_fraction`: the images are dealt to
+            `folds` folds, stratified by image type (`unetseg.training.folds`), and fold `fold`
+            validates; the assignment of every image is stored in the run's split.json.
         normalization: percentiles of the whole-image normalisation.
         augmentation: probabilities of each augmentation (see `Augmentation`).
         foreground_oversampling: probability that a tile is centred on a foreground pixel.
@@ -205,6 +215,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         spatial_dims: int = 2,
         patch_size: list[int] | None = None,
         modality_balance: float = 0.0,
+        folds: int | None = None,
+        fold: int = 0,
     ):
         super().__init__()
         output_classes(targets, classes)  # checks targets and classes
@@ -235,6 +247,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.num_workers = max(0, min(4, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
         self.modality_balance = modality_balance
         cluster_weights([0], modality_balance)  # checks modality_balance
+        if folds is not None and split_file:
+            raise ValueError("data.folds and data.split_file both choose the validation images; give one")
+        if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
+            raise ValueError(f"data.folds must be an integer >= 2, got {folds!r}")
+        if folds is not None and (isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds):
+            raise ValueError(f"data.fold must be an integer in 0..{folds - 1}, got {fold!r}")
+        self.folds, self.fold = folds, fold
         self.split: dict[str, list[str]] | None = None
         self.modalities: dict[str, str] = {}  # training image name -> its modality group
         self.stored_channels: dict[int, int] = {}  # channels in the files -> images, known after setup()
@@ -261,7 +280,6 @@ class SegmentationDataModule(pl.LightningDataModule):
         if len(pairs) < 2:
             raise ValueError(f"{root}: found {len(pairs)} image/mask pair; need at least 2 (training and validation)")
         names = [pair_name(image_path, root / self.images) for image_path, _ in pairs]
-        self.split = self.make_split(names)
         samples, problems = {}, []
         for name, (image_path, mask_path) in zip(names, pairs):
             try:
@@ -278,6 +296,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"{len(problems)} of {len(pairs)} training pairs cannot be used:\n  " + "\n  ".join(problems)
             )
+        self.split = self.make_split(names, samples)
         if volumes:
             self.train_set, self.val_set = volume_datasets(
                 samples,
@@ -319,7 +338,12 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.val_set = TileDataset(val, tile_size=self.val_tile_size, instance_labels=instances, **common)
         self.write_split()
 
-    def make_split(self, names: list[str]) -> dict[str, list[str]]:
+    def make_split(self, names: list[str], samples: dict[str, Sample] | None = None) -> dict[str, list[str]]:
+        """{"train", "val"}: from `split_file`, from the k-fold assignment (`folds`), or `val_fraction` at random."""
+        if self.folds is not None:
+            groups = [image_type(samples[name]) if samples else "all" for name in names]
+            assigned = assign_folds(names, groups, self.folds, self.seed)
+            return {**fold_split(assigned, self.fold), "folds": self.folds, "fold": self.fold, "assigned": assigned}
         if self.split_file:
             split = json.loads(Path(self.split_file).read_text())
             unknown = sorted(set(split.get("train", []) + split.get("val", [])) - set(names))
