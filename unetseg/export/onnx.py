@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import nn
 
 from unetseg.models import describe_net
 from unetseg.models.checkpoint import load_net
+from unetseg.models.ensemble import Ensemble
 from unetseg.models.unet import UNet, pad_to_multiple
 from unetseg.spec import InputSpec
 
@@ -54,7 +56,10 @@ _DEPRECATED = r".*(legacy TorchScript-based ONNX export|`torch\.jit\.\w+` is dep
 
 
 def size_multiple(net: nn.Module) -> int:
-    """The multiple of H and W that `net` runs on unpadded: 2**depth (UNet), 2**encoder_depth (SMPUnet), else 1."""
+    """The multiple of H and W that `net` runs on unpadded: 2**depth (UNet), 2**encoder_depth (SMPUnet), the
+    least common multiple of its members' (an ensemble), else 1."""
+    if isinstance(net, Ensemble):
+        return math.lcm(*(size_multiple(member) for member in net.members))
     if isinstance(net, UNet):
         return 2**net.depth
     if hasattr(net, "multiple"):  # SMPUnet, without importing SMP here
@@ -64,6 +69,8 @@ def size_multiple(net: nn.Module) -> int:
 
 def min_size(net: nn.Module) -> int:
     """The smallest H and W that `net` pads to a multiple only: 2**(depth + 1) for UNet (2x2 at the bottleneck)."""
+    if isinstance(net, Ensemble):
+        return max(max(min_size(member) for member in net.members), size_multiple(net))
     if isinstance(net, UNet):
         return 2 ** (net.depth + 1)
     return size_multiple(net)

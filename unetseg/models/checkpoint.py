@@ -28,8 +28,10 @@ from unetseg.spec import InputSpec, label_settings
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
+    "ENSEMBLE_CLASS",
     "CheckpointError",
     "load_net",
+    "make_ensemble",
     "load_net_weights",
     "non_finite_weights",
     "read_checkpoint",
@@ -49,6 +51,8 @@ ALLOWED_NETS = {
     "unetseg.models.baseline.SMPUnet": "unetseg.models.baseline.SMPUnet",
     "unetseg.models.SMPUnet": "unetseg.models.baseline.SMPUnet",
 }
+ENSEMBLE_CLASS = "unetseg.models.ensemble.Ensemble"  # a file of K networks: "members" lists their descriptions
+MAX_MEMBERS = 16
 # Upper bounds of integer network arguments, checked before a network is built: a 100-byte
 # file must not make us allocate gigabytes (UNet width 6000 is > 4 GB of weights).
 NET_ARGUMENT_LIMITS = {
@@ -165,7 +169,14 @@ def load_net(path: str | Path) -> tuple[nn.Module, InputSpec | None, dict]:
     if not isinstance(hparams, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a unetseg checkpoint (no state_dict, or no hyper_parameters)")
     check_finite_weights(checkpoint["state_dict"], path)
-    description = checked_net_description(hparams.get("net"), path)
+    description = hparams.get("net")
+    members = description.get("members") if isinstance(description, dict) else None
+    if isinstance(description, dict) and description.get("class_path") == ENSEMBLE_CLASS:
+        if not isinstance(members, list) or not 2 <= len(members) <= MAX_MEMBERS:
+            raise CheckpointError(f"{path}: refused: an ensemble must list 2 to {MAX_MEMBERS} member networks")
+        descriptions = [checked_net_description(member, path) for member in members]
+    else:
+        descriptions = [checked_net_description(description, path)]
     spec = None
     if hparams.get("input_spec"):
         try:
@@ -173,11 +184,57 @@ def load_net(path: str | Path) -> tuple[nn.Module, InputSpec | None, dict]:
         except ValueError as error:
             raise CheckpointError(f"{path}: unusable input_spec: {error}") from None
     try:
-        net = build_net(description)
+        nets = [build_net(description) for description in descriptions]
+        if len(nets) == 1:
+            net = nets[0]
+        else:
+            from unetseg.models.ensemble import Ensemble
+
+            net = Ensemble(nets)
         net.load_state_dict(net_state_dict(checkpoint["state_dict"]))
     except Exception as error:  # wrong keys or shapes, bad init arguments
         raise CheckpointError(f"{path}: cannot rebuild the network ({type(error).__name__}: {error})") from None
     return net, spec, hparams
+
+
+def make_ensemble(sources: list[str | Path], target: str | Path) -> Path:
+    """Write one model file holding the networks of `sources` (checkpoints of one recipe, e.g. the folds of a
+    cross-validation), which predicts with their averaged probabilities (`unetseg.models.ensemble`).
+
+    The members must share their input spec (channels, normalisation, targets, classes); the
+    ensemble keeps the first one's, post-processing included (tune the ensemble afterwards).
+    """
+    if len(sources) < 2 or len(sources) > MAX_MEMBERS:
+        raise CheckpointError(f"an ensemble takes 2 to {MAX_MEMBERS} checkpoints, got {len(sources)}")
+    members, state, spec = [], {}, None
+    for index, source in enumerate(sources):
+        checkpoint = read_checkpoint(source)
+        hparams = checkpoint.get("hyper_parameters")
+        if not isinstance(hparams, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise CheckpointError(f"{source}: not a unetseg checkpoint (no state_dict, or no hyper_parameters)")
+        if hparams.get("net", {}).get("class_path") == ENSEMBLE_CLASS:
+            raise CheckpointError(f"{source}: is an ensemble already; give the checkpoints of its members")
+        members.append(checked_net_description(hparams.get("net"), source))
+        member_spec = InputSpec.from_dict(hparams["input_spec"]) if hparams.get("input_spec") else None
+        if member_spec is None:
+            raise CheckpointError(f"{source}: has no input_spec; an ensemble needs one its members share")
+        if spec is not None and (
+            member_spec.in_channels,
+            member_spec.normalization,
+            member_spec.targets,
+            member_spec.classes,
+        ) != (spec.in_channels, spec.normalization, spec.targets, spec.classes):
+            raise CheckpointError(f"{source}: its input spec differs from {sources[0]}'s; an ensemble needs one")
+        spec = spec or member_spec
+        state |= {
+            f"net.members.{index}.{key}": value for key, value in net_state_dict(checkpoint["state_dict"]).items()
+        }
+    hparams = {
+        "net": {"class_path": ENSEMBLE_CLASS, "members": members},
+        "input_spec": spec.to_dict(),
+        "ensemble_of": [str(source) for source in sources],
+    }
+    return save_checkpoint({"hyper_parameters": hparams, "state_dict": state}, target)
 
 
 def load_net_weights(net: nn.Module, source: str | Path, adapt_head: bool = False) -> list[str]:
