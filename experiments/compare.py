@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from skimage.color import label2rgb
-from skimage.filters import threshold_otsu
 from skimage.segmentation import find_boundaries
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from unetseg.evaluation.crossval import classical_labels
 from unetseg.evaluation.metrics import segmentation_scores, summarize
 from unetseg.inference import predict_tiled
 from unetseg.inference.postprocess import to_labels
@@ -108,11 +108,7 @@ def otsu_watershed(pairs) -> tuple[dict, list]:
     """
     scores, predictions = [], []
     for _, image, labels in pairs:
-        grey = image.astype(np.float32).mean(axis=0)
-        if np.median(grey) > 0.5 * (grey.min() + grey.max()):
-            grey = grey.max() - grey
-        foreground = (grey > threshold_otsu(grey)).astype(np.float32)[None]
-        predicted = to_labels(foreground)
+        predicted = classical_labels(image)
         predictions.append(predicted)
         scores.append(segmentation_scores(predicted, labels))
     return summarize(scores), predictions

@@ -11,6 +11,7 @@ COMMANDS = {
     "train": ("unetseg.cli.train", "train a network from a YAML config (LightningCLI)"),
     "predict": ("unetseg.cli.predict", "segment image files or folders with a trained model"),
     "evaluate": ("unetseg.cli.evaluate", "score predicted masks against ground truth"),
+    "cv": ("unetseg.cli.cv", "k-fold cross-validation: train the folds, score out of fold, ensemble them"),
     "tune": ("unetseg.cli.tune", "search a model's instance post-processing on annotated images, store it"),
     "export": ("unetseg.cli.export", "export a checkpoint to ONNX or a bioimage.io model package"),
     "demo": ("unetseg.cli.demo", "train on the embedded dataset, predict, print where everything is"),
