@@ -87,3 +87,22 @@ def test_a_crafted_ensemble_file_is_refused_before_anything_is_built(tmp_path):
         save_checkpoint({"hyper_parameters": hparams, "state_dict": {}}, tmp_path / name)
         with pytest.raises(CheckpointError, match=message):
             load_predictor(tmp_path / name, "cpu")
+
+
+def test_an_ensemble_exports_to_a_bioimageio_package_of_onnx_weights_only(tmp_path, image):
+    pytest.importorskip("bioimageio.spec")
+    import zipfile
+
+    import yaml
+
+    from unetseg.export.bioimageio import export_bioimageio
+
+    ensemble_path = make_ensemble([member(tmp_path / f"fold{k}.ckpt", k) for k in range(2)], tmp_path / "e.ckpt")
+    package = export_bioimageio(ensemble_path, tmp_path / "e.zip")
+    with zipfile.ZipFile(package) as archive:
+        rdf = yaml.safe_load(archive.read("rdf.yaml"))
+    assert list(rdf["weights"]) == ["onnx"]  # no single architecture to rebuild an ensemble from
+    from_package = predict_image(*load_predictor(package, "cpu"), image, SETTINGS)
+    np.testing.assert_allclose(
+        from_package, predict_image(*load_predictor(ensemble_path, "cpu"), image, SETTINGS), atol=1e-4
+    )

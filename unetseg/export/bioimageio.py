@@ -9,7 +9,8 @@ percentiles of `Normalization`) followed by `clip` to [0, 1]; its output postpro
 sigmoid (one class) or a softmax over the channels. bioimage.io tools (bioimageio.core,
 deepImageJ, ilastik, QuPath, napari plugins) can run it; `unetseg-predict --checkpoint
 model.zip` runs it through its ONNX weights with the input spec stored under
-`config.unetseg`, with no bioimageio library needed. Exporting needs `pip install
+`config.unetseg`, with no bioimageio library needed. A fold ensemble ships its ONNX weights
+only: one graph of every member, averaging their probabilities. Exporting needs `pip install
 'unetseg[bioimageio]'`.
 """
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from unetseg.export.onnx import OPSET, OnnxPredictor, export_net, load_checkpoint_net, min_size, size_multiple
 from unetseg.models import describe_net
+from unetseg.models.ensemble import Ensemble
 from unetseg.models.unet import UNet
 from unetseg.spec import InputSpec, label_settings
 
@@ -292,16 +294,19 @@ def export_bioimageio(
             data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
             postprocessing=postprocessing,
         )
-        weights = v0_5.WeightsDescr(
-            pytorch_state_dict=v0_5.PytorchStateDictWeightsDescr(
-                source=folder / "weights.pt",
-                architecture=_architecture(v0_5, net, folder),
-                pytorch_version=v0_5.Version(torch.__version__.split("+")[0]),
-            ),
-            onnx=v0_5.OnnxWeightsDescr(
-                source=folder / "weights.onnx", opset_version=opset, parent="pytorch_state_dict"
-            ),
-        )
+        if isinstance(net, Ensemble):  # one ONNX graph of every member; no single architecture to rebuild
+            weights = v0_5.WeightsDescr(onnx=v0_5.OnnxWeightsDescr(source=folder / "weights.onnx", opset_version=opset))
+        else:
+            weights = v0_5.WeightsDescr(
+                pytorch_state_dict=v0_5.PytorchStateDictWeightsDescr(
+                    source=folder / "weights.pt",
+                    architecture=_architecture(v0_5, net, folder),
+                    pytorch_version=v0_5.Version(torch.__version__.split("+")[0]),
+                ),
+                onnx=v0_5.OnnxWeightsDescr(
+                    source=folder / "weights.onnx", opset_version=opset, parent="pytorch_state_dict"
+                ),
+            )
         descr = v0_5.ModelDescr(
             name=name,
             description=description,
