@@ -114,6 +114,8 @@ ABOVE_RUNTIME = (
         ("evaluation", ("unetseg.cli", "unetseg.training", "unetseg.planning"), ()),
         ("export", ("unetseg.cli", "unetseg.training", "unetseg.planning", "unetseg.evaluation"), ()),
         ("planning", ("unetseg.cli",), ()),
+        # block-wise prediction on a cluster: built on prediction and io, used only by the CLI
+        ("distributed", ("unetseg.cli", "unetseg.training", "unetseg.planning", "unetseg.evaluation"), ()),
     ],
 )
 def test_imports_flow_one_way(layer, forbidden, allowed):

@@ -234,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
         "process of many; default: RANK/WORLD_SIZE under torchrun, SLURM_PROCID/SLURM_NTASKS "
         "under srun, else all files",
     )
+    parser.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="predict on a Dask cluster: local:N (N worker processes here), tcp://HOST:8786 (a running scheduler), "
+        "or slurm:N, pbs:N, lsf:N... (N dask-jobqueue jobs, configured by dask's jobqueue.yaml); a file INPUT is "
+        "predicted block by block into OME-Zarr (--format ome-zarr), a folder file by file; the dashboard link is "
+        "printed. Needs pip install 'unetseg[distributed]'",
+    )
     add_verbosity_flags(parser)
     return parser
 
@@ -264,6 +272,30 @@ def resolve_shard(text: str | None) -> tuple[int, int]:
     if not (index.isdigit() and count.isdigit()) or not int(index) < int(count):
         raise ValueError(f"--shard {text}: expected K/N with 0 <= K < N, e.g. 0/4")
     return int(index), int(count)
+
+
+def predict_with_dask(args: argparse.Namespace, checkpoint: Path, pairs: list, settings: PredictSettings) -> int:
+    """--dask: the prediction on a Dask cluster (`unetseg.distributed.predict_on_cluster`); returns the exit status."""
+    try:
+        from unetseg.distributed import predict_on_cluster  # dask only here: the default path never imports it
+
+        summary = predict_on_cluster(
+            args.dask,
+            checkpoint,
+            args.input,
+            settings=settings,
+            pairs=pairs,
+            device=args.device,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            announce=lambda link: print(f"{PROG}: Dask dashboard: {link}", flush=True),
+        )
+    except (ImportError, ValueError, OSError) as error:
+        log.error("%s", error)
+        log.debug("traceback", exc_info=True)
+        return 2
+    print(f"{PROG}: {summary}")
+    return 1 if summary.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = shard(plan_outputs(args.input, args.output_path, args.glob), index, count)
         for _, target in pairs[:1]:
             settings.check_target(target)
-        device = resolve_device(args.device)
+        device = resolve_device("cpu" if args.dask else args.device)  # with --dask, each worker picks its own
         checkpoint = args.checkpoint if args.checkpoint is not None else model_path(args.model)
         model, spec = load_predictor(checkpoint, device)
         settings.check(spec)
@@ -310,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {len(pairs)} file(s){share}, {checkpoint} on {device}")
         if args.tta is None and spec.tta:
             print(f"{PROG}: averaging 8 flips and turns of each tile, as this model was tuned (--no-tta: 8x faster)")
+    if args.dask:
+        return predict_with_dask(args, checkpoint, pairs, settings)
     summary = predict_files(model, spec, pairs, settings, overwrite=args.overwrite, progress=not args.quiet)
     print(f"{PROG}: {summary}")
     if args.overlay and summary.done:
