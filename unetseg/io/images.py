@@ -15,20 +15,23 @@ from PIL import Image
 from skimage import io as skio
 
 from unetseg.io.files import TIFF_SUFFIXES, image_suffix
-from unetseg.io.source import DEFAULT_MAX_PIXELS, ImageReadError, check_pixels
+from unetseg.io.source import DEFAULT_MAX_PIXELS, ImageReadError, check_compression, check_pixels
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
-def _header_shape(path: Path) -> tuple[tuple, int]:
-    """(shape, channels) that a file's header claims, read without decoding the pixels."""
+def _check_header(path: Path, max_pixels: int | None) -> None:
+    """Refuse a file whose header claims more than `max_pixels` pixels, or a TIFF that would decompress far
+    beyond its size (`check_compression`), without decoding the pixels."""
     if path.suffix.lower() in TIFF_SUFFIXES:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             channels = math.prod(side for side, axis in zip(series.shape, series.axes) if axis in "SC")
-            return tuple(series.shape), channels
+            check_pixels(path, tuple(series.shape), channels, max_pixels)
+            check_compression(path, series.shape, series.dtype, series.dataoffset is not None)
+        return
     with Image.open(path) as image:  # lazy: the header only
-        return (image.height, image.width, getattr(image, "n_frames", 1)), 1
+        check_pixels(path, (image.height, image.width, getattr(image, "n_frames", 1)), 1, max_pixels)
 
 
 def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -51,7 +54,7 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # our own cap replaces Pillow's (179 Mpx, below a 30000 x 30000 image)
     try:
-        check_pixels(path, *_header_shape(path), max_pixels)
+        _check_header(path, max_pixels)
         array = tifffile.imread(path) if path.suffix.lower() in TIFF_SUFFIXES else skio.imread(path)
     except ImageReadError:
         raise

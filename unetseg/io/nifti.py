@@ -10,6 +10,11 @@ intensity scaling removed, so masks and labels overlay exactly in ITK-SNAP, 3D S
 
 from __future__ import annotations
 
+import logging
+import math
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,8 @@ import numpy as np
 
 from unetseg.io.files import atomic_output
 from unetseg.io.source import ImageReadError, native
+
+log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Millimetres, the usual unit of medical volumes; NIfTI's xyzt_units names it.
@@ -84,7 +91,10 @@ class NiftiVoxels:
         if not isinstance(first, slice) or first.step not in (None, 1):
             raise IndexError("NiftiVoxels supports voxels[z], voxels[z0:z1] and further indices after them")
         start, stop, _ = first.indices(self.shape[0])
-        slab = np.asarray(self.dataobj[..., start:stop] if len(self.dataobj.shape) >= 3 else self.dataobj)
+        try:
+            slab = np.asarray(self.dataobj[..., start:stop] if len(self.dataobj.shape) >= 3 else self.dataobj)
+        except (ValueError, EOFError, zlib.error) as error:  # a header promising more voxels than the file holds
+            raise ImageReadError(f"{self.path}: file is truncated or damaged ({error})") from None
         slab = slab.reshape(slab.shape[:2] + (-1,)).T  # (x, y, z) -> (z, y, x), a view
         slab = slab[0] if squeeze else slab
         return slab[key[1:]] if len(key) > 1 else slab
@@ -106,8 +116,10 @@ def open_nifti(path: str | Path) -> NiftiVolume:
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty")
     try:
-        image = nibabel.load(path)
-        shape = tuple(int(n) for n in image.shape)
+        with _nibabel_messages() as messages:  # nibabel prints header fixes without the file's name
+            image = nibabel.load(path)
+            shape = tuple(int(n) for n in image.shape)
+            stated = _stated_pixdim(nibabel, image, path)
     except Exception as error:  # nibabel raises its own, gzip, EOF and value errors on broken files
         raise ImageReadError(f"{path}: cannot read NIfTI ({type(error).__name__}: {error})") from None
     if not 2 <= len(shape) <= 5 or any(n != 1 for n in shape[3:]) or min(shape) < 1:
@@ -118,7 +130,23 @@ def open_nifti(path: str | Path) -> NiftiVolume:
     dataobj = image.dataobj if len(shape) <= 3 else image.dataobj[(...,) + (0,) * (len(shape) - 3)]
     if np.dtype(image.get_data_dtype()).kind not in "uifb":
         raise ImageReadError(f"{path}: NIfTI data type {image.get_data_dtype()} is not a grey-value image")
-    zooms = tuple(float(value) for value in image.header.get_zooms()[:3]) + (1.0,) * max(0, 3 - len(shape))
+    if not path.name.lower().endswith(".gz"):  # uncompressed: the header's size must fit in the file
+        needed = int(getattr(image.dataobj, "offset", 0)) + math.prod(shape) * np.dtype(image.get_data_dtype()).itemsize
+        if path.stat().st_size < needed:
+            raise ImageReadError(
+                f"{path}: file is truncated ({path.stat().st_size:,} bytes; its voxels need {needed:,})"
+            )
+    for message in messages:
+        if "pixdim" not in message:  # voxel sizes are reported below, with what is done about them
+            log.warning("%s: %s", path, message)
+    usable = [step if math.isfinite(step) and step > 0 else None for step in stated[: len(shape)]]
+    zooms = tuple(usable) + (1.0,) * max(0, 3 - len(shape))
+    if None in usable:
+        log.warning(
+            "%s: voxel size (pixdim) %s is not positive numbers; the unusable ones are ignored (voxel size unknown)",
+            path,
+            tuple(stated[: len(shape)]),
+        )
     unit = image.header.get_xyzt_units()[0]
     return NiftiVolume(
         voxels=NiftiVoxels(dataobj, path),
@@ -127,6 +155,38 @@ def open_nifti(path: str | Path) -> NiftiVolume:
         header=image.header.copy(),
         affine=np.asarray(image.affine, dtype=np.float64),
     )
+
+
+@contextmanager
+def _nibabel_messages() -> Iterator[list[str]]:
+    """The messages nibabel logs while the block runs (header problems it fixes), kept from its own handler."""
+    logger = logging.getLogger("nibabel.global")
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handlers, propagate = logger.handlers[:], logger.propagate
+    collect = Collect()
+    for handler in handlers:
+        logger.removeHandler(handler)
+    logger.addHandler(collect)
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(collect)
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.propagate = propagate
+
+
+def _stated_pixdim(nibabel, image: Any, path: Path) -> list[float]:
+    """pixdim[1:4] as the file states it: nibabel's loading sets 0 to 1 and negative values to their size."""
+    with nibabel.openers.ImageOpener(path) as handle:
+        raw = type(image.header).from_fileobj(handle, check=False)
+    return [float(value) for value in raw["pixdim"][1:4]]
 
 
 def read_nifti(path: str | Path) -> np.ndarray:

@@ -54,9 +54,7 @@ def _open_nifti(path: Path, max_pixels: int | None) -> InputImage:
 def _open_zarr(path: Path, max_pixels: int | None) -> InputImage:
     from unetseg.io.zarr import open_zarr  # zarr: imported only for OME-Zarr inputs
 
-    image = open_zarr(path)
-    check_pixels(path, image.planes.shape[:3], 1, max_pixels)
-    return image
+    return open_zarr(path, max_pixels)
 
 
 def _open_image(path: Path, max_pixels: int | None) -> InputImage:

@@ -30,6 +30,23 @@ def check_pixels(path: Path, shape: tuple, channels: int, max_pixels: int | None
         )
 
 
+# A compressed file whose pixels take more than BOMB_FROM_BYTES and BOMB_RATIO times its size is refused:
+# deflate and LZW pack even an all-zero image at most ~1,000 times.
+BOMB_FROM_BYTES, BOMB_RATIO = 64 << 20, 10_000
+
+
+def check_compression(path: Path, shape: tuple, dtype: Any, contiguous: bool) -> None:
+    """Refuse a compressed (or scattered) image whose pixels would take far more bytes than the whole file:
+    a small file claiming a huge image decodes strips of gigabytes before it fails. `contiguous`: stored
+    uncompressed in one block (checked against the file size when it is mapped instead)."""
+    declared, size = math.prod(int(side) for side in shape) * np.dtype(dtype).itemsize, Path(path).stat().st_size
+    if not contiguous and declared > BOMB_FROM_BYTES and declared > BOMB_RATIO * size:
+        raise ImageReadError(
+            f"{path}: declares {declared:,} bytes of pixels in a file of {size:,} bytes ({declared / size:,.0f} "
+            "times more; compression rarely passes 1,000): refused as a decompression bomb"
+        )
+
+
 IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)  # what an ImageJ hyperstack can hold
 CHANNEL_AXES, PLANE_AXES = "SC", "ZTQI"  # tifffile axis letters: samples/channels; slices/frames/pages
 
@@ -169,6 +186,7 @@ __all__ = [
     "PLANE_AXES",
     "Spacing",
     "_ratio",
+    "check_compression",
     "check_pixels",
     "native",
     "spacing_calibration",

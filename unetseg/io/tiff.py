@@ -33,6 +33,7 @@ from unetseg.io.source import (
     Calibration,
     ImageReadError,
     InputImage,
+    check_compression,
     check_pixels,
 )
 
@@ -115,6 +116,7 @@ def open_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     except Exception as error:  # tifffile raises its own, struct, value and index errors on broken files
         raise ImageReadError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
     check_pixels(path, shape, channels, max_pixels)
+    check_compression(path, shape, dtype, offset is not None)
     array = None
     if offset is not None and dtype.kind in "uif":  # uncompressed and contiguous: map, don't read
         needed = offset + int(np.prod(shape)) * dtype.itemsize

@@ -16,7 +16,7 @@ import numpy as np
 from unetseg.io.files import TIFF_SUFFIXES, image_suffix
 from unetseg.io.images import read_image, to_channels
 from unetseg.io.nifti import is_nifti, open_nifti
-from unetseg.io.normalize import Normalization, value_range
+from unetseg.io.normalize import Normalization, count_non_finite, value_range, warn_non_finite
 from unetseg.io.registry import container, open_source
 from unetseg.io.source import DEFAULT_MAX_PIXELS, ImageReadError, InputImage, native, spacing_calibration
 from unetseg.io.tiff import release_pages
@@ -113,14 +113,25 @@ class VolumeChannels:
 
 
 def volume_range(voxels: Any, in_channels: int, normalization: Normalization, path: str | Path = "volume"):
-    """The (low, high) percentile values of a whole volume (all channels), read plane by plane.
+    """The (low, high) percentile values of a whole volume (all channels), read plane by plane; one warning
+    naming `path` when it holds NaN or infinite values (`warn_non_finite`).
 
     The one percentile rule (`value_range`) over the planes stacked as rows, so training and
     prediction of a volume get the same range whatever holds the voxels.
     """
     view = VolumeChannels(voxels, in_channels, path)
     channels, depth, height, width = view.shape
-    return value_range(view.iter_bands(), (channels, depth * height, width), normalization.low, normalization.high)
+    non_finite = [0]
+
+    def counted(bands):
+        for start, band in bands:
+            non_finite[0] += count_non_finite(band)
+            yield start, band
+
+    shape = (channels, depth * height, width)
+    result = value_range(counted(view.iter_bands()), shape, normalization.low, normalization.high)
+    warn_non_finite(path, non_finite[0], channels * depth * height * width)  # the warning of 2-D images, once
+    return result
 
 
 def read_mask(path: str | Path) -> np.ndarray:

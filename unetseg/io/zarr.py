@@ -11,13 +11,21 @@ the input's scale, so napari opens image and labels together. Needs pip install 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unetseg.io.source import CHANNEL_AXES, PLANE_AXES, Calibration, ImageReadError
+from unetseg.io.source import (
+    CHANNEL_AXES,
+    DEFAULT_MAX_PIXELS,
+    PLANE_AXES,
+    Calibration,
+    ImageReadError,
+    check_pixels,
+)
 
 __all__ = ["ZARR_SUFFIX", "LazyPlanes", "OmeZarrWriter", "is_zarr", "is_zarr_target", "ngff_scale", "open_zarr"]
 
@@ -25,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ZARR_SUFFIX = ".zarr"
 CHUNK = 1024  # rows and columns of an output chunk
+MAX_CHUNKS_LISTED = 1_000_000  # inputs with more chunks are not checked for missing ones
 PYRAMID_MIN_SIDE = 256  # levels are added (halving y and x) while the last one is larger than this
 # OME-NGFF unit names <-> ImageJ unit names (as `Calibration.unit` holds them)
 NGFF_TO_IMAGEJ = {"micrometer": "micron", "nanometer": "nm", "millimeter": "mm", "centimeter": "cm", "meter": "m"}
@@ -139,8 +148,12 @@ def _ome_attributes(group: Any) -> dict:
     return attributes.get("ome", attributes)
 
 
-def open_zarr(path: str | Path):
-    """Open an OME-Zarr image (its full-resolution level) as an `InputImage`, lazily; ImageReadError if unusable."""
+def open_zarr(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """Open an OME-Zarr image (its full-resolution level) as an `InputImage`, lazily; ImageReadError if unusable.
+
+    Images whose metadata claim more than `max_pixels` pixels (planes x height x width) are refused
+    before anything else is looked at (None: no cap).
+    """
     from unetseg.io.source import InputImage
 
     zarr, path = _zarr(), Path(path)
@@ -157,9 +170,53 @@ def open_zarr(path: str | Path):
         raise
     except Exception as error:  # zarr raises its own errors on missing or broken stores
         raise ImageReadError(f"{path}: cannot open as OME-Zarr ({type(error).__name__}: {error})") from None
+    _check_array(array, axes, path)
     letters = "".join({"c": "C", "t": "T", "z": "Z", "y": "Y", "x": "X"}.get(name.lower(), "Q") for name in axes)
     planes, stack, plane_axis = lazy_planes(array, letters, path)
-    return InputImage(planes, stack, plane_axis, _calibration(first, dataset, axes))
+    check_pixels(path, planes.shape[:3], 1, max_pixels)
+    _warn_missing_chunks(array, dataset["path"], path)
+    try:
+        calibration = _calibration(first, dataset, axes)
+    except (ValueError, TypeError, ArithmeticError, KeyError, IndexError) as error:
+        log.warning("%s: pixel size metadata ignored, it cannot be used (%s)", path, error)
+        calibration = Calibration()
+    return InputImage(planes, stack, plane_axis, calibration)
+
+
+def _check_array(array: Any, axes: list, path: Path) -> None:
+    """ImageReadError when crafted metadata makes the array unusable: no pixels, chunks of size 0, a data type
+    that is not an image, an axis named twice."""
+    shape, chunks = tuple(int(n) for n in array.shape), tuple(int(n) for n in array.chunks)
+    if min(shape, default=0) < 1:
+        raise ImageReadError(f"{path}: has no pixels (shape {'x'.join(map(str, shape))})")
+    if min(chunks, default=0) < 1:
+        raise ImageReadError(f"{path}: chunk shape {chunks} has a side < 1")
+    if np.dtype(array.dtype).kind not in "uifb":
+        raise ImageReadError(f"{path}: data type {array.dtype} is not an image (integers, floats or booleans)")
+    names = [str(name).lower() for name in axes]
+    if len(set(names)) != len(names):
+        raise ImageReadError(f"{path}: axes {', '.join(names)} name an axis twice")
+
+
+def _warn_missing_chunks(array: Any, level: str, path: Path) -> None:
+    """Warn, naming the file, when chunks of the array are not stored: zarr reads them as the fill value."""
+    if int(array.nchunks) > MAX_CHUNKS_LISTED:  # listing millions of keys would take longer than it is worth
+        log.info("%s: %d chunks; not checked for missing ones", path, array.nchunks)
+        return
+    try:
+        stored, total = int(array.nchunks_initialized), int(array.nchunks)
+    except Exception:  # a store that cannot list its keys: nothing to say
+        return
+    if stored < total:
+        log.warning(
+            "%s: %d of %d chunks of level %s are not stored; they read as the fill value %s (zarr leaves out "
+            "chunks that hold only that value; an interrupted copy also lacks chunks)",
+            path,
+            total - stored,
+            total,
+            level,
+            array.fill_value,
+        )
 
 
 def _calibration(multiscale: dict, dataset: dict, axes: list[str]) -> Calibration:
@@ -168,6 +225,8 @@ def _calibration(multiscale: dict, dataset: dict, axes: list[str]) -> Calibratio
     if scale is None or "y" not in axes or "x" not in axes:
         return Calibration()
     named = dict(zip(axes, scale))
+    if not all(float(step) > 0 and math.isfinite(float(step)) for step in scale):
+        raise ValueError(f"scale {scale} is not positive numbers")
     units = {axis["name"]: axis.get("unit") for axis in multiscale["axes"] if isinstance(axis, dict)}
     unit = units.get("x")
     spacing = float(named["z"]) if "z" in named and named["z"] != 1 else None
