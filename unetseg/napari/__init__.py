@@ -36,6 +36,3 @@ def avoid_llvm_clash(maps: str | Path = "/proc/self/maps") -> bool:
     sys.modules["triton"] = None  # `import triton` now raises ImportError, as without triton
     log.debug("the OpenGL driver loaded LLVM: triton is kept out of this process")
     return True
-
-
-avoid_llvm_clash()

@@ -19,6 +19,7 @@ from typing import Any
 import lightning
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from unetseg.io.images import to_channels
@@ -189,7 +190,9 @@ def fine_tune(
     seconds = time.monotonic() - started
     pairs = f"{len(samples)} plane{'s' if len(samples) > 1 else ''}"
     description = f"{model.description}, fine-tuned {seconds:.0f} s on {pairs}"
-    return LoadedModel(module.net.eval().to(model.device), spec, model.choice, description, model.device, tuned=True)
+    # Back to the standard memory layout (training used channels_last): the model predicts as its checkpoint will.
+    tuned = module.net.eval().to(model.device, memory_format=torch.contiguous_format)
+    return LoadedModel(tuned, spec, model.choice, description, model.device, tuned=True)
 
 
 def save_model(model: LoadedModel, path: str | Path) -> Path:

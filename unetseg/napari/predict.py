@@ -41,10 +41,10 @@ class LayerInput:
 
     @classmethod
     def of(cls, layer: Any) -> LayerInput:
-        """The input of a napari Image layer."""
+        """The input of a napari Image (or Labels) layer."""
         data = layer.data[0] if layer.multiscale else layer.data
         scale, translate = (tuple(float(value) for value in values) for values in (layer.scale, layer.translate))
-        return cls(layer.name, data, bool(layer.rgb), scale, translate)
+        return cls(layer.name, data, bool(getattr(layer, "rgb", False)), scale, translate)  # Labels: no rgb
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import (
     CheckBox,
@@ -35,9 +35,12 @@ from qtpy.QtCore import QObject, Signal
 
 from unetseg.inference.pipeline import PredictSettings
 from unetseg.inference.tiling import TilingConfig
-from unetseg.napari.finetune import FineTuneSettings, fine_tune, layer_samples, save_model, save_package
+from unetseg.napari import avoid_llvm_clash
 from unetseg.napari.models import MODEL_SUFFIXES, LoadedModel, load_model, model_choices, session
 from unetseg.napari.predict import LayerInput, iter_layer_prediction
+
+if TYPE_CHECKING:
+    from unetseg.napari.finetune import FineTuneSettings
 
 __all__ = ["FineTuneWidget", "SegmentWidget"]
 
@@ -46,6 +49,15 @@ log = logging.getLogger(__name__)
 FILE_CHOICE = "checkpoint or package file..."
 OUTPUT_NAMES = {"labels": "labels", "prob": "probability"}
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+
+
+def training() -> Any:
+    """`unetseg.napari.finetune`, imported on first use: the training stack (Lightning, torchmetrics) is heavy,
+    and must not bring triton into a process whose OpenGL driver loaded LLVM (`avoid_llvm_clash`)."""
+    avoid_llvm_clash()
+    from unetseg.napari import finetune
+
+    return finetune
 
 
 def layers_of(viewer: Viewer, kind: type) -> list[tuple[str, Any]]:
@@ -369,8 +381,8 @@ class FineTuneWidget(Container):
         self.clear_pairs.clicked.connect(self.clear)
         self.train_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
-        self.save_checkpoint_button.clicked.connect(lambda: self.save(self.checkpoint_path.value, save_model))
-        self.save_package_button.clicked.connect(lambda: self.save(self.package_path.value, save_package))
+        self.save_checkpoint_button.clicked.connect(lambda: self.save(self.checkpoint_path.value, "save_model"))
+        self.save_package_button.clicked.connect(lambda: self.save(self.package_path.value, "save_package"))
         self.reset_choices()
 
     @property
@@ -410,7 +422,7 @@ class FineTuneWidget(Container):
                 raise ValueError("fine-tuning is running")
             if model is None:
                 raise ValueError("no model loaded: choose one in the Segment widget")
-            settings = FineTuneSettings(
+            settings = training().FineTuneSettings(
                 seconds=float(self.seconds.value), lr=float(self.lr.value), tile_size=int(self.tile_size.value)
             )
             pairs = [(LayerInput.of(image), LayerInput.of(labels)) for image, labels in self.training_pairs()]
@@ -430,10 +442,13 @@ class FineTuneWidget(Container):
 
     def _train(self, model: LoadedModel, pairs: list, settings: FineTuneSettings) -> LoadedModel:
         """The worker's job: samples of every pair, then `fine_tune`."""
+        finetune = training()
         samples = [
-            sample for image, labels in pairs for sample in layer_samples(image, labels, model, settings.tile_size)
+            sample
+            for image, labels in pairs
+            for sample in finetune.layer_samples(image, labels, model, settings.tile_size)
         ]
-        return fine_tune(model, samples, settings, report=self._readout.loss.emit, stop=self._stop)
+        return finetune.fine_tune(model, samples, settings, report=self._readout.loss.emit, stop=self._stop)
 
     def cancel(self) -> None:
         """Stop fine-tuning after the current step; the model trained so far is kept."""
@@ -452,14 +467,15 @@ class FineTuneWidget(Container):
         self.training = None
         self.train_button.enabled, self.cancel_button.enabled = True, False
 
-    def save(self, path: Any, write: Any) -> None:
-        """Save the current model with `write` (`save_model`, `save_package`) to `path`, in a worker."""
+    def save(self, path: Any, writer: str) -> None:
+        """Save the current model to `path` in a worker, with `writer`: "save_model" (a checkpoint) or
+        "save_package" (a bioimage.io package) of `unetseg.napari.finetune`."""
         model = self.session.model
         if model is None or path is None or Path(path).is_dir() or str(path) in ("", "."):
             self._say("fine-tune or load a model, and choose where to save it")
             return
         self._say(f"saving {Path(path).name}...")
-        worker = create_worker(write, model, Path(path), _start_thread=False)
+        worker = create_worker(getattr(training(), writer), model, Path(path), _start_thread=False)
         self.workers.start(worker, returned=lambda written: self._say(f"saved {written}"), errored=self._failed)
 
     def _failed(self, error: Exception) -> None:
