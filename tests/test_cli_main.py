@@ -114,6 +114,8 @@ ABOVE_RUNTIME = (
         ("evaluation", ("unetseg.cli", "unetseg.training", "unetseg.planning"), ()),
         ("export", ("unetseg.cli", "unetseg.training", "unetseg.planning", "unetseg.evaluation"), ()),
         ("planning", ("unetseg.cli",), ()),
+        # the napari plugin is an entry point beside the CLI: it calls the layers below, never the CLI
+        ("napari", ("unetseg.cli",), ()),
         # block-wise prediction on a cluster: built on prediction and io, used only by the CLI
         ("distributed", ("unetseg.cli", "unetseg.training", "unetseg.planning", "unetseg.evaluation"), ()),
     ],
