@@ -15,6 +15,7 @@ from unetseg.inference.overlay import overlay_path
 from unetseg.inference.pipeline import FORMATS, OUTPUTS, PredictSettings
 from unetseg.inference.tiling import BLENDS, TilingConfig
 from unetseg.inference.volume import VolumeTiling
+from unetseg.io.files import check_writable
 from unetseg.io.source import DEFAULT_MAX_PIXELS
 from unetseg.models.checkpoint import CheckpointError
 from unetseg.runtime.logs import add_verbosity_flags, setup_logging, verbosity_level
@@ -204,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PIXELS",
         help="--output labels: smallest object kept (default: tuned, else 15)",
     )
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if available, else cpu")
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default="auto",
+        help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (the N-th GPU)",
+    )
     parser.add_argument(
         "--precision",
         choices=tuple(PRECISIONS),
@@ -246,15 +252,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def device_name(text: str) -> str:
+    """argparse type: auto, cpu, cuda or cuda:N."""
+    kind, _, index = text.partition(":")
+    if text in DEVICES or kind == "cuda" and index.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(DEVICES)} or cuda:N, got {text!r}")
+
+
 def resolve_device(name: str) -> torch.device:
-    """The torch device for --device; ValueError when CUDA is asked for and absent.
+    """The torch device for --device; ValueError when CUDA (or GPU N of cuda:N) is asked for and absent.
 
     Under torchrun or srun, CUDA means this process's own GPU (LOCAL_RANK / SLURM_LOCALID).
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    if name.startswith("cuda:"):
+        index, count = int(name.partition(":")[2]), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        return torch.device("cuda", index)
     if name == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -329,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = shard(plan_outputs(args.input, args.output_path, args.glob), index, count)
         for _, target in pairs[:1]:
             settings.check_target(target)
+            check_writable(target.parent)  # a read-only OUTPUT fails once, here, not once per file
         device = resolve_device("cpu" if args.dask else args.device)  # with --dask, each worker picks its own
         checkpoint = args.checkpoint if args.checkpoint is not None else model_path(args.model)
         model, spec = load_predictor(checkpoint, device)

@@ -15,6 +15,7 @@ written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 from unetseg.inference.labeling import BlockLabeler
 from unetseg.inference.overlay import write_png
 from unetseg.inference.postprocess import to_mask
+from unetseg.io.files import hold, remove_stale_folders
 from unetseg.io.registry import output_container
 from unetseg.io.source import InputImage, native
 from unetseg.io.tiff import atomic_memmap, release_pages
@@ -36,6 +38,7 @@ OUTPUTS = ("mask", "prob", "labels")
 COPY_ROWS = 1024  # rows per step when a scratch map is copied (narrowed) into its file: bounded memory
 FORMATS = ("tiff", "ome-zarr")
 DTYPES = {"mask": np.uint8, "prob": np.float32, "labels": np.uint32}
+SCRATCH_PREFIX = ".scratch."  # hidden folders of scratch maps beside the outputs
 
 
 def layout(kind: str, spec: InputSpec, image: InputImage) -> tuple[tuple, np.dtype, str]:
@@ -105,9 +108,14 @@ class OutputWriter:
             self.out = stack.enter_context(atomic_memmap(self.target, self.shape, dtype, **kwargs))
 
     def _scratch(self, dtype: np.dtype) -> np.memmap:
-        """A memory-mapped array of the output's shape in a hidden folder beside the target, removed on exit."""
+        """A memory-mapped array of the output's shape in a hidden folder beside the target, removed on exit.
+
+        The folder is locked while in use; scratch folders of killed runs (unlocked) are removed first.
+        """
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        folder = self.stack.enter_context(tempfile.TemporaryDirectory(prefix=".scratch.", dir=self.target.parent))
+        remove_stale_folders(self.target.parent, f"{SCRATCH_PREFIX}*")
+        folder = self.stack.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=self.target.parent))
+        self.stack.callback(os.close, hold(folder))  # runs before the folder is removed
         return np.lib.format.open_memmap(Path(folder) / f"{self.kind}.npy", "w+", dtype, self.shape)
 
     def _index(self, item: int, start: int, stop: int) -> tuple:

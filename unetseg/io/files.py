@@ -5,11 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path, PurePosixPath
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; temporaries are then not protected from a second run
+    fcntl = None
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -100,16 +106,76 @@ def temporary_names(path: Path, suffix: str) -> re.Pattern:
     return re.compile(re.escape(f".{path.stem}.") + r"[a-z0-9_]{8}" + re.escape(suffix))
 
 
+def hold(path: str | Path) -> int:
+    """Take an exclusive lock (`flock`) on a file or folder being written; returns the descriptor holding it,
+    to be closed (`os.close`) when the writing is over. The kernel drops the lock when its process dies,
+    SIGKILL included, so a locked temporary belongs to a live writer (`is_stale`)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+    except OSError:  # a filesystem without locks: the temporary is still written, just not protected
+        pass
+    return descriptor
+
+
+def is_stale(path: str | Path) -> bool:
+    """True for a temporary file or folder that no live process holds (`hold`): left by a killed run."""
+    if fcntl is None:
+        return True
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # gone already, or not ours to judge
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # another process is writing it right now
+    except OSError:
+        return True  # no locks on this filesystem: as before, a temporary of the same name is stale
+    finally:
+        os.close(descriptor)
+    return True
+
+
 def remove_stale_temporaries(path: str | Path, suffix: str = ".tmp.tif") -> list[Path]:
-    """Delete temporary files of `path` left by a killed run (SIGKILL skips every cleanup); returns them."""
+    """Delete temporary files of `path` left by a killed run (SIGKILL skips every cleanup); returns them.
+
+    A temporary that another live process is writing (two runs into one folder) is locked and kept.
+    """
     path = Path(path)
     pattern = temporary_names(path, suffix)
     candidates = path.parent.glob(glob_escape(f".{path.stem}.") + "*" + glob_escape(suffix))
-    stale = [entry for entry in candidates if pattern.fullmatch(entry.name)]
+    stale = [entry for entry in candidates if pattern.fullmatch(entry.name) and is_stale(entry)]
     for entry in stale:
         entry.unlink(missing_ok=True)
         log.info("%s: removed a temporary file left by an interrupted run", entry)
     return stale
+
+
+def remove_stale_folders(folder: str | Path, pattern: str) -> list[Path]:
+    """Delete hidden scratch folders matching `pattern` (a glob) in `folder` that no live process holds."""
+    stale = [entry for entry in Path(folder).glob(pattern) if entry.is_dir() and is_stale(entry)]
+    for entry in stale:
+        shutil.rmtree(entry, ignore_errors=True)
+        log.info("%s: removed a scratch folder left by an interrupted run", entry)
+    return stale
+
+
+def check_writable(path: str | Path) -> None:
+    """OSError naming `path` when nothing can be written in it (or, while it does not exist, its nearest
+    existing parent, where it would be made): a read-only folder fails once, before any work."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".unetseg-write-test.", dir=folder)
+    except OSError as error:
+        failure = OSError(f"OUTPUT {path}: cannot write in {folder} ({error.strerror or error})")
+        failure.errno = error.errno
+        raise failure from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def sync_rename(temporary: str | Path, path: str | Path) -> None:
@@ -135,13 +201,15 @@ def atomic_output(path: str | Path, suffix: str = ".tmp.tif") -> Iterator[Path]:
 
     An interrupted write never leaves a half-written file under the final name: the file is
     written beside its target (never copied across filesystems), flushed to disk (fsync) and
-    renamed. Temporary files of `path` left by a killed run are removed first.
+    renamed. Temporary files of `path` left by a killed run are removed first; the temporary is
+    locked while it is written, so a second run writing into the same folder never removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path, suffix)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
     os.close(handle)
+    lock = hold(temporary)  # another run writing into this folder leaves it alone (`remove_stale_temporaries`)
     try:
         yield Path(temporary)
         umask = os.umask(0)  # reading the umask means setting it
@@ -151,6 +219,8 @@ def atomic_output(path: str | Path, suffix: str = ".tmp.tif") -> Iterator[Path]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(lock)
 
 
 def find_pairs(root: str | Path, images: str = "images", masks: str = "masks") -> list[tuple[Path, Path]]:
