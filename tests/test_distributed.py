@@ -69,6 +69,8 @@ def nuclei(shape=(2048, 2048), seed=0, step=40) -> np.ndarray:
             for y, x, r in discs:
                 y0, y1 = int(max(0, y - r - 1)), int(min(rows, y + r + 2))
                 x0, x1 = int(max(0, x - r - 1)), int(min(cols, x + r + 2))
+                if y1 <= y0 or x1 <= x0:
+                    continue
                 yy, xx = np.mgrid[y0:y1, x0:x1]
                 image[y0:y1, x0:x1][(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = rng.uniform(0.5, 1.0)
     image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0.05, 0.02, shape)
