@@ -262,6 +262,22 @@ def test_a_2d_model_predicts_each_plane_of_a_stack(client, model2d, tmp_path):
     assert same_up_to_renumbering(level0(report.outputs["labels"]), labels)
 
 
+def test_a_tiled_compressed_tiff_is_read_block_by_block(client, model2d, tmp_path):
+    tifffile.imwrite(tmp_path / "tiled.tif", nuclei((1000, 900)), tile=(256, 256), compression="zlib")
+    model, spec, on_cluster = model2d
+    tiling = TilingConfig(128, 32, amp=False)
+    predict_file(model, spec, tmp_path / "tiled.tif", tmp_path / "single.tif", PredictSettings(KINDS, tiling=tiling))
+    settings = PredictSettings(KINDS, tiling=tiling, format="ome-zarr")
+    target = tmp_path / "out" / "tiled.tif"
+    report = predict_blocks(client, on_cluster, tmp_path / "tiled.tif", target, settings, block=256)
+    assert report.blocks == 4 * 4 and report.cut == 0
+    single = {kind: tifffile.imread(tmp_path / f"single_{kind}.tif") for kind in KINDS}
+    cluster = {kind: level0(path) for kind, path in report.outputs.items()}
+    assert np.abs(cluster["prob"] - single["prob"]).max() <= 1e-6
+    assert np.array_equal(cluster["mask"], single["mask"])
+    assert same_up_to_renumbering(cluster["labels"], single["labels"])
+
+
 def test_a_worker_killed_mid_run_leaves_the_outputs_complete_and_identical(client, model2d, slide):
     source, target = fresh_copy(slide, "killed")
     pids = client.run(os.getpid)

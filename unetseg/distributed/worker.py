@@ -94,11 +94,12 @@ class ModelPlugin(WorkerPlugin):
         log.info("worker %s: model on %s", getattr(worker, "name", "?"), device)
 
     def source(self, path: str) -> InputImage:
-        """The input at `path`, opened lazily once per worker."""
+        """The input at `path`, opened lazily once per worker (again when the file was replaced)."""
+        key = f"{path}:{Path(path).stat().st_mtime_ns}"
         with self.lock:
-            if path not in self.sources:
-                self.sources[path] = open_source(path, max_pixels=None)  # the client checked the size
-            return self.sources[path]
+            if key not in self.sources:
+                self.sources = {key: open_source(path, max_pixels=None)}  # the client checked the size
+            return self.sources[key]
 
 
 def _plugin(name: str) -> ModelPlugin:
