@@ -9,11 +9,13 @@ from pathlib import Path
 
 from unetseg.evaluation.evaluate import (
     UsageError,
+    baseline_warning,
     evaluate,
     format_groups,
     format_report,
     modality_groups,
     pair_masks,
+    trivial_baselines,
     write_csv,
     write_json,
 )
@@ -89,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = evaluate(pred_files, gt_files)
     summary = summarize(list(evaluation.scores.values()))
     print(format_report(evaluation, summary))
+    summary["baselines"] = trivial_baselines(evaluation)
+    warning = baseline_warning(summary, summary["baselines"])
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.by_modality:
         try:
             table, by_modality = format_groups(evaluation, modality_groups(list(evaluation.scores), args.by_modality))

@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from unetseg.evaluation.metrics import (
     CONNECTIVITY,
     DSB_THRESHOLDS,
@@ -63,6 +65,7 @@ class Evaluation:
     predictions_without_gt: list[dict] = field(default_factory=list)  # {"image", "pred"}
     shape_mismatches: list[dict] = field(default_factory=list)  # {"image", "pred", "gt", "pred_shape", "gt_shape"}
     unreadable: list[dict] = field(default_factory=list)  # {"image", "pred", "gt", "errors"}
+    pixels: dict[str, int] = field(default_factory=dict)  # name -> pixels (voxels) of the scored image
 
     @property
     def failed(self) -> bool:
@@ -189,11 +192,47 @@ def evaluate(pred_files: dict[str, Path], gt_files: dict[str, Path]) -> Evaluati
             print(f"error: {message}", file=sys.stderr)
             continue
         evaluation.scores[name] = {"pred": str(pred_path), "gt": str(gt_path), **scores}
+        evaluation.pixels[name] = int(gt.size)
     for name, pred_path in sorted(pred_files.items()):
         if name not in gt_files:
             evaluation.predictions_without_gt.append({"image": name, "pred": str(pred_path)})
             print(f"warning: no ground truth: prediction {pred_path} has no GT named {name}.*", file=sys.stderr)
     return evaluation
+
+
+BASELINES = ("all_foreground", "all_background")  # trivial predictions every model must beat
+
+
+def trivial_baselines(evaluation: Evaluation) -> dict[str, dict[str, float]] | None:
+    """Dice (mean over images, and pooled) of predicting every pixel foreground, or every pixel background,
+    scored as the predictions are (both empty scores 1, exactly one empty 0); None when nothing was scored."""
+    if not evaluation.scores:
+        return None
+    foreground = [evaluation.scores[name]["gt_pixels"] for name in evaluation.scores]
+    pixels = [evaluation.pixels[name] for name in evaluation.scores]
+    everything = [2 * f / (f + n) if f else 0.0 for f, n in zip(foreground, pixels)]
+    nothing = [0.0 if f else 1.0 for f in foreground]
+    total_foreground, total = sum(foreground), sum(pixels)
+    return {
+        "all_foreground": {
+            "dice": float(np.mean(everything)),
+            "pooled_dice": 2 * total_foreground / (total_foreground + total),
+        },
+        "all_background": {"dice": float(np.mean(nothing)), "pooled_dice": 0.0 if total_foreground else 1.0},
+    }
+
+
+def baseline_warning(summary: dict, baselines: dict | None) -> str | None:
+    """A warning when the predictions' mean Dice does not beat a trivial baseline's; None when it does."""
+    if not baselines or summary.get("dice") is None:
+        return None
+    kind, scores = max(baselines.items(), key=lambda item: item[1]["dice"])
+    if summary["dice"] > scores["dice"]:
+        return None
+    return (
+        f"the predictions' mean Dice {summary['dice']:.3f} does not beat predicting every pixel "
+        f"{kind.removeprefix('all_')} ({scores['dice']:.3f}): they are no better than the pixel counts"
+    )
 
 
 def _format_row(label: str, scores: dict, width: int) -> str:
@@ -218,6 +257,15 @@ def format_report(evaluation: Evaluation, summary: dict) -> str:
             f"pooled Dice (all pixels): {summary['pooled_dice']:.3f}   objects: {summary['n_gt']} GT, "
             f"{summary['n_pred']} predicted; TP {summary['tp']}, FP {summary['fp']}, FN {summary['fn']} "
             f"at IoU > {MATCH_THRESHOLD}"
+        )
+        baselines = trivial_baselines(evaluation)
+        lines.append(
+            f"trivial baselines, Dice (mean / pooled): the predictions {summary['dice']:.3f} / "
+            f"{summary['pooled_dice']:.3f}; "
+            + ", ".join(
+                f"{kind.replace('_', ' ')} {scores['dice']:.3f} / {scores['pooled_dice']:.3f}"
+                for kind, scores in baselines.items()
+            )
         )
     else:
         lines.append("no image was scored")

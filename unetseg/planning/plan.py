@@ -56,8 +56,8 @@ def receptive_field(depth: int) -> int:
 
 
 def choose_tile(summary: DataSummary) -> tuple[int, str]:
-    """Tile side: twice the large objects (95th percentile of extents), 64 to 256, at most the usual image."""
-    large = float(np.percentile(summary.extents, 95)) if len(summary.extents) else 32.0
+    """Tile side: twice the large objects (`DataSummary.large_objects`), 64 to 256, at most the usual image."""
+    large = summary.large_objects
     smallest_side = int(np.median([min(shape) for shape in summary.shapes]))
     tile = min(256, max(64, 32 * math.ceil(2 * large / 32)))
     if smallest_side < tile:
@@ -66,14 +66,16 @@ def choose_tile(summary: DataSummary) -> tuple[int, str]:
 
 
 def choose_depth(summary: DataSummary, tile: int) -> tuple[int, str]:
-    """The shallowest depth whose receptive field is twice the largest objects; bottleneck of at least 4 px."""
-    largest = float(np.percentile(summary.extents, 99)) if len(summary.extents) else 32.0
+    """The shallowest depth whose receptive field is twice the large objects (the tile's measure too);
+    bottleneck of at least 4 px."""
+    large = summary.large_objects
     deepest = max(2, min(5, int(math.log2(tile // 4))))
-    depth = next((d for d in range(2, deepest + 1) if receptive_field(d) >= 2 * largest), deepest)
+    depth = next((d for d in range(2, deepest + 1) if receptive_field(d) >= 2 * large), deepest)
     return depth, (
-        f"receptive field {receptive_field(depth)} px >= 2 x the largest objects ({largest:.0f} px)"
-        if receptive_field(depth) >= 2 * largest
-        else f"the deepest a {tile} px tile allows (receptive field {receptive_field(depth)} px)"
+        f"receptive field {receptive_field(depth)} px >= 2 x the large objects ({large:.0f} px)"
+        if receptive_field(depth) >= 2 * large
+        else f"the deepest a {tile} px tile allows (receptive field {receptive_field(depth)} px < 2 x the large "
+        f"objects, {large:.0f} px)"
     )
 
 
@@ -249,10 +251,15 @@ def make_plan(
     )
 
 
+def time_limit(plan: Plan) -> int:
+    """Seconds after which training stops whatever happens (`trainer.max_time`): the budget + 25%."""
+    return int(1.25 * plan.budget_seconds)
+
+
 def plan_config(plan: Plan, run_dir: str) -> dict:
     """The LightningCLI config of a plan (in_channels and classes stated once, under data)."""
     steps_per_epoch = plan.tiles_per_epoch // plan.batch_size
-    limit = int(1.25 * plan.budget_seconds)  # a backstop: the run stops at budget + 25% whatever happens
+    limit = time_limit(plan)  # a backstop: the run stops at budget + 25% whatever happens
     data = {
         "root": str(plan.summary.root.resolve()),
         "in_channels": plan.in_channels,
@@ -305,6 +312,41 @@ def plan_config(plan: Plan, run_dir: str) -> dict:
     }
 
 
+SLOWDOWNS = (2, 4)  # how much slower than when timed the plan says what the run then does
+
+
+def slower_machine(plan: Plan) -> str:
+    """What the run does when steps take longer than they did when timed: it stops at trainer.max_time."""
+    overhead = plan.summary.read_seconds + STARTUP_SECONDS
+    training = max(plan.estimate_seconds - overhead, 1e-6)
+    limit = time_limit(plan)
+    shares = [min(1.0, max(0.0, limit - overhead) / (slowdown * training)) for slowdown in SLOWDOWNS]
+    done = ", ".join(
+        f"{slowdown}x slower: ~{share:.0%} ({int(share * plan.steps)} steps)"
+        for slowdown, share in zip(SLOWDOWNS, shares)
+    )
+    return (
+        f"if steps take longer than the {plan.seconds_per_step:.2f} s timed here (other jobs, a loaded or throttled "
+        f"machine), the run stops at trainer.max_time ({duration(limit)}, the budget + 25%) with the best checkpoint "
+        f"so far, and says at its end how many of the {plan.steps} steps it did; {done}"
+    )
+
+
+def labels_note(plan: Plan) -> str:
+    """What `unetseg-predict --output labels` will give with the chosen targets and these masks."""
+    if plan.targets == "classes":
+        return "class masks: --output labels is not available (use --output mask, the class of each pixel)"
+    if plan.targets == "boundary":
+        return "instance labels with an edge class: objects are grown from their interiors, touching ones kept apart"
+    if plan.summary.mask_kind == "binary":
+        return (
+            "binary masks hold no instances, so labels will be the connected components of the predicted mask, "
+            "split where they narrow by a distance watershed (touching objects cannot be learnt apart; masks "
+            "that are not objects, e.g. membranes, are over-split: use --output mask)"
+        )
+    return "instances that rarely touch: labels are the connected components of the predicted mask (watershed split)"
+
+
 def plan_report(plan: Plan) -> list[str]:
     """What the plan found and chose, and why, as lines for the terminal and the config's header."""
     lines = plan.summary.describe()
@@ -330,4 +372,6 @@ def plan_report(plan: Plan) -> list[str]:
         f"{duration(plan.budget_seconds)} ({plan.steps} steps of {plan.seconds_per_step:.2f} s, "
         f"{plan.epochs} validations of {plan.validation_seconds:.0f} s)"
     )
+    lines.append(f"on a slower machine: {slower_machine(plan)}")
+    lines.append(f"--output labels: {labels_note(plan)}")
     return lines

@@ -14,6 +14,10 @@ from scipy import ndimage
 from unetseg.io import ImageReadError, Normalization, find_pairs, read_image, read_labels, to_channels
 from unetseg.training.data import Sample, foreground_coordinates
 
+# The one definition of "the large objects" the plan sizes tiles and depth by (and the README states).
+LARGE_PERCENTILE = 95
+LARGE_DEFAULT = 32.0  # px, when the masks hold no objects
+
 
 @dataclass
 class DataSummary:
@@ -34,6 +38,11 @@ class DataSummary:
     read_seconds: float
     samples: list[Sample] = field(default_factory=list, repr=False)  # a few, for timing the data pipeline
 
+    @property
+    def large_objects(self) -> float:
+        """The extent of the large objects, px: the LARGE_PERCENTILE-th percentile of the objects' extents."""
+        return float(np.percentile(self.extents, LARGE_PERCENTILE)) if len(self.extents) else LARGE_DEFAULT
+
     def describe(self) -> list[str]:
         heights, widths = zip(*self.shapes)
         low, high = np.median(np.array(self.ranges), axis=0)
@@ -48,8 +57,8 @@ class DataSummary:
         ]
         if len(self.extents):
             lines.append(
-                f"objects: {len(self.extents)}, diameter median {np.median(self.diameters):.0f} px, largest "
-                f"(99th percentile of extents) {np.percentile(self.extents, 99):.0f} px"
+                f"objects: {len(self.extents)}, diameter median {np.median(self.diameters):.0f} px, large objects "
+                f"({LARGE_PERCENTILE}th percentile of extents) {self.large_objects:.0f} px"
                 + (f"; {self.touching:.0%} touch another object" if self.mask_kind == "instances" else "")
             )
         return lines

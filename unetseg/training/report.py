@@ -42,6 +42,8 @@ class RunReport(pl.Callback):
         self.log_dir: str | None = None
         self.first_step = 0
         self.best_score: float | None = None  # of the monitored metric, see `monitored`
+        self.validation_pixels = [0, 0]  # (foreground, all) pixels of the validation targets, for the baselines
+        self.validation_counted = False  # the targets are the same every validation: counted once
 
     # --- start --------------------------------------------------------------------------------------
 
@@ -132,9 +134,25 @@ class RunReport(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.validation_started = time.perf_counter()
 
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_index: int, dataloader_idx=0) -> None:
+        target = batch.get("target") if isinstance(batch, dict) else None
+        if self.validation_counted or trainer.sanity_checking or target is None:
+            return
+        self.validation_pixels[0] += int((target > 0).sum())  # foreground as val/dice counts it: any class > 0
+        self.validation_pixels[1] += int(target.numel())
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.validation_seconds += time.perf_counter() - self.validation_started
+            self.validation_counted = self.validation_counted or self.validation_pixels[1] > 0
+
+    def baselines(self) -> dict[str, float] | None:
+        """val/dice of the trivial predictions on the validation pixels: every pixel foreground, every pixel
+        background (0 as torchmetrics scores it, with no true positive); None before a validation."""
+        foreground, pixels = self.validation_pixels
+        if not pixels:
+            return None
+        return {"all foreground": 2 * foreground / (foreground + pixels), "all background": 0.0}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -169,6 +187,29 @@ class RunReport(pl.Callback):
 
     # --- end ----------------------------------------------------------------------------------------
 
+    def compare_with_baselines(self, trainer: pl.Trainer, best: float | None) -> None:
+        """Log the trivial baselines beside the model's best val/dice; warn when the model does not beat them."""
+        baselines = self.baselines()
+        name = self.monitored(trainer)[0]
+        if baselines is None or name != "val/dice" or best is None:
+            return
+        foreground, pixels = self.validation_pixels
+        log.info(
+            "trivial baselines on the validation pixels (%.0f%% foreground): val/dice %s; the model's best %.4f",
+            100 * foreground / pixels,
+            ", ".join(f"{kind} {score:.4f}" for kind, score in baselines.items()),
+            best,
+        )
+        kind, score = max(baselines.items(), key=lambda item: item[1])
+        if foreground and best <= score:  # with no foreground to find, every Dice is 0
+            log.warning(
+                "the model's best val/dice %.4f does not beat predicting every pixel %s (%.4f): it has learnt "
+                "nothing the pixel counts do not give; train longer (a larger budget), or check the masks",
+                best,
+                kind.removeprefix("all "),
+                score,
+            )
+
     @staticmethod
     def best_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
         """The first ModelCheckpoint that monitors a metric: the one whose `best.ckpt` the summary names."""
@@ -200,16 +241,23 @@ class RunReport(pl.Callback):
             reason = "stopped early"
         else:
             reason = "finished"
+        planned = self.total_steps(trainer)
+        done = trainer.global_step
+        per_step = f" at {sum(self.step_times) / len(self.step_times):.2f} s per step" if self.step_times else ""
         log.info(
-            "%s after %s: %d steps, %d epochs",
+            "%s after %s: %d of the %d planned steps (%.0f%% of the plan)%s, %d epochs",
             reason,
             duration(time.perf_counter() - self.started),
-            trainer.global_step,
+            done,
+            planned,
+            100 * done / max(planned, 1),
+            per_step,
             trainer.current_epoch,
         )
         best = self.best(trainer)
         if best:
             log.info("best %s %.4f: %s", self.monitored(trainer)[0], *best)
+        self.compare_with_baselines(trainer, best[0] if best else self.best_score)
         folder = Path(self.log_dir or trainer.default_root_dir)
         last = [c.last_model_path for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")]
         for name, path in (
