@@ -7,7 +7,6 @@ fill value with a warning, never silently."""
 import gzip
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -288,16 +287,3 @@ def test_a_tiny_deflate_tiff_is_refused_before_any_strip_is_decoded(tmp_path, mo
     ordinary = tmp_path / "zeros.tif"
     tifffile.imwrite(ordinary, np.zeros((512, 512), np.uint8), compression="zlib", metadata=None)
     assert open_source(ordinary).planes.shape == (1, 512, 512)  # all zeros deflates 1000x: still read
-
-
-def test_names_with_spaces_and_non_ascii_characters_round_trip(checkpoint, tmp_path, capsys):
-    folder = tmp_path / "in dir ü"
-    (folder / "sub ordner").mkdir(parents=True)
-    names = ["a b.png", "ñandú 細胞.tif", "sub ordner/z é.png"]
-    for name in names:
-        skio.imsave(folder / name, grey(), check_contrast=False)
-    out = tmp_path / "out ü"
-    assert predict_cli.main([str(folder), str(out), "--checkpoint", str(checkpoint), *TILING]) == 0
-    written = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
-    assert written == sorted(str(Path(name).with_suffix(".tif")) for name in names)
-    shutil.rmtree(out)
