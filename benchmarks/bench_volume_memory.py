@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(256, 1024, 1024), metavar=("Z", "Y", "X"))
     parser.add_argument("--output", choices=("mask", "prob", "labels"), default="labels")
     parser.add_argument("--peer-planes", type=int, default=32, help="planes of the volume the peer is measured on")
-    parser.add_argument("--volume-tile", default="16,256,256", help="3-D tile of the prediction (Z,Y,X)")
+    parser.add_argument("--volume-tile", default="16,128,128", help="3-D tile of the prediction (Z,Y,X): the default")
     parser.add_argument("--volume-overlap", default="4,32,32")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/unetseg_bench_volume_memory"))
     args = parser.parse_args()

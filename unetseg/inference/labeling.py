@@ -120,16 +120,15 @@ class BlockLabeler:
         self.next_label = first_label
         self.cut = 0
         self._core_start = 0  # core of the next block
-        self._buffer: np.ndarray | None = None  # probabilities (classes, rows, W) from row self._buffer_start
-        self._buffer_start = 0
+        self._bands: list[tuple[int, np.ndarray]] = []  # (first row, probabilities) not yet wholly labelled
+        self._received = 0  # rows given so far
 
     def add(self, start: int, stop: int, probs: np.ndarray) -> None:
         """Take the probabilities (classes, stop - start, ...) of rows start..stop (in order, no gaps)."""
-        if self._buffer is None:
-            self._buffer = np.empty((probs.shape[0], 0, *self.shape[1:]), np.float32)
-        if start != self._buffer_start + self._buffer.shape[1]:
-            raise ValueError(f"bands must come in order: expected row {self._buffer_start + self._buffer.shape[1]}")
-        self._buffer = np.concatenate([self._buffer, probs], axis=1)
+        if start != self._received:
+            raise ValueError(f"bands must come in order: expected row {self._received}")
+        self._bands.append((start, probs))  # kept as given: a block is assembled once, when it is complete
+        self._received = stop
         while self._core_start < self.height:
             core_stop = min(self._core_start + self.block_rows, self.height)
             block_stop = min(core_stop + self.context, self.height)
@@ -138,10 +137,19 @@ class BlockLabeler:
             self._label_block(self._core_start, core_stop, block_stop)
             self._core_start = core_stop
 
+    def _rows(self, first: int, last: int) -> np.ndarray:
+        """The probabilities of rows first..last, copied out of the bands held (one array of the block's size)."""
+        parts = [
+            probs[:, max(first - start, 0) : last - start]
+            for start, probs in self._bands
+            if start < last and start + probs.shape[1] > first
+        ]
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else np.ascontiguousarray(parts[0])
+
     def finish(self) -> int:
         """Check every row was given and labelled; returns the next free label number."""
         if self._core_start < self.height:
-            raise ValueError(f"bands stopped at row {self._buffer_start + self._buffer.shape[1]} of {self.height}")
+            raise ValueError(f"bands stopped at row {self._received} of {self.height}")
         if self.cut:
             log.warning(
                 "%d object(s) taller than the block context (%d rows) were cut at block borders; "
@@ -154,8 +162,7 @@ class BlockLabeler:
     def _label_block(self, core_start: int, core_stop: int, block_stop: int) -> None:
         """Label rows [core_start - context, block_stop), paint the owned objects, drop rows no longer needed."""
         block_start = max(core_start - self.context, 0)
-        probs = self._buffer[:, block_start - self._buffer_start : block_stop - self._buffer_start]
-        labels = to_labels(probs, self.threshold, **self.label_options)
+        labels = to_labels(self._rows(block_start, block_stop), self.threshold, **self.label_options)
         owned, cut = owned_objects(
             labels,
             labels > 0,
@@ -172,5 +179,4 @@ class BlockLabeler:
         self.paint(block_start, lookup[owned])
         self.next_label += count
         keep_from = max(core_stop - self.context, 0)  # the next block's first row
-        self._buffer = self._buffer[:, keep_from - self._buffer_start :].copy()
-        self._buffer_start = keep_from
+        self._bands = [(start, probs) for start, probs in self._bands if start + probs.shape[1] > keep_from]

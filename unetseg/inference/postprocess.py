@@ -98,6 +98,6 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     sizes = np.bincount(labels.ravel())
     keep = sizes >= min_size
     keep[0] = False
-    lookup = np.zeros(len(sizes), dtype=np.int64)
+    lookup = np.zeros(len(sizes), dtype=np.uint32)  # not int64: a block of a volume holds tens of M voxels
     lookup[keep] = np.arange(1, keep.sum() + 1)
     return lookup[labels]
