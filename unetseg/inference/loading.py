@@ -32,7 +32,7 @@ def load_predictor(path: str | Path, device: str | torch.device | None = None) -
         model, spec = _load_onnx(path)
     elif suffix == ".zip":  # a bioimage.io package written by unetseg-export: its ONNX weights and stored spec
         try:
-            from unetseg.export.bioimageio import load_package
+            from unetseg.export.package_reader import load_package
 
             model, spec = load_package(path)
         except (ImportError, ValueError, OSError) as error:
