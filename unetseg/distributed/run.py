@@ -312,13 +312,14 @@ def predict_blocks(
     work = WorkFolder(target.parent / f".{image_stem(target)}.blocks")
     resumed = work.start(manifest)
     stores = _open_stores(settings.outputs, targets, spec, image, grid, resumed)
-    if resumed and not all(store.resumed for store in stores.values()):  # an output was lost: start afresh
+    labels = "labels" in settings.outputs
+    lost = not all(store.resumed for store in stores.values()) or (labels and not work.ids.is_dir())
+    if resumed and lost:  # an output or the labels' ids were lost: start afresh
         log.warning("%s: the interrupted run's outputs are incomplete; predicting every block again", source)
         work.remove()
         work.start(manifest)
         resumed = False
         stores = _open_stores(settings.outputs, targets, spec, image, grid, resumed)
-    labels = "labels" in settings.outputs
     ids = work.open_ids(shape, grid.block, fresh=not resumed) if labels else None
 
     finished = work.finished() if resumed else {}
