@@ -9,15 +9,11 @@ nothing else in unetseg imports this package, so the default install never impor
     predict_on_cluster("local:4", "model.ckpt", "big.ome.zarr", "out/", settings)
 """
 
+from unetseg.distributed.blocks import BlockReport, predict_blocks
 from unetseg.distributed.cluster import connect
-from unetseg.distributed.run import (
-    BlockReport,
-    ClusterModel,
-    predict_blocks,
-    predict_files_on_cluster,
-    predict_on_cluster,
-    use_model,
-)
+from unetseg.distributed.files import predict_files_on_cluster
+from unetseg.distributed.model import ClusterModel, use_model
+from unetseg.distributed.run import predict_on_cluster
 
 __all__ = [
     "BlockReport",

@@ -56,6 +56,14 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON stored at `path`, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class BlockStore(OmeZarrWriter):
     """An `OmeZarrWriter` whose partial folder is reused by a resumed run, its level 0 chunked by blocks.
 
@@ -145,10 +153,7 @@ class WorkFolder:
 
     def manifest(self) -> dict | None:
         """The stored manifest, or None."""
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
-            return None
+        return _read_json(self.manifest_path)
 
     def start(self, manifest: dict) -> bool:
         """Keep this folder when it holds `manifest` (a resumed run; returns True), else empty it and write it."""
@@ -166,10 +171,7 @@ class WorkFolder:
 
     def ranges(self) -> list | None:
         """The normalisation ranges stored by an earlier run of this manifest, or None."""
-        try:
-            return json.loads(self.ranges_path.read_text())
-        except (OSError, ValueError):
-            return None
+        return _read_json(self.ranges_path)
 
     def write_ranges(self, ranges: list) -> None:
         atomic_write(self.ranges_path, json.dumps(ranges).encode())
