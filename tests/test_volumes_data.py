@@ -1,6 +1,7 @@
-"""3-D training data: volume pairs, random patches with foreground oversampling, validation grids, 3-D
-augmentation, and the data module with spatial_dims 3."""
+"""3-D training data: volume pairs, random patches with foreground oversampling, validation grids, patches
+through the one augmentation pipeline, and the data module with spatial_dims 3."""
 
+import albumentations as A
 import numpy as np
 import pytest
 import tifffile
@@ -8,10 +9,10 @@ import torch
 
 from unetseg.io import ImageReadError, Normalization
 from unetseg.synthetic import make_nuclei_volumes
-from unetseg.training.augment import Augmentation
+from unetseg.training.augment import Augmentation, build_transform
 from unetseg.training.data import SegmentationDataModule
 from unetseg.training.samples import Sample, foreground_coordinates, pad_sample, window_grid
-from unetseg.training.volumes import PatchDataset, VolumeAugmentation, load_volume_sample
+from unetseg.training.volumes import PatchDataset, load_volume_sample, volume_datasets
 
 pytest.importorskip("nibabel")
 NO_AUGMENTATION = Augmentation(flip=0, rotate90=0, brightness_contrast=0, gamma=0, noise=0, blur=0)
@@ -54,13 +55,15 @@ def test_validation_patches_are_fixed_and_cover_each_volume():
 
 def test_augmentation_moves_every_plane_alike_and_keeps_labels_with_the_image():
     volume = sample(shape=(6, 16, 16))
-    augmentation = VolumeAugmentation(
+    transform = build_transform(
         Augmentation(flip=1.0, rotate90=1.0, elastic=1.0, brightness_contrast=0, gamma=0, noise=0, blur=0)
     )
-    image = Normalization().apply(volume.image, volume.value_range)
+    dataset = PatchDataset([volume], Normalization(), (6, 16, 16), "foreground", length=6, transform=transform)
     changed = False
     for seed in range(6):
-        out_image, out_labels = augmentation(image, volume.labels, np.random.default_rng(seed))
+        torch.manual_seed(seed)
+        item = dataset[0]
+        out_image, out_labels = item["image"].numpy(), item["target"].numpy()
         assert out_image.shape == (1, 6, 16, 16) and out_labels.shape == (6, 16, 16)
         assert set(np.unique(out_labels)) <= {0, 1}
         # Planes without foreground stay empty: nothing moves along Z.
@@ -71,13 +74,55 @@ def test_augmentation_moves_every_plane_alike_and_keeps_labels_with_the_image():
     assert changed
 
 
+def test_augmented_patches_are_reproducible_with_the_torch_seed():
+    transform = build_transform(Augmentation(elastic=1.0, noise=1.0))
+    dataset = PatchDataset([sample()], Normalization(), (4, 8, 8), "boundary", length=8, transform=transform)
+    torch.manual_seed(3)
+    first = [dataset[i] for i in range(3)]
+    torch.manual_seed(3)
+    again = [dataset[i] for i in range(3)]
+    for a, b in zip(first, again):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
+    assert not torch.equal(first[0]["image"], first[1]["image"])
+
+
 def test_noise_is_drawn_per_voxel_not_repeated_in_every_plane():
-    augmentation = VolumeAugmentation(
-        Augmentation(flip=0, rotate90=0, brightness_contrast=0, gamma=0, noise=1.0, blur=0)
-    )
+    transform = build_transform(Augmentation(flip=0, rotate90=0, brightness_contrast=0, gamma=0, noise=1.0, blur=0))
     image = np.zeros((1, 4, 16, 16), np.float32)
-    out, _ = augmentation(image, np.zeros((4, 16, 16), np.int32), np.random.default_rng(0))
-    assert out.std() > 0 and not np.allclose(out[0, 0], out[0, 1])
+    transform.set_random_seed(0)
+    out = np.moveaxis(
+        transform(volume=np.moveaxis(image, 0, -1), mask3d=np.zeros((4, 16, 16), np.int32))["volume"], -1, 0
+    )
+    assert out.shape == image.shape and out.std() > 0 and not np.allclose(out[0, 0], out[0, 1])
+
+
+def test_training_patches_get_the_pipeline_of_tiles_from_the_same_config(tmp_path):
+    config = Augmentation(elastic=0.5, stain=0.2)
+    steps = [type(step) for step in build_transform(config).transforms]
+    root = make_nuclei_volumes(tmp_path / "v", count=3, shape=(8, 32, 32))
+    data = SegmentationDataModule(
+        root=str(root),
+        spatial_dims=3,
+        patch_size=[8, 16, 16],
+        batch_size=2,
+        tiles_per_epoch=4,
+        num_workers=0,
+        augmentation=config,
+    )
+    data.setup("fit")
+    assert isinstance(data.train_set.transform, A.Compose)
+    assert [type(step) for step in data.train_set.transform.transforms] == steps
+    assert data.val_set.transform is None
+
+
+def test_quarter_turns_of_patches_not_square_in_plane_are_refused():
+    samples, split = {"v": sample()}, {"train": ["v"], "val": ["v"]}
+    common = dict(normalization=Normalization(), targets="foreground", length=4, foreground_oversampling=0.33)
+    with pytest.raises(ValueError, match=r"augmentation.rotate90 swaps Y and X.*got \[4, 8, 12\]"):
+        volume_datasets(samples, split, (4, 8, 12), augmentation=Augmentation(rotate90=0.5), **common)
+    train, _ = volume_datasets(samples, split, (4, 8, 12), augmentation=Augmentation(rotate90=0), **common)
+    torch.manual_seed(0)
+    assert all(train[i]["image"].shape == (1, 4, 8, 12) for i in range(4))
 
 
 def test_volume_pairs_load_with_their_spacing_and_range(tmp_path):

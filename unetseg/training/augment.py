@@ -1,5 +1,15 @@
-"""Albumentations pipelines built from a typed, YAML-friendly augmentation config, and the colour
-transforms (HED stain jitter, intensity inversion) that albumentations lacks."""
+"""Albumentations pipelines built from a typed, YAML-friendly augmentation config, one for 2-D tiles and
+3-D patches alike, and the colour transforms (HED stain jitter, intensity inversion) that albumentations lacks.
+
+A tile goes in as `image` (Y, X, C) with `masks`, a patch as albumentations' `volume` (Z, Y, X, C) with
+`mask3d`: its 2-D transforms then run on every plane with one draw of parameters, which is what
+thick-slice data allow. Flips, quarter turns, zoom, elastic and grid distortion move every plane alike
+and never resample the coarse Z axis (a 3-D rotation or elastic field, or `CubicSymmetry`, would
+interpolate along it or swap it with X); brightness, contrast, gamma, blur and colour act on the whole
+patch with one setting. Two bridges over albumentations 2.0.8: `RandomBrightnessContrast` and
+`GaussNoise` read only the `image`/`images` targets, and the latter would repeat one plane's noise
+in every plane, so `BrightnessContrast` and `Noise` below take the volume and draw noise per voxel.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +24,7 @@ from skimage.color import hed_from_rgb, rgb_from_hed
 
 @dataclass
 class Augmentation:
-    """Probabilities (0 disables) of each augmentation applied to training tiles.
+    """Probabilities (0 disables) of each augmentation applied to training tiles and patches.
 
     Spatial transforms move image and mask together (masks with nearest-neighbour
     interpolation, so instance labels stay labels); intensity transforms touch the image only.
@@ -24,12 +34,13 @@ class Augmentation:
     flip: float = 0.5  # horizontal and vertical, each
     rotate90: float = 0.5  # a random multiple of 90 degrees
     scale: float = 0.0  # zoom by a factor drawn from scale_limit: objects of other sizes than the data's
+    # (in-plane on volumes: another lateral pixel size at the same Z step, as objectives and binning vary)
     elastic: float = 0.0  # elastic deformation (U-Net paper)
     grid_distortion: float = 0.0
     brightness_contrast: float = 0.5
     gamma: float = 0.3
     noise: float = 0.2  # additive Gaussian noise
-    blur: float = 0.1  # Gaussian blur
+    blur: float = 0.1  # Gaussian blur (in-plane on volumes, as a wider lateral point spread)
     noise_std: tuple[float, float] = (0.01, 0.05)  # as a fraction of the [0, 1] range
     brightness_limit: float = 0.2
     contrast_limit: float = 0.2
@@ -59,7 +70,11 @@ class Augmentation:
 
 
 def build_transform(config: Augmentation | None) -> A.Compose | None:
-    """The training pipeline for `config`; None when nothing is enabled."""
+    """The training pipeline for `config`, for tiles and patches alike; None when nothing is enabled.
+
+    Call it as `transform(image=..., masks=[...])` on a tile (Y, X, C) or `transform(volume=...,
+    mask3d=...)` on a patch (Z, Y, X, C); a patch's planes all get the same parameters (module docstring).
+    """
     if config is None:
         return None
     steps = []
@@ -75,13 +90,11 @@ def build_transform(config: Augmentation | None) -> A.Compose | None:
     if config.grid_distortion:
         steps.append(A.GridDistortion(border_mode=cv2.BORDER_REFLECT_101, p=config.grid_distortion))
     if config.brightness_contrast:
-        steps.append(
-            A.RandomBrightnessContrast(config.brightness_limit, config.contrast_limit, p=config.brightness_contrast)
-        )
+        steps.append(BrightnessContrast(config.brightness_limit, config.contrast_limit, p=config.brightness_contrast))
     if config.gamma:
         steps.append(A.RandomGamma(gamma_limit=config.gamma_limit, p=config.gamma))
     if config.noise:
-        steps.append(A.GaussNoise(std_range=config.noise_std, p=config.noise))
+        steps.append(Noise(std_range=config.noise_std, p=config.noise))
     if config.blur:
         steps.append(A.GaussianBlur(blur_limit=(3, 5), p=config.blur))
     # Colour last, on tiles already clipped to [0, 1] by the intensity transforms.
@@ -95,6 +108,33 @@ def build_transform(config: Augmentation | None) -> A.Compose | None:
     if config.invert:
         steps.append(Invert(p=config.invert))
     return A.Compose(steps) if steps else None
+
+
+class BrightnessContrast(A.RandomBrightnessContrast):
+    """albumentations' RandomBrightnessContrast, one setting for a whole tile or patch (its own draw reads the
+    `image` or `images` target only, a KeyError on `volume`)."""
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        if "volume" in data:
+            data = {**data, "image": data["volume"]}  # for its dtype (and mean): the whole patch's
+        return super().get_params_dependent_on_data(params, data)
+
+
+class Noise(A.GaussNoise):
+    """albumentations' GaussNoise, drawn per voxel on a patch (its own draw fails on the `volume` target, and
+    would add one plane's field to every plane)."""
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        if "volume" not in data:
+            return super().get_params_dependent_on_data(params, data)
+        volume = data["volume"]
+        max_value = 1.0 if volume.dtype.kind == "f" else np.iinfo(volume.dtype).max  # as albumentations scales
+        sigma, mean = self.py_random.uniform(*self.std_range), self.py_random.uniform(*self.mean_range)
+        noise = self.random_generator.normal(mean * max_value, sigma * max_value, volume.shape)
+        return {"noise_map": noise.astype(np.float32)}
+
+    def apply_to_volume(self, volume: np.ndarray, noise_map: np.ndarray, **params) -> np.ndarray:
+        return self.apply(volume, noise_map=noise_map)
 
 
 class Invert(A.ImageOnlyTransform):
@@ -118,10 +158,14 @@ class RGBOnly(A.ImageOnlyTransform):
         super().__init__(p=p)
         self.transform = transform
 
-    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+    def get_params(self) -> dict:
+        # Drawn once per call, not per apply: a patch's planes must all get the same shift.
+        return {"seed": int(self.random_generator.integers(2**31))}
+
+    def apply(self, img: np.ndarray, seed: int = 0, **params) -> np.ndarray:
         if img.shape[-1] != 3:
             return img
-        self.transform.set_random_seed(int(self.random_generator.integers(2**31)))
+        self.transform.set_random_seed(seed)
         return np.clip(self.transform(image=img)["image"], 0.0, 1.0).astype(np.float32)
 
 

@@ -3,7 +3,8 @@ and the windows (tiles, patches) cut from it: grids for validation, random windo
 oversampling for training, reflect padding for samples smaller than a window.
 
 The 2-D tile datasets (`unetseg.training.data`) and the 3-D patch datasets
-(`unetseg.training.volumes`) differ only in their readers and augmentations; the geometry is here, once.
+(`unetseg.training.volumes`) differ only in their readers (both augment with
+`unetseg.training.augment.build_transform`); the geometry is here, once.
 """
 
 from __future__ import annotations

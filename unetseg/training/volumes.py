@@ -1,12 +1,9 @@
 """Training data from volumes: 3-D TIFF stacks and NIfTI in the `images/` + `masks/` layout, random 3-D
-patches with foreground oversampling, fixed validation patches, and 3-D augmentation.
+patches with foreground oversampling and fixed validation patches.
 
-Augmentation is albumentations' (the library the 2-D pipeline uses), built from the same
-`Augmentation` settings: its 2-D transforms applied with one draw of parameters to every plane
-of a patch, which is what thick-slice data allow: in-plane flips, quarter turns and elastic
-deformation move every plane alike and never resample the coarse Z axis; brightness, contrast,
-gamma and blur act on the whole patch. Noise is drawn per voxel here, since albumentations would
-repeat one noise field in every plane.
+Patches are augmented by the pipeline of 2-D tiles (`unetseg.training.augment.build_transform`, the same
+`Augmentation` settings) through albumentations' `volume`/`mask3d` targets: one draw of parameters for
+every plane, so nothing moves or is resampled along Z.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -57,36 +55,6 @@ def check_patch_size(patch_size: Sequence[int]) -> tuple[int, int, int]:
     return tuple(patch_size)
 
 
-class VolumeAugmentation:
-    """Augments a normalised patch (C, Z, Y, X) and its labels (Z, Y, X) with one draw for all planes."""
-
-    def __init__(self, config: Augmentation):
-        self.noise, self.noise_std = config.noise, config.noise_std
-        # Everything but noise from the 2-D pipeline; albumentations applies it plane by plane, alike.
-        self.transform = build_transform(Augmentation(**{**vars(config), "noise": 0.0}))
-
-    def __call__(
-        self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if self.transform is not None:
-            self.transform.set_random_seed(int(rng.integers(2**31)))
-            # The `images`/`masks` keys: one set of parameters for every plane (`volume` misses
-            # some intensity transforms in albumentations 2.0).
-            out = self.transform(images=np.moveaxis(image, 0, -1), masks=labels.astype(np.int32))
-            image, labels = np.moveaxis(np.asarray(out["images"]), -1, 0), np.asarray(out["masks"])
-        if self.noise and rng.random() < self.noise:
-            image = image + rng.normal(0.0, rng.uniform(*self.noise_std), image.shape).astype(np.float32)
-        return image, labels
-
-
-def build_volume_transform(config: Augmentation | None) -> VolumeAugmentation | None:
-    """The 3-D training augmentation for `config`; None when nothing is enabled."""
-    if config is None:
-        return None
-    augmentation = VolumeAugmentation(config)
-    return augmentation if augmentation.transform is not None or augmentation.noise else None
-
-
 class PatchDataset(Dataset):
     """Patches of `patch_size` (Z, Y, X) from volume samples: random (training) or a fixed grid (validation).
 
@@ -102,7 +70,7 @@ class PatchDataset(Dataset):
         patch_size: Sequence[int],
         targets: str,
         length: int | None = None,
-        transform: VolumeAugmentation | None = None,
+        transform: A.Compose | None = None,
         foreground_oversampling: float = 0.33,
     ):
         self.samples, self.normalization, self.targets = samples, normalization, targets
@@ -129,7 +97,9 @@ class PatchDataset(Dataset):
         image = self.normalization.apply(sample.image[(slice(None), *window)], sample.value_range)  # (C, z, y, x)
         labels = sample.labels[window]
         if self.transform is not None and rng is not None:
-            image, labels = self.transform(image, labels, rng)
+            self.transform.set_random_seed(int(rng.integers(2**31)))
+            out = self.transform(volume=np.moveaxis(image, 0, -1), mask3d=labels.astype(np.int32))  # (z, y, x, C)
+            image, labels = np.moveaxis(out["volume"], -1, 0), out["mask3d"]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "target": torch.from_numpy(make_target(np.ascontiguousarray(labels), self.targets)),
@@ -152,13 +122,18 @@ def volume_datasets(
 ) -> tuple[PatchDataset, PatchDataset]:
     """(training, validation) patch datasets of a split of volume samples."""
     patch_size = check_patch_size(patch_size)
+    if augmentation is not None and augmentation.rotate90 and patch_size[1] != patch_size[2]:
+        raise ValueError(
+            f"augmentation.rotate90 swaps Y and X, so it needs a patch_size with Y == X, got {list(patch_size)}: "
+            "make the patch square in-plane or set augmentation.rotate90: 0"
+        )
     train = [pad_sample(samples[name], patch_size) for name in split["train"]]
     val = [samples[name] for name in split["val"]]
     common = dict(normalization=normalization, patch_size=patch_size, targets=targets)
     train_set = PatchDataset(
         train,
         length=length,
-        transform=build_volume_transform(augmentation),
+        transform=build_transform(augmentation),
         foreground_oversampling=foreground_oversampling,
         **common,
     )
@@ -167,8 +142,6 @@ def volume_datasets(
 
 __all__ = [
     "PatchDataset",
-    "VolumeAugmentation",
-    "build_volume_transform",
     "check_patch_size",
     "load_volume_sample",
     "volume_datasets",
