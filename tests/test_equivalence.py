@@ -280,6 +280,82 @@ def test_3d_labels_made_in_blocks_of_planes_equal_whole_volume_labels():
     assert same_objects(whole, out)
 
 
+def ellipsoid_volume(shape, seed):
+    """Ellipsoids 5 planes high and 8 pixels across at every offset in Z, Y and X, none touching."""
+    rng = np.random.default_rng(seed)
+    objects = np.zeros(shape, bool)
+    zz, yy, xx = np.indices(shape)
+    for k, z in enumerate(range(2, shape[0], 4)):
+        for y in range(5 + 10 * (k % 2), shape[1] - 4, 20):
+            for x in range(5 + int(rng.integers(0, 10)), shape[2] - 4, 20):
+                objects |= ((zz - z) / 2.5) ** 2 + ((yy - y) / 4) ** 2 + ((xx - x) / 4) ** 2 < 1
+    return ndimage.gaussian_filter(objects.astype(np.float32), 1.0)[None]
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_3d_labels_made_in_cells_along_y_and_x_equal_whole_volume_labels(monkeypatch, classes):
+    """A block too large for one to_labels call is labelled in cells along Y and X (StarDist's BlockND):
+    36 cells a block here, objects across every cell border, the whole volume's labels up to numbers."""
+    import unetseg.inference.labeling as labeling
+
+    foreground = ellipsoid_volume((24, 96, 96), seed=4)
+    probs = foreground if classes == 1 else boundary_probabilities(foreground[0])
+    shape = probs.shape[1:]
+    monkeypatch.setattr(labeling, "BLOCK_PIXELS", 1000)
+    monkeypatch.setattr(labeling, "CELL_PIXELS", 18 * 40 * 40)  # (6 + 2 x 6 planes) x 40 x 40: cores of 16
+    assert len(labeling.block_cells((18, 96, 96), 12)) == 36
+    whole = to_labels(probs, 0.5, spacing=(2.0, 1.0, 1.0))
+    out = np.zeros(shape, np.uint32)
+
+    def paint(first, labels):
+        region = out[first : first + len(labels)]
+        region[labels > 0] = labels[labels > 0]
+
+    labeler = BlockLabeler(shape, paint, 0.5, block_rows=6, context=6, spacing=(2.0, 1.0, 1.0), side_context=12)
+    for start in range(0, 24, 5):
+        labeler.add(start, min(start + 5, 24), probs[:, start : start + 5])
+    assert labeler.finish() == out.max() + 1
+    assert labeler.cut == 0
+    assert whole.max() > 60
+    assert same_objects(whole, out)
+
+
+def boundary_probabilities(foreground: np.ndarray) -> np.ndarray:
+    """(3, ...) background / interior / edge probabilities of a blurred foreground."""
+    inside = foreground > 0.5
+    interior = ndimage.binary_erosion(inside, iterations=1)
+    probs = np.stack([~inside, interior, inside & ~interior]).astype(np.float32)
+    probs = ndimage.gaussian_filter(probs, (0, 0.5, 0.5, 0.5))
+    return probs / probs.sum(axis=0)
+
+
+def test_wide_image_labels_made_in_cells_along_x_equal_whole_image_labels(monkeypatch):
+    import unetseg.inference.labeling as labeling
+
+    rng = np.random.default_rng(5)
+    image = np.zeros((60, 400), np.float32)
+    for y in range(4, 52, 12):  # squares of 6 at every offset, 3 or more apart
+        for x in range(4, 390, 12):
+            y0, x0 = y + rng.integers(0, 3), x + rng.integers(0, 3)
+            image[y0 : y0 + 6, x0 : x0 + 6] = 1
+    probs = ndimage.gaussian_filter(image, 1.0)[None]
+    monkeypatch.setattr(labeling, "BLOCK_PIXELS", 1000)
+    monkeypatch.setattr(labeling, "CELL_PIXELS", 30 * 50)  # cells 50 wide: cores of 26, 16 of them
+    out = np.zeros(image.shape, np.uint32)
+
+    def paint(first, labels):
+        region = out[first : first + len(labels)]
+        region[labels > 0] = labels[labels > 0]
+
+    labeler = BlockLabeler(image.shape, paint, 0.5, block_rows=10, context=10, side_context=12)
+    for start in range(0, 60, 7):
+        labeler.add(start, min(start + 7, 60), probs[:, start : start + 7])
+    labeler.finish()
+    whole = to_labels(probs, 0.5)
+    assert whole.max() > 30 and labeler.cut == 0
+    assert same_objects(whole, out)
+
+
 def test_batchnorm_is_folded_into_conv3d_with_the_same_output():
     torch.manual_seed(0)
     network = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 1, 1))

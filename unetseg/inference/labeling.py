@@ -1,5 +1,5 @@
-"""Instance labels of huge images and volumes in bounded memory: overlapping blocks along the first axis,
-objects merged across borders.
+"""Instance labels of huge images and volumes in bounded memory: overlapping blocks, objects merged across
+borders.
 
 Probabilities arrive in order along the first spatial axis from the tiled engine: bands of
 rows of a plane, or slabs of planes of a volume. `BlockLabeler` gathers them into blocks of
@@ -7,16 +7,21 @@ that axis, whole along the others: a core of `block_rows` rows (planes) with `co
 on either side, labels each block with `postprocess.to_labels` (2-D or 3-D, with the voxel
 spacing), and keeps the objects whose foreground region (fully connected) begins in the core
 and does not touch the block's cut edges, as StarDist's `predict_instances_big` keeps objects
-by block. Every step of `to_labels` (distance transform, peaks, watershed, size filter) looks
-only at a foreground region and its surroundings, so a region at most context / 2 rows high
-gets exactly the labels whole-array processing gives it, up to their numbers. Taller regions
-are cut at block edges (a warning says so). Memory holds one block: (classes, block_rows + 2
-context, ...) probabilities and its labels, with block_rows chosen from the size of one row
-or plane (`block_rows_for`) so that a block holds about BLOCK_PIXELS pixels.
+by block. A block larger than BLOCK_PIXELS (a few planes of a big volume are already tens of
+millions of voxels) is labelled in cells along the other axes too, each with `side_context`
+pixels of context, owned by the cell whose core holds the first corner of an object's
+bounding box: StarDist's `BlockND`. Every step of `to_labels` (distance transform, peaks,
+watershed, size filter) looks only at a foreground region and its surroundings, so a region
+that fits in the context along every axis gets exactly the labels whole-array processing gives
+it, up to their numbers. Larger regions are cut at block edges (a warning says so). Memory
+holds one block's probabilities, (classes, block_rows + 2 context, ...), its labels, and
+`to_labels`' arrays of one cell (scipy's distance transform alone takes about 40 bytes a
+voxel), with block_rows chosen from the size of one row or plane (`block_rows_for`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,13 +31,23 @@ from scipy import ndimage
 
 from unetseg.inference.postprocess import to_labels
 
-__all__ = ["BLOCK_PIXELS", "BLOCK_ROWS", "CONTEXT_ROWS", "BlockLabeler", "block_rows_for", "owned_objects"]
+__all__ = [
+    "BLOCK_PIXELS",
+    "BLOCK_ROWS",
+    "CONTEXT_ROWS",
+    "BlockLabeler",
+    "block_cells",
+    "block_rows_for",
+    "owned_objects",
+]
 
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS, CONTEXT_ROWS = 1024, 128  # most core rows per block; rows of context above and below it (images)
 CONTEXT_PLANES = 8  # planes of context of a volume's blocks: nuclei of 2 micron slices are 4 to 6 planes deep
+SIDE_CONTEXT_3D = 64  # pixels of context along Y and X of a volume's cells: nuclei 20 to 40 pixels across
 BLOCK_PIXELS = 8_000_000  # pixels of a block with its context: (classes, rows, W) float32 and to_labels' arrays
+CELL_PIXELS = 4_000_000  # voxels of a cell of a block too large for one to_labels call, context included
 MIN_BLOCK_ROWS = 128
 MIN_BLOCK_PLANES = 8
 
@@ -55,27 +70,40 @@ def block_geometry(shape: Sequence[int]) -> tuple[int, int]:
     return block_rows_for(row_pixels, CONTEXT_PLANES, MIN_BLOCK_PLANES), CONTEXT_PLANES
 
 
+def block_cells(shape: Sequence[int], context: int, budget: int | None = None) -> list[tuple[slice, ...]]:
+    """The cores of the cells of a block of `shape` (rows, ...) along its axes after the first: one cell
+    (the whole block) when it holds at most BLOCK_PIXELS, else square cores whose cells, with `context`
+    on each side, hold about `budget` (default CELL_PIXELS) pixels (cores at least `context` wide)."""
+    budget = CELL_PIXELS if budget is None else budget
+    rows, sides = shape[0], [int(n) for n in shape[1:]]
+    if rows * np.prod(sides) <= BLOCK_PIXELS:
+        return [tuple(slice(0, n) for n in sides)]
+    span = int((budget / rows) ** (1 / len(sides)))
+    core = max(span - 2 * context, context, 1)
+    grids = [[slice(start, min(start + core, n)) for start in range(0, n, core)] for n in sides]
+    return list(itertools.product(*grids))
+
+
 def owned_objects(
-    labels: np.ndarray, foreground: np.ndarray, core: tuple[int, int], cut_top: bool, cut_bottom: bool
+    labels: np.ndarray, foreground: np.ndarray, core: Sequence[tuple[int, int]], cuts: Sequence[tuple[bool, bool]]
 ) -> tuple[np.ndarray, int]:
     """`labels` (block rows, ...) keeping only the objects this block owns, and how many regions were cut.
 
-    A foreground region is owned when its first row (plane) lies in `core` (start, stop) of the
-    block, and it is kept whole; a region touching a cut edge (`cut_top` / `cut_bottom`: the
-    block edge is not the array's edge) is incomplete here and counted.
+    A foreground region is owned when the first corner of its bounding box lies in `core` ((start,
+    stop) per axis, leading axes; axes not given are not restricted), and it is kept whole; a
+    region touching a cut edge (`cuts`: (low, high) per axis, True where the block's edge is not
+    the array's) is incomplete here and counted.
     """
     regions, _ = ndimage.label(foreground, structure=np.ones((3,) * foreground.ndim, dtype=bool))
     slices = ndimage.find_objects(regions)
     keep = np.zeros(len(slices) + 1, dtype=bool)
     cut = 0
     for index, found in enumerate(slices, start=1):
-        if found is None:
-            continue
-        first, last = found[0].start, found[0].stop  # rows [first, last) of the region
-        if not core[0] <= first < core[1]:
+        if found is None or not all(low <= box.start < high for box, (low, high) in zip(found, core)):
             continue
         keep[index] = True
-        if (cut_top and first == 0) or (cut_bottom and last == labels.shape[0]):
+        edges = zip(found, cuts, labels.shape)
+        if any((low and box.start == 0) or (high and box.stop == n) for box, (low, high), n in edges):
             cut += 1
     return np.where(keep[regions], labels, 0), cut
 
@@ -93,6 +121,8 @@ class BlockLabeler:
         block_rows, context: core rows per block and rows of context on each side; None: `block_geometry`.
         first_label: the number of the first object (numbers run on across planes).
         spacing: the voxel size (one value per axis) of the 3-D watershed; None: isotropic.
+        side_context: pixels of context along the other axes of a block labelled in cells; None: the
+            block context of an image, SIDE_CONTEXT_3D of a volume.
     """
 
     def __init__(
@@ -105,6 +135,7 @@ class BlockLabeler:
         context: int | None = None,
         first_label: int = 1,
         spacing: Sequence[float] | None = None,
+        side_context: int | None = None,
     ):
         self.shape = tuple(int(n) for n in shape)
         default_rows, default_context = block_geometry(self.shape)
@@ -117,6 +148,9 @@ class BlockLabeler:
         if spacing is not None and len(self.shape) == 3:
             self.label_options["spacing"] = tuple(spacing)
         self.block_rows, self.context = block_rows, context
+        if side_context is None:
+            side_context = context if len(self.shape) == 2 else SIDE_CONTEXT_3D
+        self.side_context = side_context
         self.next_label = first_label
         self.cut = 0
         self._core_start = 0  # core of the next block
@@ -152,31 +186,55 @@ class BlockLabeler:
             raise ValueError(f"bands stopped at row {self._received} of {self.height}")
         if self.cut:
             log.warning(
-                "%d object(s) taller than the block context (%d rows) were cut at block borders; "
-                "raise the context for exact labels",
+                "%d object(s) larger than the block context (%d rows, %d pixels across) were cut at block "
+                "borders; raise the context for exact labels",
                 self.cut,
                 self.context,
+                self.side_context,
             )
         return self.next_label
 
     def _label_block(self, core_start: int, core_stop: int, block_stop: int) -> None:
-        """Label rows [core_start - context, block_stop), paint the owned objects, drop rows no longer needed."""
+        """Label rows [core_start - context, block_stop) cell by cell, paint the owned objects, drop rows no
+        longer needed."""
         block_start = max(core_start - self.context, 0)
-        labels = to_labels(self._rows(block_start, block_stop), self.threshold, **self.label_options)
-        owned, cut = owned_objects(
-            labels,
-            labels > 0,
-            (core_start - block_start, core_stop - block_start),
-            cut_top=block_start > 0,
-            cut_bottom=block_stop < self.height,
-        )
-        self.cut += cut
+        probs = self._rows(block_start, block_stop)
+        rows_core = (core_start - block_start, core_stop - block_start)
+        rows_cut = (block_start > 0, block_stop < self.height)
+        cells = block_cells(probs.shape[1:], self.side_context)
+        block = None if len(cells) == 1 else np.zeros(probs.shape[1:], np.uint32)
+        for cores in cells:
+            window = tuple(
+                slice(max(core.start - self.side_context, 0), min(core.stop + self.side_context, n))
+                for core, n in zip(cores, probs.shape[2:])
+            )
+            labels = to_labels(
+                np.ascontiguousarray(probs[(slice(None), slice(None), *window)]), self.threshold, **self.label_options
+            )
+            owned, cut = owned_objects(
+                labels,
+                labels > 0,
+                [rows_core] + [(core.start - w.start, core.stop - w.start) for core, w in zip(cores, window)],
+                [rows_cut] + [(w.start > 0, w.stop < n) for w, n in zip(window, probs.shape[2:])],
+            )
+            del labels
+            self.cut += cut
+            owned = self._number(owned)
+            if block is None:
+                block = owned
+            else:
+                region = block[(slice(None), *window)]
+                np.copyto(region, owned, where=owned > 0)
+        self.paint(block_start, block)
+        keep_from = max(core_stop - self.context, 0)  # the next block's first row
+        self._bands = [(start, probs) for start, probs in self._bands if start + probs.shape[1] > keep_from]
+
+    def _number(self, owned: np.ndarray) -> np.ndarray:
+        """`owned` (uint) objects renumbered from next_label on, in order (uint32)."""
         numbers = np.unique(owned)  # no return_inverse: it would be an int64 array of the block
         numbers = numbers[numbers > 0]
         count = len(numbers)
         lookup = np.zeros(int(owned.max(initial=0)) + 1, dtype=np.uint32)
         lookup[numbers] = np.arange(self.next_label, self.next_label + count, dtype=np.uint32)
-        self.paint(block_start, lookup[owned])
         self.next_label += count
-        keep_from = max(core_stop - self.context, 0)  # the next block's first row
-        self._bands = [(start, probs) for start, probs in self._bands if start + probs.shape[1] > keep_from]
+        return lookup[owned]

@@ -168,8 +168,11 @@ class OutputWriter:
     def _paint(self, item: int, first: int, labels: np.ndarray) -> None:
         """Write a block's owned objects (0 elsewhere keeps what earlier blocks wrote) and feed the collectors."""
         stop = first + labels.shape[0]
-        current = np.asarray(self.out[self._index(item, first, stop)])
-        self._put(item, first, stop, np.where(labels > 0, labels, current))
+        step = 1 if self.dims == 3 else len(labels)  # a volume's block is painted plane by plane: no block copies
+        for top in range(first, stop, step):
+            part = labels[top - first : top - first + step]
+            current = np.asarray(self.out[self._index(item, top, top + len(part))])
+            self._put(item, top, top + len(part), np.where(part > 0, part, current))
         if self.dims == 3:  # an object's outline in each of its planes; its 3-D measurements
             if self.rois is not None:
                 for z, plane in enumerate(labels, start=first):
