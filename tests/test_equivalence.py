@@ -367,3 +367,38 @@ def test_batchnorm_is_folded_into_conv3d_with_the_same_output():
     assert fold_batchnorm(network) == 1
     assert isinstance(network[1], nn.Identity)
     torch.testing.assert_close(network(x), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_prediction_is_resolved_once_for_the_models_dims(dims):
+    """`Prediction` works out the model's dims, its engine options (a 3-D model's tiles are 3-D) and the
+    post-processing (stored values under the user's) once, and refuses what the model cannot make."""
+    from unetseg.inference.pipeline import Prediction
+
+    spec = InputSpec(1, Normalization(0.0, 100.0), "foreground", 1, postprocess={"threshold": 0.3, "min_size": 9})
+    prediction = Prediction(Pointwise(dims), spec, PredictSettings("labels", min_size=4, **SETTINGS))
+    assert prediction.dims == dims
+    tiles = {2: (32, 8), 3: ((4, 16, 16), (2, 4, 4))}[dims]
+    assert (prediction.engine_options["tile_size"], prediction.engine_options["overlap"]) == tiles
+    assert prediction.label_options["threshold"] == 0.3 and prediction.label_options["min_size"] == 4
+    classes = InputSpec(1, Normalization(0.0, 100.0), "classes", 3)
+    with pytest.raises(ValueError, match="output 'labels' needs a model trained with targets"):
+        Prediction(Pointwise(dims), classes, PredictSettings("labels"))
+
+
+def test_a_folder_is_predicted_with_one_prediction(tmp_path, monkeypatch):
+    """`predict_files` resolves the model's dims and options once for the folder, not once per file."""
+    import unetseg.inference.pipeline as pipeline
+    from unetseg.inference.batch import predict_files
+
+    calls = []
+    monkeypatch.setattr(pipeline, "spatial_dims", lambda model: calls.append(model) or model.spatial_dims)
+    pairs = []
+    for k in range(3):
+        (tmp_path / str(k)).mkdir()
+        pairs.append((write_input(tmp_path / str(k) / "stack.tif", spheres(seed=k)), tmp_path / f"out{k}.tif"))
+    model, spec = Pointwise(2), InputSpec(1, Normalization(0.0, 100.0), "foreground", 1)
+    summary = predict_files(model, spec, pairs, PredictSettings("mask", **SETTINGS), progress=False)
+    assert len(summary.done) == 3 and not summary.failed
+    assert len(calls) == 1
+    assert all(tifffile.imread(target).shape == (10, 40, 36) for _, target in pairs)

@@ -28,7 +28,7 @@ from unetseg.distributed.geometry import Block
 from unetseg.distributed.merge import face_pairs, face_strips, local_ids, region_reach
 from unetseg.distributed.store import atomic_write, zarr_module
 from unetseg.inference.loading import load_predictor
-from unetseg.inference.pipeline import PredictSettings, predict_file
+from unetseg.inference.pipeline import Prediction, PredictSettings, predict_file
 from unetseg.inference.postprocess import to_labels, to_mask
 from unetseg.inference.volume import predict_tiled, predict_volume_tiled, spatial_dims
 from unetseg.io.normalize import histogram_percentiles, plane_range
@@ -215,10 +215,9 @@ def _predict_region(job: BlockJob, model: nn.Module, image: InputImage) -> np.nd
     spec, settings = job.spec, job.settings
     voxels = read_region(image.planes, *(slice(lo, hi) for lo, hi in job.block.region))
     normalize = partial(spec.normalization.apply, value_range=tuple(job.value_range))
-    options = settings.engine_options(spec)
+    options = Prediction(model, spec, settings).engine_options  # per-axis tiles of the model's dims, TTA, ...
     channels = _channels(voxels, spec.in_channels, job.source)  # (C, Z, Y, X)
     if job.dims == 3:
-        options.update(tile_size=settings.volume.tile_size, overlap=settings.volume.overlap)
         probs = predict_volume_tiled(model, channels, normalize=normalize, **options)
     else:
         probs = np.stack(

@@ -1,5 +1,5 @@
 """Prediction of folders: which outputs the inputs get (`plan_outputs`), this process's share of them
-(`shard`), and the loop that predicts each file with `unetseg.inference.pipeline.predict_file`, naming the
+(`shard`), and the loop that predicts each file with one `unetseg.inference.pipeline.Prediction`, naming the
 files that fail without stopping the others (`predict_files`)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 from tqdm import tqdm
 
-from unetseg.inference.pipeline import PredictSettings, output_suffix, output_targets, predict_file
+from unetseg.inference.pipeline import Prediction, PredictSettings, output_suffix, output_targets
 from unetseg.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -134,13 +134,13 @@ def predict_files(
     overwrite: bool = False,
     progress: bool = True,
 ) -> PredictSummary:
-    """Predict each (input, output) pair with `predict_file`; a file that fails does not stop the others.
+    """Predict each (input, output) pair with one `Prediction`; a file that fails does not stop the others.
 
     Outputs that exist are skipped unless `overwrite`, so an interrupted run resumes where it
     stopped. Each failure is named on stderr as it happens ("error: FILE: reason").
     `progress` shows bars over files and over the rows of each image (on a terminal).
     """
-    settings.check(input_spec)
+    prediction = Prediction(model, input_spec, settings)  # resolved once for the folder
     summary, domain = PredictSummary(), DomainReport()
     for source, target in tqdm(pairs, desc="files", unit="file", disable=None if progress else True):
         if not overwrite and all(path.exists() for path in output_targets(source, target, settings).values()):
@@ -148,7 +148,7 @@ def predict_files(
             continue
         started = time.perf_counter()
         try:
-            pixels = predict_file(model, input_spec, source, target, settings, progress, domain)
+            pixels = prediction.file(source, target, progress, domain)
         except Exception as error:  # one broken file must not stop the folder; MemoryError and friends included
             summary.failed[source] = _reason(error, source)
             log.error("%s: %s", source, summary.failed[source])

@@ -45,6 +45,7 @@ __all__ = [
     "FORMATS",
     "OUTPUTS",
     "PredictSettings",
+    "Prediction",
     "iter_predictions",
     "open_input",
     "output_suffix",
@@ -144,6 +145,142 @@ class PredictSettings:
         return {**vars(self.tiling), "tta": self.tta(spec)}
 
 
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """A model, its input spec and the settings, resolved once for every input they predict.
+
+    `dims` (2: the model predicts planes, 3: volumes), the engine's options for those dims (tile
+    size and overlap per axis, batch, blend, TTA, precision) and the post-processing (defaults,
+    then the model's stored values, then the settings') are worked out here, once; `check`
+    refuses outputs the model cannot make before any input is opened. Every input then takes
+    one path: `blocks` predicts it (a 2-D model plane by plane, a 3-D model as one volume),
+    `run` hands the bands to sinks that only write, and `image` / `file` wrap that for arrays
+    and files.
+    """
+
+    model: nn.Module
+    spec: InputSpec
+    settings: PredictSettings = field(default_factory=PredictSettings)
+    dims: int = field(init=False)
+    label_options: dict = field(init=False)
+    engine_options: dict = field(init=False)
+
+    def __post_init__(self):
+        self.settings.check(self.spec)
+        dims = spatial_dims(self.model)
+        options = self.settings.engine_options(self.spec)  # tiling, batch, blend, padding, TTA, precision
+        if dims == 3:
+            options.update(tile_size=self.settings.volume.tile_size, overlap=self.settings.volume.overlap)
+        object.__setattr__(self, "dims", dims)
+        object.__setattr__(self, "label_options", self.settings.label_options(self.spec))
+        object.__setattr__(self, "engine_options", options)
+
+    def blocks(
+        self, image: InputImage, path: str | Path = "image", device_mask: bool = False
+    ) -> Iterator[tuple[int, Iterator[tuple[int, int, Any]]]]:
+        """(item, blocks) of `image`: for a 2-D model each plane in turn (item = its index), for a 3-D model
+        the one volume (item 0); blocks are (start, stop, probabilities (classes, stop - start, ...)) along
+        the first spatial axis, in order, or the uint8 masks (stop - start, ...) with `device_mask`."""
+        normalization, in_channels, spec = self.spec.normalization, self.spec.in_channels, self.spec
+        options = dict(self.engine_options)
+        if device_mask:  # thresholded where the model runs: uint8 masks cross to the host
+            options["band_transform"] = partial(_device_mask, spec=spec, threshold=self.label_options["threshold"])
+        if self.dims == 3:
+            value_range = volume_range(image.planes, in_channels, normalization, path)
+            normalize = partial(normalization.apply, value_range=value_range)
+            volume = VolumeChannels(image.planes, in_channels, path)
+            yield 0, iter_predict_slabs(self.model, volume, normalize=normalize, **options)
+            return
+        for z, plane in enumerate(image.planes):
+            value_range = plane_range(plane, in_channels, normalization, path)
+            normalize = partial(normalization.apply, value_range=value_range)
+            bands = ChannelBands(plane, in_channels, path)
+            yield z, iter_predict_bands(self.model, bands, normalize=normalize, **options)
+
+    def run(
+        self,
+        image: InputImage,
+        writers: Sequence[OutputWriter],
+        path: str | Path = "image",
+        on_rows: Callable[[int], Any] | None = None,
+    ) -> None:
+        """Predict `image` once, handing each band (slab) to every writer."""
+        device_mask = [writer.kind for writer in writers] == ["mask"]  # a mask alone is thresholded on the device
+        for item, blocks in self.blocks(image, path, device_mask):
+            for writer in writers:
+                writer.start(item)
+            for start, stop, probs in blocks:
+                if not device_mask:
+                    _check_classes(probs, self.spec)
+                for writer in writers:
+                    writer.band(item, start, stop, probs)
+                if on_rows is not None:
+                    on_rows(stop - start)
+            for writer in writers:
+                writer.end(item)
+
+    def image(self, image: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        """Predict an image held in memory (see `predict_image`)."""
+        settings, dims = self.settings, self.dims
+        image = np.asarray(image)
+        if dims == 3:  # a volume (Z, Y, X[, C]) in 3-D tiles
+            if image.ndim not in (3, 4):
+                raise ValueError(f"a 3-D model predicts volumes (Z, Y, X) or (Z, Y, X, C); got shape {image.shape}")
+            arranged = InputImage(image, stack=True)
+        elif image.ndim == 2 or image.ndim == 3 and image.shape[-1] <= 4:
+            arranged = InputImage(image[None])
+        elif image.ndim in (3, 4):
+            arranged = InputImage(image, stack=True)
+        else:
+            raise ValueError(f"image must be (H, W), (H, W, C), (Z, H, W) or (Z, H, W, C); got shape {image.shape}")
+        with ExitStack() as stack:
+            targets = dict.fromkeys(settings.kinds)
+            writers = open_writers(settings.kinds, targets, self.spec, arranged, self.label_options, stack, dims=dims)
+            self.run(arranged, writers)
+            results = {writer.kind: writer.close() for writer in writers}
+        return results[settings.output] if isinstance(settings.output, str) else results
+
+    def file(
+        self, source: str | Path, target: str | Path, progress: bool = False, domain: DomainReport | None = None
+    ) -> int:
+        """Predict a file into its outputs; returns the pixels (voxels) predicted (see `predict_file`)."""
+        settings, dims, options = self.settings, self.dims, self.label_options
+        source = Path(source)
+        targets = output_targets(source, target, settings)
+        image = open_input(source, settings.max_pixels)
+        if dims == 3:
+            image.stack = True  # a 2-D image is a volume of one plane to a 3-D model
+        for kind in settings.outputs:
+            settings.check_target(targets[kind], image.stack)
+        (domain or DomainReport()).check(source, image.planes[0], self.spec)
+        rois = measurements = None
+        if settings.rois:
+            from unetseg.io.rois import RoiSet
+
+            rois = RoiSet()
+        if settings.measure:
+            from unetseg.io.measure import Measurements
+
+            measurements = Measurements.of(image, dims)
+        planes = len(image.planes)
+        total, unit = (planes, "plane") if dims == 3 else (planes * image.height, "row")
+        bar = tqdm(total=total, unit=unit, desc=source.name, leave=False, disable=None if progress else True)
+        with bar, ExitStack() as stack:
+            kinds = settings.outputs
+            writers = open_writers(kinds, targets, self.spec, image, options, stack, rois, measurements, dims)
+            self.run(image, writers, source, bar.update)
+            if settings.overlay:
+                first, z = writers[0], len(image.planes) // 2
+                write_overlay(targets["overlay"], image.planes[z], first.plane(z), first.kind, options["threshold"])
+            for writer in writers:
+                writer.close()
+            if rois is not None:
+                rois.write(targets["rois"])
+            if measurements is not None:
+                measurements.write(targets["measure"])
+        return planes * image.height * image.width
+
+
 def iter_predictions(
     model: nn.Module,
     spec: InputSpec,
@@ -152,52 +289,8 @@ def iter_predictions(
     path: str | Path = "image",
     device_mask: bool = False,
 ) -> Iterator[tuple[int, Iterator[tuple[int, int, Any]]]]:
-    """(item, blocks) of `image`: for a 2-D model each plane in turn (item = its index), for a 3-D model the
-    one volume (item 0); blocks are (start, stop, probabilities (classes, stop - start, ...)) along the first
-    spatial axis, in order, or the uint8 masks (stop - start, ...) with `device_mask`."""
-    normalization, in_channels = spec.normalization, spec.in_channels
-    options = settings.engine_options(spec)  # tiling, batch, blend, padding, TTA, precision
-    if device_mask:  # thresholded where the model runs: uint8 masks cross to the host
-        threshold = settings.label_options(spec)["threshold"]
-        options["band_transform"] = partial(_device_mask, spec=spec, threshold=threshold)
-    if spatial_dims(model) == 3:
-        value_range = volume_range(image.planes, in_channels, normalization, path)
-        options.update(tile_size=settings.volume.tile_size, overlap=settings.volume.overlap)
-        normalize = partial(normalization.apply, value_range=value_range)
-        yield (
-            0,
-            iter_predict_slabs(model, VolumeChannels(image.planes, in_channels, path), normalize=normalize, **options),
-        )
-        return
-    for z, plane in enumerate(image.planes):
-        value_range = plane_range(plane, in_channels, normalization, path)
-        normalize = partial(normalization.apply, value_range=value_range)
-        yield z, iter_predict_bands(model, ChannelBands(plane, in_channels, path), normalize=normalize, **options)
-
-
-def _predict(
-    model: nn.Module,
-    spec: InputSpec,
-    image: InputImage,
-    settings: PredictSettings,
-    writers: Sequence[OutputWriter],
-    path: str | Path = "image",
-    on_rows: Callable[[int], Any] | None = None,
-) -> None:
-    """Predict `image` once, handing each band (slab) to every writer."""
-    device_mask = [writer.kind for writer in writers] == ["mask"]  # a mask alone is thresholded on the device
-    for item, blocks in iter_predictions(model, spec, image, settings, path, device_mask):
-        for writer in writers:
-            writer.start(item)
-        for start, stop, probs in blocks:
-            if not device_mask:
-                _check_classes(probs, spec)
-            for writer in writers:
-                writer.band(item, start, stop, probs)
-            if on_rows is not None:
-                on_rows(stop - start)
-        for writer in writers:
-            writer.end(item)
+    """`Prediction(model, spec, settings).blocks(image, path, device_mask)`."""
+    return Prediction(model, spec, settings).blocks(image, path, device_mask)
 
 
 def _check_classes(probs: Any, spec: InputSpec) -> None:
@@ -227,25 +320,7 @@ def predict_image(
     class) or labels (H, W) uint16/uint32; stacks get a leading Z axis. Several output kinds
     give a dict of them by kind.
     """
-    settings.check(input_spec)
-    image, dims = np.asarray(image), spatial_dims(model)
-    if dims == 3:  # a volume (Z, Y, X[, C]) in 3-D tiles
-        if image.ndim not in (3, 4):
-            raise ValueError(f"a 3-D model predicts volumes (Z, Y, X) or (Z, Y, X, C); got shape {image.shape}")
-        arranged = InputImage(image, stack=True)
-    elif image.ndim == 2 or image.ndim == 3 and image.shape[-1] <= 4:
-        arranged = InputImage(image[None])
-    elif image.ndim in (3, 4):
-        arranged = InputImage(image, stack=True)
-    else:
-        raise ValueError(f"image must be (H, W), (H, W, C), (Z, H, W) or (Z, H, W, C); got shape {image.shape}")
-    with ExitStack() as stack:
-        options = settings.label_options(input_spec)
-        targets = dict.fromkeys(settings.kinds)
-        writers = open_writers(settings.kinds, targets, input_spec, arranged, options, stack, dims=dims)
-        _predict(model, input_spec, arranged, settings, writers)
-        results = {writer.kind: writer.close() for writer in writers}
-    return results[settings.output] if isinstance(settings.output, str) else results
+    return Prediction(model, input_spec, settings).image(image)
 
 
 def output_suffix(source: Path) -> str:
@@ -322,38 +397,4 @@ def predict_file(
     Raises ImageReadError for an input that cannot be read or used, ValueError for a model
     whose output does not match its input spec.
     """
-    settings.check(input_spec)
-    source = Path(source)
-    targets = output_targets(source, target, settings)
-    image, dims = open_input(source, settings.max_pixels), spatial_dims(model)
-    if dims == 3:
-        image.stack = True  # a 2-D image is a volume of one plane to a 3-D model
-    for kind in settings.outputs:
-        settings.check_target(targets[kind], image.stack)
-    (domain or DomainReport()).check(source, image.planes[0], input_spec)
-    options = settings.label_options(input_spec)
-    rois = measurements = None
-    if settings.rois:
-        from unetseg.io.rois import RoiSet
-
-        rois = RoiSet()
-    if settings.measure:
-        from unetseg.io.measure import Measurements
-
-        measurements = Measurements.of(image, dims)
-    planes = len(image.planes)
-    total, unit = (planes, "plane") if dims == 3 else (planes * image.height, "row")
-    bar = tqdm(total=total, unit=unit, desc=source.name, leave=False, disable=None if progress else True)
-    with bar, ExitStack() as stack:
-        writers = open_writers(settings.outputs, targets, input_spec, image, options, stack, rois, measurements, dims)
-        _predict(model, input_spec, image, settings, writers, source, bar.update)
-        if settings.overlay:
-            first, z = writers[0], len(image.planes) // 2
-            write_overlay(targets["overlay"], image.planes[z], first.plane(z), first.kind, options["threshold"])
-        for writer in writers:
-            writer.close()
-        if rois is not None:
-            rois.write(targets["rois"])
-        if measurements is not None:
-            measurements.write(targets["measure"])
-    return planes * image.height * image.width
+    return Prediction(model, input_spec, settings).file(source, target, progress, domain)

@@ -1,6 +1,6 @@
 """Prediction of a napari image layer, as `unetseg-predict` predicts a file: the layer's array (numpy, dask, the
 finest level of a multiscale pyramid) is wrapped, never loaded whole, as an `InputImage`, and predicted band by
-band (slab by slab) through `iter_predictions`, its labels made block by block by the same writer."""
+band (slab by slab) through `Prediction.blocks`, its labels made block by block by the same writer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from unetseg.inference.pipeline import PredictSettings, iter_predictions
+from unetseg.inference.pipeline import Prediction, PredictSettings
 from unetseg.inference.sinks import open_writers
 from unetseg.io.source import InputImage
 from unetseg.napari.models import LoadedModel
@@ -114,7 +114,7 @@ def iter_layer_prediction(
         writers = open_writers(("labels",), {"labels": None}, spec, image, options, stack, dims=dims) if labels else []
         done = 0
         yield done, total
-        for item, blocks in iter_predictions(model.net, spec, image, settings, source.name):
+        for item, blocks in Prediction(model.net, spec, settings).blocks(image, source.name):
             for writer in writers:
                 writer.start(item)
             for start, stop, probs in blocks:
