@@ -6,7 +6,9 @@ probabilities is handed out, so memory grows with one band (one slab), not with 
 (volume). The input is read band by band too, from anything that slices like an array (numpy,
 `tifffile.memmap`, torch, zarr). Every axis has its own tile size, overlap, padding and blend
 weights (`plan_axis`), and a tile's weight is the outer product of its axes' weights, so one
-code path serves 2-D and 3-D.
+code path serves 2-D and 3-D. Hand-written, not MONAI's `sliding_window_inference`: it needs the
+whole input and output in memory, and its Gaussian window is one N-D array where ours is
+separable (benchmarks/bench_inference.py measures both).
 """
 
 from __future__ import annotations

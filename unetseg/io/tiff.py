@@ -64,7 +64,7 @@ def _read_calibration(tif: tifffile.TiffFile) -> Calibration:
     imagej = tif.imagej_metadata or {}
     unit, spacing = imagej.get("unit"), imagej.get("spacing")
     ome = _ome_pixels(tif.ome_metadata) if tif.is_ome else {}
-    if ome.get("PhysicalSizeX"):
+    if ome.get("PhysicalSizeX") is not None:
         size_x = float(ome["PhysicalSizeX"])
         size_y = float(ome.get("PhysicalSizeY", size_x))
         if not (size_x > 0 and size_y > 0 and np.isfinite(size_x) and np.isfinite(size_y)):
@@ -72,18 +72,21 @@ def _read_calibration(tif: tifffile.TiffFile) -> Calibration:
         ome_unit = ome.get("PhysicalSizeXUnit", "µm")  # the OME schema's default
         resolution, resolution_unit = (1 / size_x, 1 / size_y), 1
         unit = IMAGEJ_UNITS.get(ome_unit, ome_unit)
-        spacing = float(ome["PhysicalSizeZ"]) if ome.get("PhysicalSizeZ") else spacing
+        spacing = float(ome["PhysicalSizeZ"]) if ome.get("PhysicalSizeZ") is not None else spacing
     return Calibration(resolution, resolution_unit, unit, float(spacing) if spacing is not None else None)
 
 
 def _ome_pixels(xml: str | None) -> dict:
-    """Attributes of the first OME Image's Pixels element, {} when there is none or the XML is broken."""
+    """Attributes of the first OME Image's Pixels element (tifffile's `xml2dict`), {} when there is none or the
+    XML is broken."""
     try:
-        root = ElementTree.fromstring(xml or "")
-    except ElementTree.ParseError:
+        ome = tifffile.xml2dict(xml or "").get("OME") or {}
+    except (ElementTree.ParseError, ValueError, TypeError):
         return {}
-    pixels = next((element for element in root.iter() if element.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    return dict(pixels.attrib) if pixels is not None else {}
+    image = ome.get("Image") if isinstance(ome, dict) else None
+    image = image[0] if isinstance(image, list) and image else image
+    pixels = image.get("Pixels") if isinstance(image, dict) else None
+    return pixels if isinstance(pixels, dict) else {}
 
 
 def open_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputImage:

@@ -66,6 +66,9 @@ def is_zarr(path: str | Path) -> bool:
 class LazyPlanes:
     """(Z, H, W[, C]) planes of a chunked array stored in another axis order, read only when sliced.
 
+    Hand-written, not zarr's own slicing: zarr arrays have no lazy transposed view, and a dask
+    array (which has one) would make dask a dependency of reading one file.
+
     `planes[z]` is a lazy plane; `planes[z][start:stop]` reads rows start..stop as a numpy
     array (rows, W[, C]); `planes[start:stop]` reads whole planes (Z, H, W[, C]), as 3-D
     prediction reads slabs. `order` maps the planes' axes (Z, Y, X[, C]) to the stored ones and
