@@ -144,3 +144,70 @@ def test_plan_command_errors_in_one_line(tmp_path, capsys):
     assert error.startswith("unetseg-plan: error: ") and "nowhere/images: folder not found" in error
     assert plan_cli.main([str(tmp_path), "--budget", "soon"]) == 2
     assert "--budget 'soon'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fixed_timing(monkeypatch):
+    """This machine's timings replaced by constants: 0.05 s a step, 0.01 s a validation tile, no data time."""
+    from unetseg.planning import plan as planning
+
+    monkeypatch.setattr(planning, "time_step", lambda *args, **kwargs: 0.05)
+    monkeypatch.setattr(planning, "time_forward", lambda *args, **kwargs: 0.01)
+    monkeypatch.setattr(planning, "time_data", lambda *args, **kwargs: 0.0)
+
+
+def test_folds_share_the_budget(make_dataset, fixed_timing, tmp_path):
+    """--folds K: each fold is planned for budget / K, validates on its own fold and trains fold 0 where unetseg-cv
+    puts it; the config trains as unetseg-cv runs it (--data.fold overriding the config's fold)."""
+    summary = survey(make_dataset(count=10, shape=(96, 96)))
+    one = make_plan(summary, budget_seconds=3000, widths=(4,), batch_sizes=(2,), bf16=False)
+    five = make_plan(summary, budget_seconds=3000, widths=(4,), batch_sizes=(2,), bf16=False, folds=5)
+    assert five.folds == 5 and five.trainings == 5 and five.budget_seconds == 600 and one.budget_seconds == 3000
+    assert 0.5 * 600 <= five.estimate_seconds <= 1.1 * 600  # one fold fills its share
+    assert 4 <= one.steps / five.steps <= 6  # about K times fewer steps per fold (each fold starts up anew)
+    assert 0.85 * one.steps <= 5 * five.steps <= one.steps  # ... and the K folds together about as many
+    config = plan_config(five, str(tmp_path / "cv"))
+    assert config["data"]["folds"] == 5 and config["data"]["fold"] == 0 and "val_fraction" not in config["data"]
+    assert config["trainer"]["default_root_dir"] == str(tmp_path / "cv" / "fold_0")
+    assert config["trainer"]["max_time"] == "00:00:12:30"  # a fold's share + 25%
+    assert "val_fraction" in plan_config(one, str(tmp_path / "run"))["data"]
+    path = tmp_path / "cv.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = TrainCLI(
+        SegmentationModule, SegmentationDataModule, run=False, args=["--config", str(path), "--data.fold", "3"]
+    )
+    assert cli.datamodule.folds == 5 and cli.datamodule.fold == 3
+
+
+def test_plan_command_with_folds_prints_the_cv_commands(make_dataset, fixed_timing, tmp_path, capsys):
+    root = make_dataset(count=6, shape=(80, 80))
+    out, work = tmp_path / "cv.yaml", tmp_path / "cv"
+    argv = [str(root), "--budget", "30m", "--folds", "3", "--widths", "4", "--batch-sizes", "2", "--out", str(out)]
+    assert plan_cli.main([*argv, "--run-dir", str(work)]) == 0
+    printed = capsys.readouterr().out
+    assert "cross-validation: 3 folds share the budget of 30 min: each fold trains for 10 min" in printed
+    assert "for a budget of 10 min per fold" in printed and "all 3 folds:" in printed
+    assert f"unetseg-cv train {out} {root} --folds 3 --work {work}" in printed
+    assert f"unetseg-cv score {work} {root}" in printed and f"unetseg-cv ensemble {work} " in printed
+    assert "unetseg-train --config" not in printed
+    text = out.read_text()
+    assert "--folds 3`" in text.splitlines()[0] and f"# train the 3 folds with:  unetseg-cv train {out}" in text
+    assert yaml.safe_load(text)["data"]["folds"] == 3
+
+
+@pytest.mark.parametrize("folds", ["1", "0", "-3", "two"])
+def test_plan_refuses_fewer_than_two_folds(folds, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        plan_cli.main([str(tmp_path), "--folds", folds])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    expected = "expected an integer >= 2" if folds == "two" else f"got {folds}; cross-validation needs 2 or more folds"
+    assert error.startswith("unetseg-plan: error: argument --folds: ") and expected in error
+
+
+def test_plan_refuses_more_folds_than_images(make_dataset, fixed_timing):
+    summary = survey(make_dataset(count=3, shape=(64, 64)))
+    with pytest.raises(ValueError, match="--folds 4: 3 image pairs cannot make 4 folds"):
+        make_plan(summary, budget_seconds=600, widths=(4,), batch_sizes=(2,), bf16=False, folds=4)
+    with pytest.raises(ValueError, match="--folds 1: cross-validation needs 2 or more folds"):
+        make_plan(summary, budget_seconds=600, widths=(4,), batch_sizes=(2,), bf16=False, folds=1)

@@ -23,6 +23,11 @@ field >= 2 x the largest objects), the targets (boundary when instances touch) a
 channels. A few training steps of each candidate width and batch are timed on this machine,
 and the widest network that sees enough tiles within --budget is kept; the epochs fill the
 budget. The config is complete: train it with `unetseg-train --config OUT`.
+
+With --folds K the budget covers a K-fold cross-validation: each of the K fold trainings is
+planned for budget / K and validates on its own fold (a K-th of the images); the config
+carries data.folds, and the commands to train the folds (`unetseg-cv train`), score them
+out of fold (`unetseg-cv score`) and make their ensemble (`unetseg-cv ensemble`) are printed.
 """
 
 
@@ -37,6 +42,20 @@ def positive_ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def fold_count(text: str) -> int:
+    """argparse type: the number of folds, 2 or more."""
+    from unetseg.planning.plan import check_folds
+
+    try:
+        folds = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}") from None
+    try:
+        return check_folds(folds)
+    except ValueError as error:  # "--folds 1: why": argparse names the option already
+        raise argparse.ArgumentTypeError(f"got {folds}; {str(error).split(': ', 1)[1]}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of unetseg-plan."""
     from unetseg.models.unet import BLOCKS, SKIPS
@@ -48,7 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("data", type=Path, metavar="DATA", help="folder with images/ and masks/")
     parser.add_argument("--budget", default="1h", help="training time to fill: 20m, 1h, 1h30m (default 1h)")
     parser.add_argument("--out", type=Path, metavar="FILE.yaml", help="the config to write (default: DATA's name.yaml)")
-    parser.add_argument("--run-dir", metavar="DIR", help="the run folder of the training (default: runs/DATA)")
+    parser.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="the run folder of the training, or the cross-validation's --work folder (default: runs/DATA)",
+    )
+    parser.add_argument(
+        "--folds",
+        type=fold_count,
+        metavar="K",
+        help="plan a K-fold cross-validation (K >= 2) within the budget: each fold trains for budget / K",
+    )
     parser.add_argument(
         "--widths",
         type=positive_ints,
@@ -88,18 +117,39 @@ def main(argv: list[str] | None = None) -> int:
         log.info("timing candidate networks on this machine ...")
         architecture = {"block": args.block, "skip": args.skip, "blocks_per_level": args.blocks_per_level}
         architecture = {key: value for key, value in architecture.items() if value is not None}
-        plan = make_plan(summary, budget, widths=args.widths, batch_sizes=args.batch_sizes, architecture=architecture)
+        plan = make_plan(
+            summary,
+            budget,
+            widths=args.widths,
+            batch_sizes=args.batch_sizes,
+            architecture=architecture,
+            folds=args.folds,
+        )
     except ValueError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     report = plan_report(plan)
-    config = plan_config(plan, args.run_dir or f"runs/{name}")
+    run_dir = args.run_dir or f"runs/{name}"
+    config = plan_config(plan, run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = [f"Written by `{PROG} {args.data} --budget {args.budget}`."] + report
+    folds = f" --folds {args.folds}" if args.folds else ""
+    commands = run_commands(out, args.data, run_dir, args.folds)
+    header = [f"Written by `{PROG} {args.data} --budget {args.budget}{folds}`.", *report, *commands]
     out.write_text("".join(f"# {line}\n" for line in header) + yaml.safe_dump(config, sort_keys=False))
     print("\n".join(report))
-    print(f"\nwrote {out}\ntrain with:  unetseg-train --config {out}")
+    print(f"\nwrote {out}\n" + "\n".join(commands))
     return 0
+
+
+def run_commands(config: Path, data: Path, run_dir: str, folds: int | None) -> list[str]:
+    """The commands that run a plan: one training, or the folds of a cross-validation, their scores and ensemble."""
+    if not folds:
+        return [f"train with:  unetseg-train --config {config}"]
+    return [
+        f"train the {folds} folds with:  unetseg-cv train {config} {data} --folds {folds} --work {run_dir}",
+        f"score them out of fold with:  unetseg-cv score {run_dir} {data}",
+        f"their ensemble:  unetseg-cv ensemble {run_dir} {run_dir}/ensemble.ckpt",
+    ]
 
 
 if __name__ == "__main__":

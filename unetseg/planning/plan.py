@@ -5,7 +5,9 @@ estimates the object diameter, `unetseg.planning.survey` measures the images (si
 range) and masks (binary / instances / classes, object sizes, touching objects); `choose_*`
 turn that into a tile size, a depth whose receptive field covers the largest objects and the
 targets; `unetseg.planning.timing` times a few training steps of each width and batch on this machine,
-and `make_plan` keeps the widest network that sees enough tiles within the budget.
+and `make_plan` keeps the widest network that sees enough tiles within the budget. With `folds`
+the budget covers every fold of a k-fold cross-validation (`unetseg-cv train`): each fold's
+training is planned for budget / K and validates on its own fold, a K-th of the images.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from unetseg.evaluation.crossval import fold_dir
 from unetseg.models import UNet
 from unetseg.planning.survey import DataSummary, survey
 from unetseg.planning.timing import Candidate, time_data, time_forward, time_step, training_device
@@ -117,10 +120,16 @@ class Plan:
     reasons: dict[str, str]
     candidates: list[Candidate]
     architecture: dict = field(default_factory=dict)  # UNet block/skip options the user asked for, timed as such
+    folds: int | None = None  # k-fold cross-validation: budget_seconds is then one fold's share of the budget
 
     @property
     def steps(self) -> int:
         return self.epochs * (self.tiles_per_epoch // self.batch_size)
+
+    @property
+    def trainings(self) -> int:
+        """How many trainings the budget covers: one per fold, or the one run."""
+        return self.folds or 1
 
 
 def parse_budget(text: str) -> float:
@@ -141,6 +150,15 @@ def parse_budget(text: str) -> float:
     return total
 
 
+def check_folds(folds: int) -> int:
+    """`folds` when it is an integer >= 2; ValueError that says so otherwise."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(
+            f"--folds {folds!r}: cross-validation needs 2 or more folds (leave --folds out to plan one training run)"
+        )
+    return folds
+
+
 def make_plan(
     summary: DataSummary,
     budget_seconds: float,
@@ -148,12 +166,20 @@ def make_plan(
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     bf16: bool | None = None,
     architecture: dict | None = None,
+    folds: int | None = None,
 ) -> Plan:
     """Choose tile, depth, targets and channels from the data, then width, batch and epochs by timing them here.
 
     `architecture` holds `UNet` options chosen by the user (e.g. block="dense", skip="nested"): the
-    candidates are timed with them and the config carries them.
+    candidates are timed with them and the config carries them. `folds` (K >= 2) plans a k-fold
+    cross-validation: `budget_seconds` covers the K fold trainings, so each is planned for
+    budget / K (its own start-up and data reading included) and validates on its fold's images.
     """
+    if folds is not None:
+        check_folds(folds)
+    if folds is not None and summary.pairs < folds:
+        raise ValueError(f"--folds {folds}: {summary.pairs} image pairs cannot make {folds} folds (one image each)")
+    budget_seconds /= folds or 1  # each fold trains for its share; the plan below is one fold's
     architecture = dict(architecture or {})
     device = training_device()
     bf16 = native_bf16(device) if bf16 is None else bf16
@@ -200,8 +226,10 @@ def make_plan(
             f"the budget is short: even the fastest candidate sees only {pixels_seen(chosen) / tile**2:.0f} tiles "
             f"(aim: {MIN_PIXELS_SEEN / tile**2:.0f}); give a larger --budget for a better model"
         )
-    # Validation: fixed tiles of the held-out images, as many as ~VALIDATION_SHARE of the budget pays for.
-    val_tiles = max(1, round(VAL_FRACTION * summary.pairs)) * float(
+    # Validation: fixed tiles of the held-out images (a fold's own images with folds), as many as
+    # ~VALIDATION_SHARE of the budget pays for.
+    val_images = summary.pairs / folds if folds else max(1, round(VAL_FRACTION * summary.pairs))
+    val_tiles = max(1.0, val_images) * float(
         np.mean([math.ceil(h / tile) * math.ceil(w / tile) for h, w in summary.shapes])
     )
     net = UNet(in_channels, out_classes, depth=depth, width=chosen.width, **architecture)
@@ -216,13 +244,14 @@ def make_plan(
     steps_per_epoch = max(1, int((train_seconds - epochs * validation_seconds) / (epochs * chosen.seconds)))
     estimate = overhead + epochs * (steps_per_epoch * chosen.seconds + validation_seconds)
     some = f"{val_batches} of the ~{val_tiles:.0f} tiles" if val_batches < val_tiles else f"all {val_batches} tiles"
+    held_out = f"the fold's own images (1/{folds} of them)" if folds else "the held-out images"
     reasons = {
         "in_channels": "colour images: RGB" if in_channels == 3 else "grey images (RGB files with equal channels too)",
         "targets": targets_reason,
         "tile_size": tile_reason,
         "depth": depth_reason,
         "width and batch": size_reason,
-        "epochs": f"a validation every ~2 min or more, on {some} of the held-out images ({validation_seconds:.0f} s)",
+        "epochs": f"a validation every ~2 min or more, on {some} of {held_out} ({validation_seconds:.0f} s)",
         "precision": f"{device.type.upper()} computes bfloat16 natively"
         if bf16
         else f"float32 (no native bfloat16 on {device})",
@@ -248,6 +277,7 @@ def make_plan(
         reasons=reasons,
         candidates=candidates,
         architecture=architecture,
+        folds=folds,
     )
 
 
@@ -257,9 +287,16 @@ def time_limit(plan: Plan) -> int:
 
 
 def plan_config(plan: Plan, run_dir: str) -> dict:
-    """The LightningCLI config of a plan (in_channels and classes stated once, under data)."""
+    """The LightningCLI config of a plan (in_channels and classes stated once, under data).
+
+    With folds, `run_dir` is the cross-validation's work folder: the config trains fold 0 into
+    run_dir/fold_0, where `unetseg-cv train` puts it too; unetseg-cv gives every fold its own
+    `--data.fold` and `--trainer.default_root_dir`.
+    """
     steps_per_epoch = plan.tiles_per_epoch // plan.batch_size
     limit = time_limit(plan)  # a backstop: the run stops at budget + 25% whatever happens
+    # With folds the validation images are the fold's own (val_fraction would be ignored: not written).
+    split = {"folds": plan.folds, "fold": 0} if plan.folds else {"val_fraction": VAL_FRACTION}
     data = {
         "root": str(plan.summary.root.resolve()),
         "in_channels": plan.in_channels,
@@ -268,7 +305,7 @@ def plan_config(plan: Plan, run_dir: str) -> dict:
         "tile_size": plan.tile_size,
         "batch_size": plan.batch_size,
         "tiles_per_epoch": plan.tiles_per_epoch,
-        "val_fraction": VAL_FRACTION,
+        **split,
         "seed": 0,
         "border_weights": plan.targets == "boundary",
         "num_workers": plan.num_workers,
@@ -276,7 +313,7 @@ def plan_config(plan: Plan, run_dir: str) -> dict:
     return {
         "seed_everything": 0,
         "trainer": {
-            "default_root_dir": run_dir,
+            "default_root_dir": str(fold_dir(run_dir, 0)) if plan.folds else run_dir,
             "max_epochs": plan.epochs,
             "max_time": f"00:{limit // 3600:02d}:{limit % 3600 // 60:02d}:{limit % 60:02d}",
             "accelerator": "auto",
@@ -367,10 +404,19 @@ def plan_report(plan: Plan) -> list[str]:
         "precision": plan.precision,
     }
     lines += [f"{name}: {value}  ({plan.reasons[name]})" for name, value in chosen.items()]
+    if plan.folds:
+        lines.append(
+            f"cross-validation: {plan.folds} folds share the budget of "
+            f"{duration(plan.trainings * plan.budget_seconds)}: "
+            f"each fold trains for {duration(plan.budget_seconds)} on {plan.folds - 1}/{plan.folds} of the images "
+            f"and validates on the other 1/{plan.folds}; the steps below are one fold's"
+        )
+    per_fold = " per fold" if plan.folds else ""
     lines.append(
-        f"estimated training time: {duration(plan.estimate_seconds)} for a budget of "
-        f"{duration(plan.budget_seconds)} ({plan.steps} steps of {plan.seconds_per_step:.2f} s, "
+        f"estimated training time: {duration(plan.estimate_seconds)}{per_fold} for a budget of "
+        f"{duration(plan.budget_seconds)}{per_fold} ({plan.steps} steps of {plan.seconds_per_step:.2f} s, "
         f"{plan.epochs} validations of {plan.validation_seconds:.0f} s)"
+        + (f"; all {plan.folds} folds: {duration(plan.trainings * plan.estimate_seconds)}" if plan.folds else "")
     )
     lines.append(f"on a slower machine: {slower_machine(plan)}")
     lines.append(f"--output labels: {labels_note(plan)}")
