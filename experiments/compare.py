@@ -44,6 +44,7 @@ from experiments.study import (
     pm,
     record_session,
     run_cells,
+    save_figure,
     sessions_line,
     stored_protocol,
 )
@@ -392,18 +393,6 @@ def plot_gradient_norms(gradients: dict[str, list[dict]], out: Path) -> Path:
             axis.set(yscale="log", ylabel="gradient L2 norm", title=f"{norm}: {when} (step {step})")
             axis.tick_params(axis="x", rotation=60)
     return save_figure(figure, axes.ravel(), out)
-
-
-def save_figure(figure, axes, out: Path) -> Path:
-    """Grid and legend on each axis, then a tight PNG at `out`."""
-    for axis in axes:
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out, dpi=90)
-    plt.close(figure)
-    return out
 
 
 def plot_examples(pairs, examples: Path, out: Path) -> Path | None:

@@ -40,6 +40,7 @@ from experiments.study import (
     pm,
     record_session,
     run_cells,
+    save_figure,
     sessions_line,
     stored_protocol,
 )
@@ -327,7 +328,7 @@ def plot_depth(groups: dict, out: Path) -> Path:
         axis.set(xscale="log", xlabel="blocks per level")
         axis.minorticks_off()
         axis.set_xticks(depths, labels=[str(d) for d in depths])
-    return _save(figure, axes, out)
+    return save_figure(figure, axes, out)
 
 
 def _lines(groups: dict) -> list[tuple[tuple[str, str], str]]:
@@ -358,7 +359,7 @@ def plot_curves(groups: dict, out: Path) -> Path:
         axis.set(title=f"{block}, norm={norm}", xlabel="step", ylabel="training loss (chunk mean)")
     for axis in axes.ravel()[len(pairs) :]:
         axis.set_axis_off()
-    return _save(figure, axes.ravel()[: len(pairs)], out)
+    return save_figure(figure, axes.ravel()[: len(pairs)], out)
 
 
 def plot_gradients(groups: dict, out: Path) -> Path:
@@ -391,19 +392,7 @@ def plot_gradients(groups: dict, out: Path) -> Path:
             axis.set(yscale="log", title=f"{block}, norm={norm}: {label}", xlabel="layer (0 input end, 1 output end)")
             if column == 0:
                 axis.set_ylabel("weight-gradient L2 norm")
-    return _save(figure, axes.ravel(), out)
-
-
-def _save(figure, axes, out: Path) -> Path:
-    """Grid and legend on each axis, then a tight PNG at `out`."""
-    for axis in axes:
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out, dpi=90)
-    plt.close(figure)
-    return out
+    return save_figure(figure, axes.ravel(), out)
 
 
 def nested_cost(width: int = 32, depth: int = 4, tile_size: int = 256) -> list[dict]:

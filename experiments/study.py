@@ -265,3 +265,17 @@ def data_root(data: str, quick: bool) -> Path:
         log.info("%s has no images/ and masks/: the quick run uses the synthetic nuclei", root)
         return default_dataset()
     raise ValueError(f"--data {data}: expected a folder with images/ and masks/ (DSB2018: see README, Real data)")
+
+
+def save_figure(figure, axes, out: Path, legend_size: int = 7) -> Path:
+    """Grid and legend on each axis, then a tight PNG at `out` (the figure closed)."""
+    import matplotlib.pyplot as plt
+
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=legend_size)
+    figure.tight_layout()
+    figure.savefig(out, dpi=90)
+    plt.close(figure)
+    return out
