@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from torch import nn
 
 import unetseg.runtime.precision
 import unetseg.synthetic
@@ -92,3 +93,33 @@ def write_pair(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> No
         path = root / folder / f"{name}.tif"
         path.parent.mkdir(parents=True, exist_ok=True)
         tifffile.imwrite(path, array)
+
+
+def first_channel_model(in_channels: int = 2, dims: int = 2) -> nn.Module:
+    """Logits = the first input channel: a 1x1 (1x1x1) convolution with weight 1, bias 0."""
+    model = (nn.Conv2d if dims == 2 else nn.Conv3d)(in_channels, 1, kernel_size=1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[0, 0] = 1.0
+    return model
+
+
+def conv_stack(in_channels: int = 2, classes: int = 1, width: int = 6, seed: int = 0, dims: int = 2) -> nn.Module:
+    """Three random 3x3 (3x3x3) convolutions: every output pixel sees exactly 3 pixels around it."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    return nn.Sequential(
+        conv(in_channels, width, 3, padding=1),
+        nn.Tanh(),
+        conv(width, width, 3, padding=1),
+        nn.Tanh(),
+        conv(width, classes, 3, padding=1),
+    )
+
+
+def same_objects(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when the labels a and b hold the same objects, whatever their numbers."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import same_objects
 from scipy import ndimage
 from skimage import io as skio
 from torch import nn
@@ -145,14 +146,6 @@ def read_output(path, kind: str) -> np.ndarray:
     return (
         data[None] if data.ndim == 2 or (kind == "prob" and data.ndim == 3 and path.name.startswith("image")) else data
     )
-
-
-def same_objects(a: np.ndarray, b: np.ndarray) -> bool:
-    """True when a and b hold the same objects, whatever their numbers."""
-    if not np.array_equal(a > 0, b > 0):
-        return False
-    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
-    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
 
 
 def refusal(dims: int, name: str, kinds: tuple[str, ...]) -> str | None:

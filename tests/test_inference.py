@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import conv_stack, first_channel_model
 from torch import nn
 
 from unetseg.inference import autocast_dtype, iter_predict_bands, predict_tiled, select_device
@@ -9,27 +10,6 @@ from unetseg.inference.tiling import BLENDS, PAD_MODES
 from unetseg.io import Normalization
 
 RADIUS = 3  # receptive field radius of conv_stack(): three 3x3 convolutions
-
-
-def first_channel_model(in_channels=2):
-    """Logits = the first input channel: a 1x1 convolution with weight 1, bias 0."""
-    model = nn.Conv2d(in_channels, 1, kernel_size=1, bias=False)
-    with torch.no_grad():
-        model.weight.zero_()
-        model.weight[0, 0] = 1.0
-    return model
-
-
-def conv_stack(in_channels=2, classes=1, width=6, seed=0):
-    """Three random 3x3 convolutions: every output pixel sees exactly RADIUS pixels around it."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, padding=1),
-        nn.Tanh(),
-        nn.Conv2d(width, width, 3, padding=1),
-        nn.Tanh(),
-        nn.Conv2d(width, classes, 3, padding=1),
-    )
 
 
 def symmetric_model():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import same_objects as same_up_to_renumbering
 from scipy import ndimage
 from skimage.draw import polygon2mask
 
@@ -32,14 +33,6 @@ def blobs(shape, seed=1, spacing=26):
             y, x, radius = cy + rng.uniform(-7, 7), cx + rng.uniform(-7, 7), rng.uniform(5, 11)
             labels[((rows - y) ** 2 + (cols - x) ** 2 <= radius**2) & (labels == 0)] = labels.max() + 1
     return labels
-
-
-def same_up_to_renumbering(a, b):
-    """True when a and b hold the same objects, whatever their numbers."""
-    if not np.array_equal(a > 0, b > 0):
-        return False
-    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
-    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
 
 
 def label_in_blocks(probs, block_rows, context, band=70):

@@ -4,6 +4,8 @@ equal to a whole-volume forward pass, slabs that cover every plane once, and a 3
 import numpy as np
 import pytest
 import torch
+from conftest import conv_stack as conv_stack_nd
+from conftest import first_channel_model as first_channel_model_nd
 from torch import nn
 
 from unetseg.inference import predict_tiled
@@ -15,24 +17,11 @@ RADIUS = 3  # three 3x3x3 convolutions
 
 
 def first_channel_model(in_channels=2):
-    """Logits = the first input channel: a 1x1x1 convolution with weight 1, bias 0."""
-    model = nn.Conv3d(in_channels, 1, kernel_size=1, bias=False)
-    with torch.no_grad():
-        model.weight.zero_()
-        model.weight[0, 0] = 1.0
-    return model
+    return first_channel_model_nd(in_channels, dims=3)
 
 
 def conv_stack(in_channels=2, classes=1, width=4, seed=0):
-    """Three random 3x3x3 convolutions: every output voxel sees exactly RADIUS voxels around it."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv3d(in_channels, width, 3, padding=1),
-        nn.Tanh(),
-        nn.Conv3d(width, width, 3, padding=1),
-        nn.Tanh(),
-        nn.Conv3d(width, classes, 3, padding=1),
-    )
+    return conv_stack_nd(in_channels, classes, width, seed, dims=3)
 
 
 def random_volume(channels, *shape, seed=1):
