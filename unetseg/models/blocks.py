@@ -51,6 +51,22 @@ def conv1x1(in_channels: int, out_channels: int, norm: str, spatial_dims: int = 
     return conv_type(spatial_dims)(in_channels, out_channels, 1, bias=norm == "none")
 
 
+def conv_pair(
+    in_channels: int, out_channels: int, norm: str, dropout: float, spatial_dims: int, final_relu: bool
+) -> nn.Sequential:
+    """conv 3x3 -> norm -> ReLU -> dropout -> conv 3x3 -> norm [-> ReLU]: the body of the plain block (with the
+    last ReLU) and the residual branch F of the residual block (without: the ReLU comes after the sum)."""
+    layers = [
+        conv3x3(in_channels, out_channels, norm, spatial_dims),
+        make_norm(norm, out_channels, spatial_dims),
+        nn.ReLU(inplace=True),
+        make_dropout(dropout, spatial_dims),
+        conv3x3(out_channels, out_channels, norm, spatial_dims),
+        make_norm(norm, out_channels, spatial_dims),
+    ]
+    return nn.Sequential(*layers, *([nn.ReLU(inplace=True)] if final_relu else []))
+
+
 class PlainBlock(nn.Module):
     """(conv 3x3 -> norm -> ReLU) x 2, the original U-Net block."""
 
@@ -58,15 +74,7 @@ class PlainBlock(nn.Module):
         self, in_channels: int, out_channels: int, norm: str = "batch", dropout: float = 0.0, spatial_dims: int = 2
     ):
         super().__init__()
-        self.body = nn.Sequential(
-            conv3x3(in_channels, out_channels, norm, spatial_dims),
-            make_norm(norm, out_channels, spatial_dims),
-            nn.ReLU(inplace=True),
-            make_dropout(dropout, spatial_dims),
-            conv3x3(out_channels, out_channels, norm, spatial_dims),
-            make_norm(norm, out_channels, spatial_dims),
-            nn.ReLU(inplace=True),
-        )
+        self.body = conv_pair(in_channels, out_channels, norm, dropout, spatial_dims, final_relu=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -79,14 +87,7 @@ class ResidualBlock(nn.Module):
         self, in_channels: int, out_channels: int, norm: str = "batch", dropout: float = 0.0, spatial_dims: int = 2
     ):
         super().__init__()
-        self.residual = nn.Sequential(
-            conv3x3(in_channels, out_channels, norm, spatial_dims),
-            make_norm(norm, out_channels, spatial_dims),
-            nn.ReLU(inplace=True),
-            make_dropout(dropout, spatial_dims),
-            conv3x3(out_channels, out_channels, norm, spatial_dims),
-            make_norm(norm, out_channels, spatial_dims),
-        )
+        self.residual = conv_pair(in_channels, out_channels, norm, dropout, spatial_dims, final_relu=False)
         if in_channels == out_channels:
             self.shortcut = nn.Identity()
         else:
