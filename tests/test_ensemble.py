@@ -106,3 +106,39 @@ def test_an_ensemble_exports_to_a_bioimageio_package_of_onnx_weights_only(tmp_pa
     np.testing.assert_allclose(
         from_package, predict_image(*load_predictor(ensemble_path, "cpu"), image, SETTINGS), atol=1e-4
     )
+
+
+def test_the_ensemble_benchmark_counts_k_times_tta_forward_passes(tmp_path, monkeypatch):
+    """benchmarks/bench_ensemble.py on 2 tiny images: every variant's row, and tile forwards counted per tile =
+    networks x TTA passes (an ensemble of 5 with TTA: 40; the ensemble of TTA's cost: 8)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ensemble.py"
+    module_spec = importlib.util.spec_from_file_location("bench_ensemble", path)
+    bench = importlib.util.module_from_spec(module_spec)
+    monkeypatch.setitem(sys.modules, "bench_ensemble", bench)  # its dataclass looks its module up there
+    module_spec.loader.exec_module(bench)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 4000, shape).astype(np.uint16) for shape in ((70, 90), (64, 64))]
+    settings = PredictSettings("mask", tiling=TilingConfig(64, 16, amp=False))
+    rows = bench.time_variants(member(tmp_path / "net.ckpt", 0), images, tmp_path, members=5, settings=settings)
+    assert [row.variant for row in rows] == [
+        "one network",
+        "one network + TTA",
+        "ensemble of 5",
+        "ensemble of 5 + TTA",
+        "ensemble of 8 (TTA's cost)",
+    ]
+    assert [(row.networks, row.tta_passes) for row in rows] == [(1, 1), (1, 8), (5, 1), (5, 8), (8, 1)]
+    assert [row.forwards_per_tile for row in rows] == [1, 8, 5, 40, 8]  # counted by hooks, not assumed
+    assert all(row.seconds_per_image > 0 for row in rows)
+    table = bench.format_table(rows).splitlines()
+    assert len(table) == 2 + 5 and table[0].startswith("| variant | networks x TTA passes |")
+    assert table[5].startswith("| ensemble of 5 + TTA | 5 x 8 = 40 | 40 |")
+    assert table[2].split(" | ")[-2] == "1.00x" and table[3].endswith("| 1.00x |")  # ratios to one network, to TTA
+    tta, both = bench.equal_cost(rows)
+    assert tta.startswith("- one network + TTA (1 x 8 = 8 forward passes per tile")
+    assert "as many passes as ensemble of 8 (TTA's cost): measured" in tta
+    assert "(5 x 8 = 40 forward passes per tile" in both and "an ensemble of 40 networks: ~" in both
