@@ -288,3 +288,18 @@ def test_cuda_matches_cpu(amp, atol):
     expected = predict_tiled(model, image, **kwargs)
     probs = predict_tiled(model.cuda(), torch.from_numpy(image).cuda(), amp=amp, **kwargs)
     np.testing.assert_allclose(probs, expected, atol=atol)
+
+
+def test_tta_runs_at_most_batch_size_tiles_a_forward_pass():
+    """The 8 views of TTA go through the network batch_size tiles at a time (not 8 x batch_size: 8x the
+    activation memory, and slower on a CPU), with the same probabilities as the views in one batch."""
+    model = conv_stack(in_channels=1, seed=3)
+    seen = []
+    model.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+    image = np.random.default_rng(0).normal(size=(1, 96, 96)).astype(np.float32)
+    chunked = predict_tiled(model, image, tile_size=32, overlap=8, batch_size=3, tta=True, amp=False)
+    assert max(seen) == 3 and sum(seen) == 8 * 16  # 4 x 4 tiles, 8 views each
+    seen.clear()
+    whole = predict_tiled(model, image, tile_size=32, overlap=8, batch_size=64, tta=True, amp=False)
+    assert max(seen) > 8 * 3  # the views of more than 3 tiles in one pass
+    np.testing.assert_allclose(chunked, whole, atol=1e-6)

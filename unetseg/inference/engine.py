@@ -153,8 +153,10 @@ class BlockPredictor:
         inputs = _dihedral_views(tiles) if self.tta else tiles  # in-plane flips and quarter turns
         inputs = inputs.contiguous(memory_format=self.memory_format)
         precision = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
-        with precision:
-            logits = self.model(inputs)
+        with (
+            precision
+        ):  # at most batch_size tiles at a time, TTA's 8 views too: 8x the batch is slower and 8x the memory
+            logits = torch.cat([self.model(part) for part in inputs.split(self.batch_size)])
         if logits.ndim != inputs.ndim or logits.shape[0] != inputs.shape[0] or logits.shape[2:] != inputs.shape[2:]:
             hint = " (is it a 3-D model?)" if len(self.tiles) == 3 else ""
             raise ValueError(
