@@ -25,6 +25,13 @@ def sample(shape=(6, 20, 24), name="v") -> Sample:
     return Sample(name, image, labels, (100.0, 1100.0), foreground_coordinates(labels))
 
 
+def volume_data(tmp_path, **options) -> SegmentationDataModule:
+    """A 3-D data module of 8 x 16 x 16 patches (batch 2, 4 an epoch) over 3 synthetic nuclei volumes."""
+    root = make_nuclei_volumes(tmp_path / "v", count=3, shape=(8, 32, 32))
+    settings = dict(spatial_dims=3, patch_size=[8, 16, 16], batch_size=2, tiles_per_epoch=4, num_workers=0)
+    return SegmentationDataModule(root=str(root), **settings, **options)
+
+
 def test_window_grid_covers_the_volume_with_shifted_last_patches():
     corners = window_grid((6, 20, 24), (4, 8, 8))
     assert corners[0] == (0, 0, 0) and corners[-1] == (2, 12, 16)
@@ -99,16 +106,7 @@ def test_noise_is_drawn_per_voxel_not_repeated_in_every_plane():
 def test_training_patches_get_the_pipeline_of_tiles_from_the_same_config(tmp_path):
     config = Augmentation(elastic=0.5, stain=0.2)
     steps = [type(step) for step in build_transform(config).transforms]
-    root = make_nuclei_volumes(tmp_path / "v", count=3, shape=(8, 32, 32))
-    data = SegmentationDataModule(
-        root=str(root),
-        spatial_dims=3,
-        patch_size=[8, 16, 16],
-        batch_size=2,
-        tiles_per_epoch=4,
-        num_workers=0,
-        augmentation=config,
-    )
+    data = volume_data(tmp_path, augmentation=config)
     data.setup("fit")
     assert isinstance(data.train_set.transform, A.Compose)
     assert [type(step) for step in data.train_set.transform.transforms] == steps
@@ -143,17 +141,7 @@ def test_mismatched_volume_mask_is_named(tmp_path):
 
 
 def test_data_module_in_3d_gives_volume_patches(tmp_path):
-    root = make_nuclei_volumes(tmp_path / "v", count=3, shape=(8, 32, 32))
-    data = SegmentationDataModule(
-        root=str(root),
-        spatial_dims=3,
-        patch_size=[8, 16, 16],
-        batch_size=2,
-        tiles_per_epoch=4,
-        num_workers=0,
-        targets="boundary",
-        augmentation=NO_AUGMENTATION,
-    )
+    data = volume_data(tmp_path, targets="boundary", augmentation=NO_AUGMENTATION)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert batch["image"].shape == (2, 1, 8, 16, 16) and batch["target"].shape == (2, 8, 16, 16)
