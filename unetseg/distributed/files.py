@@ -12,25 +12,12 @@ from tqdm import tqdm
 
 from unetseg.distributed.model import ClusterModel
 from unetseg.distributed.worker import predict_pair
-from unetseg.inference.batch import PredictSummary
-from unetseg.inference.pipeline import PredictSettings, output_targets
+from unetseg.inference.batch import PredictSummary, split_done
+from unetseg.inference.pipeline import PredictSettings
 
 __all__ = ["predict_files_on_cluster", "split_done"]
 
 log = logging.getLogger(__name__)
-
-
-def split_done(
-    pairs: Sequence[tuple[Path, Path]], settings: PredictSettings, overwrite: bool
-) -> tuple[list[tuple[Path, Path]], list[Path]]:
-    """The pairs still to predict, and the inputs whose outputs all exist (none unless `overwrite` is False)."""
-    todo, skipped = [], []
-    for source, target in pairs:
-        if not overwrite and all(path.exists() for path in output_targets(source, target, settings).values()):
-            skipped.append(source)
-        else:
-            todo.append((source, target))
-    return todo, skipped
 
 
 def predict_files_on_cluster(

@@ -27,7 +27,7 @@ from unetseg.io.domain import DomainReport
 from unetseg.io.registry import container, output_container
 from unetseg.spec import InputSpec
 
-__all__ = ["PredictSummary", "plan_outputs", "predict_files", "shard"]
+__all__ = ["PredictSummary", "plan_outputs", "predict_files", "shard", "split_done"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,19 @@ def shard(pairs: Sequence[tuple[Path, Path]], index: int, count: int) -> list[tu
     return list(pairs[index::count])
 
 
+def split_done(
+    pairs: Sequence[tuple[Path, Path]], settings: PredictSettings, overwrite: bool
+) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """The pairs still to predict, and the inputs whose outputs all exist (none unless `overwrite` is False)."""
+    todo, skipped = [], []
+    for source, target in pairs:
+        if not overwrite and all(path.exists() for path in output_targets(source, target, settings).values()):
+            skipped.append(source)
+        else:
+            todo.append((source, target))
+    return todo, skipped
+
+
 def predict_files(
     model: nn.Module,
     input_spec: InputSpec,
@@ -141,11 +154,9 @@ def predict_files(
     `progress` shows bars over files and over the rows of each image (on a terminal).
     """
     prediction = Prediction(model, input_spec, settings)  # resolved once for the folder
-    summary, domain = PredictSummary(), DomainReport()
-    for source, target in tqdm(pairs, desc="files", unit="file", disable=None if progress else True):
-        if not overwrite and all(path.exists() for path in output_targets(source, target, settings).values()):
-            summary.skipped.append(source)
-            continue
+    todo, skipped = split_done(pairs, settings, overwrite)
+    summary, domain = PredictSummary(skipped=skipped), DomainReport()
+    for source, target in tqdm(todo, desc="files", unit="file", disable=None if progress else True):
         started = time.perf_counter()
         try:
             pixels = prediction.file(source, target, progress, domain)
