@@ -35,6 +35,7 @@ from torch import nn
 
 from experiments.study import (
     CellStore,
+    add_study_arguments,
     command_line,
     count_flops,
     data_root,
@@ -562,13 +563,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default="../shared/data/dsb2018", help="folder with images/ and masks/")
-    parser.add_argument("--out", help="report folder (default reports; runs/compare-quick with --quick)")
-    parser.add_argument("--quick", action="store_true", help="tiny nets, few steps, 2 seeds: a smoke test in seconds")
-    parser.add_argument("--seeds", type=int, help="seeds per variant, 0 .. N-1 (default 3)")
-    parser.add_argument("--steps", type=int, help="training steps per variant, the same for all (default 200)")
-    parser.add_argument("--jobs", type=int, default=1, help="cells run side by side, one process each")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    add_study_arguments(parser, "compare", "variant", 200)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--width", type=int)
     parser.add_argument("--depth", type=int)

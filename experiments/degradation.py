@@ -31,6 +31,7 @@ from torch import nn
 
 from experiments.study import (
     CellStore,
+    add_study_arguments,
     command_line,
     count_flops,
     data_root,
@@ -678,13 +679,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="degradation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default="../shared/data/dsb2018", help="folder with images/ and masks/")
-    parser.add_argument("--out", help="report folder (default reports; runs/degradation-quick with --quick)")
-    parser.add_argument("--quick", action="store_true", help="tiny nets, few steps, 2 seeds: a smoke test in seconds")
-    parser.add_argument("--seeds", type=int, help="seeds per cell, 0 .. N-1 (default 3)")
-    parser.add_argument("--steps", type=int, help="training steps per cell, the same for all (default 1000)")
-    parser.add_argument("--jobs", type=int, default=1, help="cells run side by side, one process each")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    add_study_arguments(parser, "degradation", "cell", 1000)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--tile-size", type=int)
     parser.add_argument("--val-tile-size", type=int)

@@ -279,3 +279,14 @@ def save_figure(figure, axes, out: Path, legend_size: int = 7) -> Path:
     figure.savefig(out, dpi=90)
     plt.close(figure)
     return out
+
+
+def add_study_arguments(parser, study: str, unit: str, steps: int) -> None:
+    """The options both studies share: data, report folder, --quick, seeds, steps, side-by-side jobs, threads."""
+    parser.add_argument("--data", default="../shared/data/dsb2018", help="folder with images/ and masks/")
+    parser.add_argument("--out", help=f"report folder (default reports; runs/{study}-quick with --quick)")
+    parser.add_argument("--quick", action="store_true", help="tiny nets, few steps, 2 seeds: a smoke test in seconds")
+    parser.add_argument("--seeds", type=int, help=f"seeds per {unit}, 0 .. N-1 (default 3)")
+    parser.add_argument("--steps", type=int, help=f"training steps per {unit}, the same for all (default {steps})")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run side by side, one process each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
