@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from peak import CHILD_ENV, child_peak_mb  # benchmarks/ is the script's folder
+from child_memory import CHILD_ENV, child_peak_mb  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 PATTERN = 480  # side of the repeated pattern of nuclei

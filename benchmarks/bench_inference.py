@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
+from peak import machine_line, matmul_peak  # benchmarks/ is the script's folder
 from torch import nn
 
 from unetseg.inference import autocast_dtype, predict_tiled
@@ -167,35 +168,54 @@ def run_speed(rounds: int, size: int) -> None:
         )
 
 
+NUCLEI = Path(__file__).resolve().parents[1] / "unetseg" / "weights" / "nuclei.ckpt"
+
+
+def flop_networks() -> dict[str, tuple[nn.Module, int]]:
+    """The networks whose FLOP rate is measured: (network, input channels) by name."""
+    from unetseg.inference.loading import load_predictor
+
+    nuclei, spec = load_predictor(NUCLEI, "cpu")
+    return {"UNet(depth 4, width 32)": (unet_model(), 1), "nuclei (shipped, width 16)": (nuclei, spec.in_channels)}
+
+
 def run_flops(rounds: int) -> None:
-    """The U-Net forward's FLOP rate as a fraction of this CPU's matmul rate, in float32 and bfloat16."""
+    """Each network's forward FLOP rate against this CPU's matmul peak (benchmarks/peak.py), in float32 and
+    bfloat16, taking turns in one run; and the default precision's rate against the float32 peak."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from unetseg.inference.fold import inference_copy
 
-    model = inference_copy(unet_model(), channels_last=True)
-    tiles = torch.randn(BATCH_SIZE, 1, TILE_SIZE, TILE_SIZE).contiguous(memory_format=torch.channels_last)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(tiles)
-    flops = counter.get_total_flops()
-    size = 2048
-    print(f"UNet(depth 4, width 32) forward of {BATCH_SIZE} tiles of {TILE_SIZE}: {flops / 1e9:.1f} GFLOP")
-    print(f"{'precision':<10}{'matmul GFLOP/s':>16}{'U-Net GFLOP/s':>15}{'fraction':>10}")
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        bf16 = dtype == torch.bfloat16
-        matmul, forward = [], []
-        for _ in range(rounds + 1):
-            start = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            matmul.append(4 * 2 * size**3 / (time.perf_counter() - start))
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                start = time.perf_counter()
-                model(tiles)
-                forward.append(flops / (time.perf_counter() - start))
-        peak, rate = max(matmul[1:]), max(forward[1:])
-        print(f"{'bf16' if bf16 else 'fp32':<10}{peak / 1e9:>16.1f}{rate / 1e9:>15.1f}{rate / peak:>10.1%}")
+    print(machine_line())
+    default = autocast_dtype(torch.device("cpu"))
+    print(f"{'network':<28}{'precision':<11}{'GFLOP':>7}{'matmul GFLOP/s':>16}{'forward GFLOP/s':>17}{'fraction':>10}")
+    for name, (network, channels) in flop_networks().items():
+        model = inference_copy(network, channels_last=True)
+        tiles = torch.randn(BATCH_SIZE, channels, TILE_SIZE, TILE_SIZE).contiguous(memory_format=torch.channels_last)
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model(tiles)
+        flops = counter.get_total_flops()
+        rates = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            bf16 = dtype == torch.bfloat16
+            peak, forward = [], []
+            for _ in range(rounds + 1):  # the first round warms up
+                peak.append(matmul_peak(dtype, rounds=1))
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    start = time.perf_counter()
+                    model(tiles)
+                    forward.append(flops / (time.perf_counter() - start))
+            rates[dtype] = max(peak[1:]), max(forward[1:])
+            top, rate = rates[dtype]
+            print(
+                f"{name:<28}{'bf16' if bf16 else 'fp32':<11}{flops / 1e9:>7.1f}{top / 1e9:>16.1f}{rate / 1e9:>17.1f}"
+                f"{rate / top:>10.1%}"
+            )
+        rate, fp32_peak = rates[default or torch.float32][1], rates[torch.float32][0]
+        print(
+            f"{name}: default precision ({'bf16' if default else 'fp32'}) forward at {rate / fp32_peak:.1%} of the "
+            "fp32 matmul peak"
+        )
 
 
 class TiffRows:

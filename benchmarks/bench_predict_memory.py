@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from peak import child_peak_mb  # benchmarks/ is the script's folder
+from child_memory import child_peak_mb  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 

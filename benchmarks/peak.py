@@ -1,28 +1,74 @@
-"""The peak resident memory of a child process, as the memory benchmarks measure it."""
+"""The machine a speed benchmark runs on: its CPU, whether it computes bfloat16 natively, and its matmul peak.
+
+Every speed benchmark prints `machine_line()` first and states its network's rate as a fraction
+of `matmul_peak()`, measured in the same run: machines differ between sessions (AVX2 only,
+AVX512-BF16, AMX), so a figure holds only beside the peak of the machine that made it.
+
+    .venv/bin/python benchmarks/peak.py            # this machine and its fp32 / bf16 matmul peak
+"""
 
 from __future__ import annotations
 
-import subprocess
+import os
+import platform
 import time
+from pathlib import Path
 
-# A child sees only this environment (plus what a caller adds): no inherited thread settings.
-CHILD_ENV = {"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
+import torch
+
+from unetseg.runtime.precision import cpu_flags, cpu_has_native_bf16
+
+PEAK_SIZE = 2048  # a square matmul this large runs at the BLAS kernels' full rate on one to many cores
 
 
-def child_peak_mb(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Run a command under GNU time; (its own peak RSS in MB, seconds, the last line it printed).
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
-    GNU time reports the child's own maximum resident set size (ru_maxrss of that child alone;
-    RUSAGE_CHILDREN in this process would take the maximum over every child so far).
-    """
-    started = time.perf_counter()
-    done = subprocess.run(
-        ["/usr/bin/time", "-f", "PEAK_KB %M", *command], capture_output=True, text=True, env=env or CHILD_ENV
+
+def vector_units() -> str:
+    """The widest SIMD the CPU flags name: AMX, AVX512-BF16, AVX-512, AVX2 or neither."""
+    flags = cpu_flags()
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
+        if flag in flags:
+            return name
+    return "no AVX2"
+
+
+def machine_line() -> str:
+    """One line naming what the figures after it depend on: CPU, SIMD, bf16, cores, threads, torch, load."""
+    return (
+        f"machine: {cpu_model()}, {vector_units()}, bfloat16 native: {'yes' if cpu_has_native_bf16() else 'no'}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    peak_kb = int(next(line for line in lines if line.startswith("PEAK_KB")).split()[1])
-    last = [line for line in lines if not line.startswith("PEAK_KB")]
-    return peak_kb / 1024, seconds, last[-1] if last else ""
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, rounds: int = 3, size: int = PEAK_SIZE) -> float:
+    """FLOP/s of a size x size matmul in `dtype` on the CPU: the best of `rounds` after a warm-up."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    print(machine_line())
+    for dtype in (torch.float32, torch.bfloat16):
+        print(f"{str(dtype).removeprefix('torch.')} matmul {PEAK_SIZE}^2: {matmul_peak(dtype) / 1e9:.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

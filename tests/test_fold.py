@@ -5,7 +5,7 @@ from torch import nn
 
 from unetseg.inference import predict_tiled
 from unetseg.inference.engine import pinned_transfer, to_host
-from unetseg.inference.fold import fold_batchnorm, inference_copy
+from unetseg.inference.fold import fold_batchnorm, inference_copy, instance_as_group_norm, memory_format_of
 from unetseg.models import UNet
 
 
@@ -115,3 +115,43 @@ def test_cuda_bands_come_back_through_pinned_memory_in_bf16():
     expected = predict_tiled(net, image, tile_size=64, overlap=16, amp=False)
     probs = predict_tiled(net.cuda(), image, tile_size=64, overlap=16)  # auto: bf16, channels-last, folded
     np.testing.assert_allclose(probs, expected, atol=3e-2)
+
+
+@pytest.mark.parametrize("dims,affine", [(2, True), (3, False), (3, True)])
+def test_instance_norms_become_equal_group_norms_that_keep_channels_last(dims, affine):
+    torch.manual_seed(0)
+    norm = (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(6, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(6))
+            norm.bias.copy_(torch.randn(6))
+    conv = (nn.Conv2d if dims == 2 else nn.Conv3d)(3, 6, 3, padding=1)
+    net = nn.Sequential(conv, norm, nn.ReLU()).eval()
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    inputs = torch.randn(2, 3, *(12,) * dims).contiguous(memory_format=layout)
+    copy = inference_copy(net, channels_last=True)
+    assert isinstance(copy[1], nn.GroupNorm) and copy[1].num_groups == 6 and isinstance(net[1], type(norm))
+    assert copy[0].weight.is_contiguous(memory_format=layout)
+    with torch.no_grad():
+        expected, got = net(inputs), copy(inputs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+    assert got.is_contiguous(memory_format=layout)  # the instance norm itself returns the standard layout
+    assert not expected.is_contiguous(memory_format=layout)
+
+
+def test_instance_norms_with_running_statistics_are_left_alone():
+    net = nn.Sequential(nn.Conv3d(1, 2, 3), nn.InstanceNorm3d(2, track_running_stats=True)).eval()
+    assert instance_as_group_norm(net) == 0 and isinstance(net[1], nn.InstanceNorm3d)
+
+
+def test_a_3d_unet_predicts_in_channels_last_3d_as_it_did_in_the_standard_layout():
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, classes=2, depth=2, width=4, norm="instance", spatial_dims=3).eval()
+    volume = torch.randn(1, 20, 24, 24).numpy()
+    copy = inference_copy(net, channels_last=True)
+    assert memory_format_of(copy) == torch.channels_last_3d
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in copy.parameters() if p.ndim == 5)
+    with torch.no_grad():
+        whole = torch.softmax(net(torch.from_numpy(volume)[None]), 1)[0].numpy()
+    tiled = predict_tiled(net, volume, tile_size=(20, 24, 24), overlap=0, amp=False)
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-5)

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from unetseg.inference.fold import inference_copy
+from unetseg.inference.fold import inference_copy, memory_format_of
 from unetseg.inference.tiling import TilingConfig, axis_weights, pad_indices, padding, tile_starts
 from unetseg.runtime.precision import autocast_dtype, channels_last
+from unetseg.runtime.profiling import stage
 
 __all__ = ["autocast_dtype", "iter_predict", "iter_predict_bands", "per_axis", "select_device", "to_host"]
 
@@ -194,25 +195,36 @@ class BlockPredictor:
         bottom = int(first.starts[block.stop - 1]) + self.tiles[0]
         index = first.source_index[top:bottom]
         low, high = int(index.min()), int(index.max()) + 1
-        data = source[:, low:high]
-        data = _band_tensor(normalize(data) if normalize is not None else data, self.device)
-        # Mirrored borders; interior positions are used as read, without a gather.
-        inner = max(top, first.before) - top, min(bottom, first.before + first.length) - top
-        data = _take(data, 1, index - low, *inner)
-        for dim, plan in enumerate(others, start=2):
-            data = _take(data, dim, plan.source_index, plan.before, plan.before + plan.length)
+        with stage("read"):
+            data = source[:, low:high]
+            if isinstance(data, np.memmap):  # page the band in here, not wherever it is first touched
+                data = np.array(data)
+        if normalize is not None:
+            with stage("normalise"):
+                data = normalize(data)
+        with stage("tile"):
+            data = _band_tensor(data, self.device)
+            # Mirrored borders; interior positions are used as read, without a gather.
+            inner = max(top, first.before) - top, min(bottom, first.before + first.length) - top
+            data = _take(data, 1, index - low, *inner)
+            for dim, plan in enumerate(others, start=2):
+                data = _take(data, dim, plan.source_index, plan.before, plan.before + plan.length)
 
         tiles = list(itertools.product(block, *(range(len(plan.starts)) for plan in others)))
         total = carry
         for begin in range(0, len(tiles), self.batch_size):
             batch = tiles[begin : begin + self.batch_size]
-            windows = [self.window(tile, top) for tile in batch]
-            probs = self.forward(torch.stack([data[window] for window in windows]))
-            if total is None or total.shape[1] < bottom - top:
-                shape = (probs.shape[1], bottom - top, *(plan.padded_length for plan in others))
-                total = grow_sum(total, shape, self.device)
-            for tile_probs, weight, window in zip(probs, self.blend(batch), windows):
-                total[window].addcmul_(tile_probs, weight)
+            with stage("tile"):
+                windows = [self.window(tile, top) for tile in batch]
+                batch_tiles = torch.stack([data[window] for window in windows])
+            with stage("forward"):
+                probs = self.forward(batch_tiles)
+            with stage("blend"):
+                if total is None or total.shape[1] < bottom - top:
+                    shape = (probs.shape[1], bottom - top, *(plan.padded_length for plan in others))
+                    total = grow_sum(total, shape, self.device)
+                for tile_probs, weight, window in zip(probs, self.blend(batch), windows):
+                    total[window].addcmul_(tile_probs, weight)
         return total
 
 
@@ -236,16 +248,19 @@ def iter_blocks(
         total = predictor(source, normalize, block, carry)
         # Positions before the next block's first tile get no more contributions: they are final.
         done = int(first.starts[block.stop]) - top if block.stop < count else total.shape[1]
-        carry = total[:, done:].clone()
+        with stage("blend"):
+            carry = total[:, done:].clone()
         start, stop = max(top - first.before, 0), min(top + done - first.before, first.length)
         if start < stop:
             offset = first.before - top  # block position of source position 0
             crop = (slice(start + offset, stop + offset), *(slice(p.before, p.before + p.length) for p in others))
             probs = total[(slice(None), *crop)]
             if band_transform is not None:
-                with torch.inference_mode():
+                with torch.inference_mode(), stage("post-process"):
                     probs = band_transform(probs)
-            yield start, stop, to_host(probs, pinned)  # `total` is never written again: a view is safe
+            with stage("blend"):
+                probs = to_host(probs, pinned)  # `total` is never written again: a view is safe
+            yield start, stop, probs
 
 
 def grow_sum(total: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -295,8 +310,8 @@ def iter_predict(
 
     Args:
         model: an nn.Module returning logits (N, classes, ...) for (N, C, ...) tiles. It runs as a
-            copy in eval mode with BatchNorm folded into its convolutions (2-D and 3-D),
-            channels-last for 2-D on CPU and CUDA (`unetseg.inference.fold.inference_copy`); the
+            copy in eval mode with BatchNorm folded into its convolutions (2-D and 3-D), channels-last
+            (3-D: channels_last_3d) on CPU and CUDA (`unetseg.inference.fold.inference_copy`); the
             model itself is not changed. One output channel gives sigmoid probabilities, several a
             softmax.
         array: (C, H, W) or (C, Z, Y, X) of any size, anything sliced as `array[:, start:stop]` (numpy,
@@ -327,11 +342,11 @@ def iter_predict(
     plans = [
         plan_axis(length, size, margin, blend, pad_mode) for length, size, margin in zip(shape[1:], tiles, overlaps)
     ]
-    layout = dims == 2 and channels_last(device)  # channels_last_3d measured no gain here (BENCHMARKS.md)
+    layout = channels_last(device)
     was_training = model.training
     network = inference_copy(model, channels_last=layout, compile=compile)
     converted = network is not model  # a network without conv weights (ONNX Runtime) takes tiles as they are
-    memory_format = torch.channels_last if converted and layout else torch.contiguous_format
+    memory_format = memory_format_of(network) if converted and layout else torch.contiguous_format
     dtype = autocast_dtype(device, amp)
     predictor = BlockPredictor(network, plans, tiles, batch_size, tta, device, dtype, memory_format)
     try:

@@ -39,6 +39,7 @@ from unetseg.io.normalize import ChannelBands, plane_range
 from unetseg.io.registry import container, open_source, output_container
 from unetseg.io.source import DEFAULT_MAX_PIXELS, InputImage
 from unetseg.io.volumes import VolumeChannels, volume_range
+from unetseg.runtime.profiling import stage
 from unetseg.spec import InputSpec, label_settings
 
 __all__ = [
@@ -186,13 +187,15 @@ class Prediction:
         if device_mask:  # thresholded where the model runs: uint8 masks cross to the host
             options["band_transform"] = partial(_device_mask, spec=spec, threshold=self.label_options["threshold"])
         if self.dims == 3:
-            value_range = volume_range(image.planes, in_channels, normalization, path)
+            with stage("normalise"):
+                value_range = volume_range(image.planes, in_channels, normalization, path)
             normalize = partial(normalization.apply, value_range=value_range)
             volume = VolumeChannels(image.planes, in_channels, path)
             yield 0, iter_predict_slabs(self.model, volume, normalize=normalize, **options)
             return
         for z, plane in enumerate(image.planes):
-            value_range = plane_range(plane, in_channels, normalization, path)
+            with stage("normalise"):
+                value_range = plane_range(plane, in_channels, normalization, path)
             normalize = partial(normalization.apply, value_range=value_range)
             bands = ChannelBands(plane, in_channels, path)
             yield z, iter_predict_bands(self.model, bands, normalize=normalize, **options)
@@ -247,7 +250,8 @@ class Prediction:
         settings, dims, options = self.settings, self.dims, self.label_options
         source = Path(source)
         targets = output_targets(source, target, settings)
-        image = open_input(source, settings.max_pixels)
+        with stage("read"):
+            image = open_input(source, settings.max_pixels)
         if dims == 3:
             image.stack = True  # a 2-D image is a volume of one plane to a 3-D model
         for kind in settings.outputs:
@@ -269,15 +273,16 @@ class Prediction:
             kinds = settings.outputs
             writers = open_writers(kinds, targets, self.spec, image, options, stack, rois, measurements, dims)
             self.run(image, writers, source, bar.update)
-            if settings.overlay:
-                first, z = writers[0], len(image.planes) // 2
-                write_overlay(targets["overlay"], image.planes[z], first.plane(z), first.kind, options["threshold"])
-            for writer in writers:
-                writer.close()
-            if rois is not None:
-                rois.write(targets["rois"])
-            if measurements is not None:
-                measurements.write(targets["measure"])
+            with stage("write"):
+                if settings.overlay:
+                    first, z = writers[0], len(image.planes) // 2
+                    write_overlay(targets["overlay"], image.planes[z], first.plane(z), first.kind, options["threshold"])
+                for writer in writers:
+                    writer.close()
+                if rois is not None:
+                    rois.write(targets["rois"])
+                if measurements is not None:
+                    measurements.write(targets["measure"])
         return planes * image.height * image.width
 
 

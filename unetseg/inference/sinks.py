@@ -30,6 +30,7 @@ from unetseg.io.files import hold, remove_stale_folders
 from unetseg.io.registry import output_container
 from unetseg.io.source import InputImage, native
 from unetseg.io.tiff import atomic_memmap, release_pages
+from unetseg.runtime.profiling import stage
 from unetseg.spec import InputSpec
 
 __all__ = ["FORMATS", "OUTPUTS", "OutputWriter", "layout", "open_writers"]
@@ -125,8 +126,9 @@ class OutputWriter:
         return ((item,) if self.image.stack else ()) + (Ellipsis, slice(start, stop), slice(None))
 
     def _put(self, item: int, start: int, stop: int, value: np.ndarray) -> None:
-        self.out[self._index(item, start, stop)] = value
-        release_pages(self.out)
+        with stage("write"):
+            self.out[self._index(item, start, stop)] = value
+            release_pages(self.out)
 
     def start(self, item: int) -> None:
         """Called before the bands of plane `item` (2-D models) or of the volume (3-D models, item 0)."""
@@ -147,18 +149,21 @@ class OutputWriter:
     def band(self, item: int, start: int, stop: int, probs: np.ndarray) -> None:
         """Write (labels: gather) the probabilities (classes, stop - start, ...) of rows (planes) start..stop."""
         if self.kind == "mask":  # uint8 bands are masks already, thresholded on the device
-            mask = probs if probs.dtype == np.uint8 else to_mask(probs, self.threshold, self.spec.targets)
+            with stage("post-process"):
+                mask = probs if probs.dtype == np.uint8 else to_mask(probs, self.threshold, self.spec.targets)
             self._put(item, start, stop, mask)
         elif self.kind == "prob":
             value = probs[0] if probs.shape[0] == 1 else probs
             self._put(item, start, stop, np.moveaxis(value, 0, 1) if self.dims == 3 and value.ndim == 4 else value)
         else:
-            self.labeler.add(start, stop, probs)
+            with stage("post-process"):
+                self.labeler.add(start, stop, probs)
 
     def end(self, item: int) -> None:
         """Called after the bands of plane (volume) `item`."""
         if self.labeler is not None:
-            self.next_label = self.labeler.finish()
+            with stage("post-process"):
+                self.next_label = self.labeler.finish()
             self.labeler = None
 
     def plane(self, z: int) -> np.ndarray:
