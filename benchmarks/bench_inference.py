@@ -6,12 +6,13 @@
     .venv/bin/python benchmarks/bench_inference.py --part memory
 
 speed: UNet(depth 4, width 32) on a 1024 x 1024 image, tile 256, overlap 64, gaussian blend,
-batch 8: predict_tiled (automatic precision, float32, bfloat16) and MONAI (float32 as a user
-calls it, and bfloat16 autocast with a channels-last model) on the same model object,
-alternated in one process; best times, mean interior error against a whole-image forward
-pass, and the ratios.
-flops: the U-Net forward's FLOP rate (torch's FLOP counter) as a fraction of a 2048 x 2048
-matmul's, in float32 and bfloat16.
+batch 8: predict_tiled (automatic precision, float32, bfloat16, and the network exported to ONNX
+run by ONNX Runtime as `--backend onnxruntime` runs it) and MONAI (float32 as a user calls it,
+and bfloat16 autocast with a channels-last model) on the same model object, alternated in one
+process; best times, mean interior error against a whole-image forward pass, and the ratios.
+flops: the forward FLOP rate (torch's FLOP counter) of UNet(depth 4, width 32) and of the
+shipped nuclei network as a fraction of this machine's matmul peak (benchmarks/peak.py), in
+float32 and bfloat16.
 memory: a 12000 x 12000 uint16 TIFF predicted band by band into a float32 TIFF by a tiny
 model, in a fresh subprocess that reports its own peak RSS (VmHWM).
 """
@@ -89,6 +90,16 @@ def whole_image_probs(model: nn.Module, image: np.ndarray, bf16: bool) -> np.nda
         return torch.sigmoid(model(torch.from_numpy(image)[None]).float())[0].numpy()
 
 
+def onnxruntime_copy(model: nn.Module) -> nn.Module:
+    """The network exported to ONNX and run by ONNX Runtime, as `unetseg predict --backend onnxruntime` runs it."""
+    import tempfile
+
+    from unetseg.export.onnx import OnnxPredictor, export_net
+
+    folder = tempfile.mkdtemp(prefix="unetseg_bench_onnx_")
+    return OnnxPredictor(export_net(model, Path(folder) / "unet.onnx"))
+
+
 def run_speed(rounds: int, size: int) -> None:
     """predict_tiled against MONAI's sliding_window_inference on one image, alternated; best times, errors, ratios."""
     from monai.inferers import sliding_window_inference
@@ -114,14 +125,17 @@ def run_speed(rounds: int, size: int) -> None:
                 padding_mode="reflect",
             )[0].numpy()
 
-    def ours(amp: bool | None) -> np.ndarray:
-        return predict_tiled(model, image, tile_size=TILE_SIZE, overlap=OVERLAP, batch_size=BATCH_SIZE, amp=amp)
+    def ours(amp: bool | None, network: nn.Module = model) -> np.ndarray:
+        return predict_tiled(network, image, tile_size=TILE_SIZE, overlap=OVERLAP, batch_size=BATCH_SIZE, amp=amp)
+
+    runtime = onnxruntime_copy(model)
 
     channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)  # what a MONAI user can do
     runs = {  # name: (function, precision of its whole-image reference)
         "unetseg auto": (lambda: ours(None), autocast_dtype(torch.device("cpu")) is not None),
         "unetseg fp32": (lambda: ours(False), False),
         "unetseg bf16": (lambda: ours(True), True),
+        "unetseg ORT": (lambda: ours(False, runtime), False),  # --backend onnxruntime
         "MONAI fp32": (lambda: monai(model, False), False),
         "MONAI bf16+CL": (lambda: monai(channels_last, True, torch.channels_last), True),
     }
@@ -144,6 +158,7 @@ def run_speed(rounds: int, size: int) -> None:
                 times[name].append(seconds)
     best = {name: min(values) for name, values in times.items()}  # others on a shared machine only add time
     tiles = tile_count(size, size)
+    print(machine_line())
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, UNet(depth 4, width 32), {size}x{size}, "
         f"tile {TILE_SIZE}, overlap {OVERLAP}, batch {BATCH_SIZE}, gaussian; tiles: unetseg {tiles}, MONAI "
@@ -160,6 +175,8 @@ def run_speed(rounds: int, size: int) -> None:
     for ours_name, monai_name in (
         ("unetseg auto", "MONAI fp32"),
         ("unetseg fp32", "MONAI fp32"),
+        ("unetseg ORT", "MONAI fp32"),
+        ("unetseg ORT", "unetseg auto"),
         ("unetseg bf16", "MONAI bf16+CL"),
     ):
         print(

@@ -27,6 +27,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from peak import machine_line, matmul_peak  # benchmarks/ is the script's folder
 
 from unetseg.cli import train
 from unetseg.models import UNet
@@ -169,6 +170,43 @@ def unetseg_train(
     return StepTimer.steps[warmup:]
 
 
+def data_alone(data: Path | None, config: str, batch_size: int, batches: int, warmup: int) -> float:
+    """Seconds per batch of the training data pipeline with the model step removed: the config's data module
+    (reading, tiles, augmentation, targets, weight maps, collation) in this process (no workers) on one thread,
+    as a worker runs it; median of `batches` after `warmup`, so the figure is the pipeline's own cost, not
+    hidden behind a step."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from unetseg.training.data import SegmentationDataModule
+
+    settings = yaml.safe_load(Path(train.resolve_config(config)).read_text())["data"]
+    settings.update(root=str(data) if data is not None else None, tile_size=TILE, batch_size=batch_size)
+    settings.update(tiles_per_epoch=batch_size * (warmup + batches), num_workers=0)
+    parser = ArgumentParser()
+    parser.add_class_arguments(SegmentationDataModule, "data")
+    module = parser.instantiate_classes(parser.parse_object({"data": settings})).data
+    module.setup("fit")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker, where PyTorch runs one thread
+    times, start = [], now()
+    for _batch in module.train_dataloader():
+        times.append(now() - start)
+        start = now()
+    torch.set_num_threads(threads)
+    return float(np.median(times[warmup:]))
+
+
+def step_flops(batch_size: int) -> float:
+    """FLOPs of the network's forward pass on one training batch (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = UNet(**NET)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.rand(batch_size, NET["in_channels"], TILE, TILE))
+    return counter.get_total_flops()
+
+
 def summary(name: str, records: list[dict[str, float]], pixels: int) -> dict[str, float]:
     """Median of each part over the timed steps, printed as one table row."""
     medians = {key: float(np.median([record[key] for record in records])) for key in (*PARTS, "total")}
@@ -197,7 +235,9 @@ def main() -> None:
         whole = time.perf_counter() - started
     torch.set_num_threads(args.threads)  # Lightning may have changed it
     bare += bare_loop(args.steps - args.steps // 2, args.warmup, args.batch_size)
+    pipeline = data_alone(data, args.config, args.batch_size, args.steps, args.warmup)
     where = f"{DEVICE.type} ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else f"{args.threads} threads"
+    print(machine_line())
     print(
         f"torch {torch.__version__}, {where}, UNet(3 -> 3, depth 4, width 16), batch {args.batch_size} x "
         f"{TILE}x{TILE}, median of {args.steps} steps after {args.warmup}, load average {os.getloadavg()[0]:.1f}; "
@@ -212,6 +252,15 @@ def main() -> None:
         f"unetseg-train is {bare_medians['total'] / ours_medians['total']:.2f}x the bare fp32 loop's speed; "
         f"data wait {ours_medians['data wait'] / ours_medians['total']:.1%} of its step"
     )
+    print(
+        f"the data pipeline alone (model step removed, in this process): {pipeline:.3f} s per batch of "
+        f"{args.batch_size}, {pipeline / ours_medians['total']:.1%} of an unetseg-train step"
+    )
+    flops = step_flops(args.batch_size)
+    peak = matmul_peak(torch.float32) if DEVICE.type == "cpu" else float("nan")
+    for name, medians in (("bare fp32 loop", bare_medians), ("unetseg-train", ours_medians)):
+        rate = flops / medians["forward"] / 1e9
+        print(f"{name}: forward and loss at {rate:.1f} GFLOP/s, {rate / peak * 1e9:.1%} of the fp32 matmul peak")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from peak import machine_line, matmul_peak  # benchmarks/ is the script's folder
 from torch import nn
 
 from unetseg.inference import autocast_dtype
-from unetseg.inference.fold import inference_copy
+from unetseg.inference.fold import inference_copy, memory_format_of
 from unetseg.inference.volume import predict_volume_tiled
 from unetseg.models.unet import UNet
 
@@ -72,8 +72,8 @@ def forward_rate(model: nn.Module, dtype: torch.dtype | None, rounds: int) -> tu
     """(GFLOP of one batch of patches, best GFLOP/s of the network's prediction copy on it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    network = inference_copy(model)
-    patches = torch.randn(BATCH, 1, PATCH, PATCH, PATCH)
+    network = inference_copy(model, channels_last=True)  # as the engine runs it
+    patches = torch.randn(BATCH, 1, PATCH, PATCH, PATCH).contiguous(memory_format=memory_format_of(network))
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         network(patches)
     flops = counter.get_total_flops()

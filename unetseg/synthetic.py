@@ -7,7 +7,6 @@ Images vary in nucleus size, texture, noise, blur, uneven illumination and bit d
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,9 @@ from scipy import ndimage
 from skimage import io as skio
 
 from unetseg.inference.postprocess import remove_small
+from unetseg.io.files import cache_folder
 
-DEFAULT_CACHE = Path(os.environ.get("UNETSEG_CACHE", Path.home() / ".cache" / "unetseg"))
+DEFAULT_CACHE = cache_folder()
 
 
 def nuclei_image(rng: np.random.Generator, shape: tuple[int, int] = (256, 256)) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from unetseg.inference.batch import plan_outputs, predict_files, shard
-from unetseg.inference.loading import load_predictor
+from unetseg.inference.loading import BACKENDS, load_predictor
 from unetseg.inference.overlay import overlay_path
 from unetseg.inference.pipeline import FORMATS, OUTPUTS, PredictSettings
 from unetseg.inference.tiling import BLENDS, TilingConfig
@@ -218,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bfloat16 autocast on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX), float32 "
         "elsewhere; bf16 forces it (float16 on GPUs without bfloat16), fp32 turns it off (default auto)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="what runs the network: torch, or onnxruntime (2-D models, float32; the checkpoint is exported "
+        "once into the cache). Which is faster depends on the CPU: benchmarks/bench_inference.py --part "
+        "speed measures both (default torch)",
+    )
     parser.add_argument("--glob", metavar="PATTERN", help='only inputs whose path matches, e.g. "*.tif"')
     parser.add_argument("--overwrite", action="store_true", help="predict again files whose output exists")
     parser.add_argument(
@@ -351,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             check_writable(target.parent)  # a read-only OUTPUT fails once, here, not once per file
         device = resolve_device("cpu" if args.dask else args.device)  # with --dask, each worker picks its own
         checkpoint = args.checkpoint if args.checkpoint is not None else model_path(args.model)
-        model, spec = load_predictor(checkpoint, device)
+        if args.backend == "onnxruntime" and (args.dask or args.precision == "bf16"):
+            clash = "--dask (its workers load the checkpoint in torch)" if args.dask else "--precision bf16"
+            raise ValueError(f"--backend onnxruntime runs in float32 on this process; it does not combine with {clash}")
+        model, spec = load_predictor(checkpoint, device, args.backend)
         settings.check(spec)
     except (ValueError, OSError, CheckpointError) as error:
         log.error("%s", error)

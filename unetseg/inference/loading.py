@@ -1,29 +1,42 @@
-"""A model for prediction from any model file: a training checkpoint, an ONNX export or a bioimage.io package.
+"""A model for prediction from any model file: a training checkpoint, an ONNX export or a bioimage.io package,
+run by PyTorch or by ONNX Runtime.
 
 The one place that knows which loader reads which file type, so `models/` never imports `export/`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from unetseg.io.files import cache_folder
 from unetseg.models.checkpoint import CHECKPOINT_SUFFIXES, CheckpointError, load_net
 from unetseg.spec import InputSpec
 
-__all__ = ["load_predictor"]
+__all__ = ["BACKENDS", "load_predictor"]
+
+BACKENDS = ("torch", "onnxruntime")
 
 
-def load_predictor(path: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, InputSpec]:
+def load_predictor(
+    path: str | Path, device: str | torch.device | None = None, backend: str = "torch"
+) -> tuple[nn.Module, InputSpec]:
     """Load a model for prediction and the input spec it was trained with: (model in eval mode, spec).
 
     .ckpt/.pt/.pth are training checkpoints (see `read_checkpoint`); .onnx files written by
     unetseg-export run through ONNX Runtime (`unetseg.export.onnx.OnnxPredictor`) with the spec
     stored in the file, and so do bioimage.io packages (.zip) written by unetseg-export. Raises
     CheckpointError naming the file when it cannot be used.
+
+    backend "onnxruntime" runs a checkpoint's network through ONNX Runtime too: it is exported
+    once (`unetseg-export`'s ONNX, float32) into the cache folder under the checkpoint's hash and
+    reused. 2-D networks only; ONNX models run there whatever the backend.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -49,9 +62,27 @@ def load_predictor(path: str | Path, device: str | torch.device | None = None) -
         raise CheckpointError(
             f"{path}: unknown model file type {suffix!r}; expected {', '.join(CHECKPOINT_SUFFIXES)}, .onnx or .zip"
         )
+    if backend == "onnxruntime" and suffix in CHECKPOINT_SUFFIXES:
+        model = _onnxruntime_copy(path, model, spec)
     if device is not None:
         model = model.to(device)
     return model.eval(), spec
+
+
+def _onnxruntime_copy(path: Path, model: nn.Module, spec: InputSpec) -> nn.Module:
+    """The checkpoint's network run by ONNX Runtime: exported once into the cache, keyed by the file's hash."""
+    if any(parameter.ndim == 5 for parameter in model.parameters()):
+        raise CheckpointError(f"{path}: a 3-D model; --backend onnxruntime runs 2-D models (use --backend torch)")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    exported = cache_folder() / "onnx" / f"{path.stem}-{digest}.onnx"
+    try:
+        from unetseg.export.onnx import export_net
+
+        if not exported.is_file():  # written under a temporary name and renamed: never half there
+            export_net(model, exported, input_spec=spec)
+    except (ImportError, ValueError, OSError) as error:
+        raise CheckpointError(f"{path}: cannot run it with ONNX Runtime ({error})") from None
+    return _load_onnx(exported)[0]
 
 
 def _load_onnx(path: Path) -> tuple[nn.Module, InputSpec]:

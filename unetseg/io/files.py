@@ -24,6 +24,11 @@ ZARR_SUFFIXES = (".zarr",)  # OME-Zarr images are folders
 log = logging.getLogger(__name__)
 
 
+def cache_folder() -> Path:
+    """Where unetseg keeps what it makes once and reuses: $UNETSEG_CACHE, else ~/.cache/unetseg."""
+    return Path(os.environ.get("UNETSEG_CACHE", Path.home() / ".cache" / "unetseg"))
+
+
 class DuplicateNameError(ValueError):
     """Two files with one name (`a.png` and `a.tif`): they would pair with, or be written to, the same file."""
 
