@@ -17,8 +17,6 @@ the networks count the tile forwards each variant runs, so the cost in forward p
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from contextlib import contextmanager
@@ -26,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
+from peak import machine_line  # benchmarks/ is the script's folder
 from torch import nn
 
 from unetseg.inference.loading import load_predictor
@@ -35,7 +33,6 @@ from unetseg.io import find_pairs, read_image, to_channels
 from unetseg.io.modality import image_features, modality_names
 from unetseg.models.checkpoint import make_ensemble
 from unetseg.models.ensemble import Ensemble
-from unetseg.runtime.precision import cpu_has_native_bf16
 
 MEMBERS = 5  # the folds of a five-fold cross-validation
 TTA_PASSES = 8  # the 8 flips and quarter turns of every tile
@@ -175,21 +172,6 @@ def equal_cost(rows: list[Row]) -> list[str]:
     return lines
 
 
-def machine_line() -> str:
-    """The CPU model, cores, threads, native bfloat16 and load: what the timings depend on."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        model = names[0] if names else model
-    bf16 = cpu_has_native_bf16()
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (
-        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s); "
-        f"bfloat16 native: {'yes (precision auto predicts in bfloat16)' if bf16 else 'no (float32)'}{load}"
-    )
-
-
 def select_images(root: Path, count: int) -> tuple[list[str], list[np.ndarray], dict[str, int]]:
     """A fixed selection of `count` images, stratified by image type (at least one of each): within each type,
     evenly spaced in name order. Returns (names, images, images per type)."""
@@ -227,7 +209,7 @@ def main() -> None:
         f"The ensemble holds {args.members} copies of {args.model.name}'s network: prediction time does not depend "
         "on the weights. `--model nuclei` predicts with TTA by default (stored in the model)."
     )
-    print(f"machine: {machine_line()}")
+    print(machine_line())
 
 
 if __name__ == "__main__":
