@@ -119,6 +119,7 @@ def test_the_ensemble_benchmark_counts_k_times_tta_forward_passes(tmp_path, monk
     module_spec = importlib.util.spec_from_file_location("bench_ensemble", path)
     bench = importlib.util.module_from_spec(module_spec)
     monkeypatch.setitem(sys.modules, "bench_ensemble", bench)  # its dataclass looks its module up there
+    monkeypatch.syspath_prepend(str(path.parent))  # its sibling peak.py, as when run as a script
     module_spec.loader.exec_module(bench)
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 4000, shape).astype(np.uint16) for shape in ((70, 90), (64, 64))]
