@@ -241,7 +241,7 @@ def test_precision_option_reaches_the_tiling(tmp_path, checkpoint, monkeypatch, 
     seen = {}
 
     def fake_predict_files(model, spec, pairs, settings, **kwargs):
-        seen["amp"] = settings.tiling.amp
+        seen["amp"], seen["compile"] = settings.tiling.amp, settings.tiling.compile
         return PredictSummary()
 
     monkeypatch.setattr(unetseg.cli.predict, "predict_files", fake_predict_files)
@@ -249,6 +249,8 @@ def test_precision_option_reaches_the_tiling(tmp_path, checkpoint, monkeypatch, 
     skio.imsave(image, (nuclei((40, 40)) * 255).astype(np.uint8), check_contrast=False)
     argv = [str(image), str(tmp_path / "out"), "--checkpoint", str(checkpoint), "--precision", precision]
     assert main(argv + TILING) == 0
-    assert seen["amp"] is amp
+    assert seen == {"amp": amp, "compile": False}
+    assert main(argv + TILING + ["--compile"]) == 0
+    assert seen == {"amp": amp, "compile": True}
     with pytest.raises(SystemExit):
         build_parser().parse_args([str(image), "out", "--model", "nuclei", "--precision", "fp16"])

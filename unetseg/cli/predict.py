@@ -226,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         "once into the cache). Which is faster depends on the CPU: benchmarks/bench_inference.py --part "
         "speed measures both (default torch)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the network through torch.compile (inductor; compiled graphs are cached on disk between runs): "
+        "it can pay on a GPU over a folder; off by default, as on the CPUs measured the compile time (minutes) "
+        "was never won back (BENCHMARKS.md)",
+    )
     parser.add_argument("--glob", metavar="PATTERN", help='only inputs whose path matches, e.g. "*.tif"')
     parser.add_argument("--overwrite", action="store_true", help="predict again files whose output exists")
     parser.add_argument(
@@ -337,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             blend=args.blend,
             tta=args.tta,
             amp=PRECISIONS[args.precision],
+            compile=args.compile,
         )
         volume = VolumeTiling(args.volume_tile, args.volume_overlap)
         settings = PredictSettings(
