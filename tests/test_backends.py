@@ -82,3 +82,20 @@ def test_onnxruntime_refuses_what_it_cannot_do_before_loading(cache, tmp_path, c
         capsys.readouterr().err
     )
     assert not (tmp_path / "out").exists() and not (cache / "onnx").exists()
+
+
+def test_a_damaged_export_in_the_cache_is_made_again(cache, checkpoint, caplog):
+    load_predictor(checkpoint, backend="onnxruntime")
+    (exported,) = (cache / "onnx").glob("*.onnx")
+    exported.write_bytes(exported.read_bytes()[:100])  # truncated
+    runtime, _ = load_predictor(checkpoint, backend="onnxruntime")
+    assert isinstance(runtime, OnnxPredictor) and exported.stat().st_size > 1000
+    assert f"{exported}: cannot load the ONNX model" in caplog.text and "exporting it again" in caplog.text
+
+
+def test_an_unwritable_cache_is_named_in_the_refusal(tmp_path, monkeypatch, checkpoint):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("UNETSEG_CACHE", str(blocked))
+    with pytest.raises(CheckpointError, match=rf"{checkpoint.name}: cannot run it with ONNX Runtime \(.*blocked"):
+        load_predictor(checkpoint, backend="onnxruntime")

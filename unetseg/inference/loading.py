@@ -7,6 +7,7 @@ The one place that knows which loader reads which file type, so `models/` never 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from unetseg.spec import InputSpec
 __all__ = ["BACKENDS", "load_predictor"]
 
 BACKENDS = ("torch", "onnxruntime")
+
+log = logging.getLogger(__name__)
 
 
 def load_predictor(
@@ -78,8 +81,12 @@ def _onnxruntime_copy(path: Path, model: nn.Module, spec: InputSpec) -> nn.Modul
     try:
         from unetseg.export.onnx import export_net
 
-        if not exported.is_file():  # written under a temporary name and renamed: never half there
-            export_net(model, exported, input_spec=spec)
+        if exported.is_file():
+            try:
+                return _load_onnx(exported)[0]
+            except CheckpointError as error:  # damaged in the cache (a disk error, an edit): made again
+                log.warning("%s; exporting it again", error)
+        export_net(model, exported, input_spec=spec)  # under a temporary name, then renamed: never half there
     except (ImportError, ValueError, OSError) as error:
         raise CheckpointError(f"{path}: cannot run it with ONNX Runtime ({error})") from None
     return _load_onnx(exported)[0]
