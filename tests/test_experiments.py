@@ -15,7 +15,7 @@ from unetseg.synthetic import make_nuclei_dataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # experiments/ lives beside the package, not in it
 
-from experiments import compare, degradation  # noqa: E402
+from experiments import compare, degradation, degradation_cells, degradation_report  # noqa: E402
 from experiments.study import CellStore, difference, pm  # noqa: E402
 
 
@@ -159,13 +159,13 @@ def test_mean_std_and_difference():
 
 def test_curve_summary_finds_where_the_loss_levels_off():
     losses = [1.0 * math.exp(-step / 50) + 0.2 for step in range(1000)]
-    summary = degradation.curve_summary(losses, last_fraction=0.1)
+    summary = degradation_cells.curve_summary(losses, last_fraction=0.1)
     assert summary["final_loss"] == pytest.approx(0.2, abs=1e-3)
     assert 100 <= summary["steps_to_90"] <= 130  # exp(-t/50) < 0.1 from t = 115
     assert abs(summary["last_quarter_change"]) < 1e-3
-    assert degradation.late_share(summary) < degradation.LEVELLED_OFF
-    still_falling = degradation.curve_summary([1.0 - step / 1000 for step in range(1000)], last_fraction=0.1)
-    assert degradation.late_share(still_falling) > 0.2
+    assert degradation_report.late_share(summary) < degradation_report.LEVELLED_OFF
+    still_falling = degradation_cells.curve_summary([1.0 - step / 1000 for step in range(1000)], last_fraction=0.1)
+    assert degradation_report.late_share(still_falling) > 0.2
 
 
 def test_the_sessions_line_says_when_cells_come_from_runs_that_recorded_no_wall_time():
