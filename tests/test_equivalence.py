@@ -395,3 +395,28 @@ def test_a_folder_is_predicted_with_one_prediction(tmp_path, monkeypatch):
     assert len(summary.done) == 3 and not summary.failed
     assert len(calls) == 1
     assert all(tifffile.imread(target).shape == (10, 40, 36) for _, target in pairs)
+
+
+@pytest.mark.parametrize("name", CONTAINERS)
+def test_the_onnxruntime_backend_gives_the_torch_outputs_in_every_container(tmp_path, name):
+    """The backend axis of the matrix: a 2-D model run by ONNX Runtime (`--backend onnxruntime`) writes what
+    the same model run by torch writes, in every container; 3-D models are refused (tests/test_backends.py)."""
+    pytest.importorskip("onnxruntime")
+    from unetseg.export.onnx import OnnxPredictor, export_net
+
+    model, spec = Pointwise(2), InputSpec(1, Normalization(0.0, 100.0), "foreground", 1)
+    runtime = OnnxPredictor(export_net(model, tmp_path / "pointwise.onnx", input_spec=spec))
+    source = write_input(tmp_path / name, spheres())
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".png" if name.endswith(".png") else ".tif"
+    kinds = ("mask", "labels") if name == "image.png" else ("mask", "prob", "labels")
+    settings = PredictSettings(kinds, **SETTINGS)
+    for backend, network in (("torch", model), ("onnxruntime", runtime)):
+        predict_file(network, spec, source, tmp_path / backend / f"{name.split('.')[0]}{suffix}", settings)
+    for kind in kinds:
+        paths = [tmp_path / backend / f"{name.split('.')[0]}_{kind}{suffix}" for backend in ("torch", "onnxruntime")]
+        torch_output, runtime_output = (read_output(path, kind) for path in paths)
+        assert torch_output.max() > 0 and runtime_output.shape == torch_output.shape
+        if kind == "prob":
+            np.testing.assert_allclose(runtime_output, torch_output, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(runtime_output, torch_output)
