@@ -28,9 +28,10 @@ RUN if [ -n "$TORCH" ]; then pip install --no-cache-dir $TORCH; fi \
 # .dockerignore lets only pyproject.toml, README.md, LICENSE and unetseg/ (weights included) through.
 COPY . /src
 # The constraints pin torch and torchvision to what is installed, so pip never swaps them for PyPI's builds.
-# The package is the source tree itself; its dependencies' versions come from pyproject.toml.
+# The package is the source tree itself, with ONNX Runtime (--backend onnxruntime, .onnx models); its
+# dependencies' versions come from pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir --constraint /opt/torch-constraints.txt /src \
+RUN pip install --no-cache-dir --constraint /opt/torch-constraints.txt "/src[onnx]" \
     && python -c "import torch, torchvision, unetseg; print('torch', torch.__version__, 'unetseg ok')"
 
 FROM ${BASE}
@@ -40,6 +41,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
+    UNETSEG_CACHE=/tmp/unetseg \
     NO_ALBUMENTATIONS_UPDATE=1
 RUN useradd --create-home --uid "${UID}" --user-group unetseg
 # Only the venv comes across: no wheelhouse, pip cache or source tree in the final image.
