@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 from experiments.compare_cells import (
@@ -33,15 +32,7 @@ from experiments.compare_cells import (
     study_data,
 )
 from experiments.compare_report import grouped, plot_examples, plot_gradient_norms, plot_learning_curves, write_report
-from experiments.study import (
-    CellStore,
-    add_study_arguments,
-    command_line,
-    data_root,
-    record_session,
-    run_cells,
-    stored_protocol,
-)
+from experiments.study import add_study_arguments, run_study
 
 log = logging.getLogger("compare")
 
@@ -138,36 +129,27 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out = Path(args.out)
     examples = out / "runs" / "compare-examples"
-    started = time.time()
-    if args.report_only:
-        settings = stored_protocol(out / "comparison.json")
-    else:
-        settings = {key: getattr(args, key) for key in PROTOCOL_KEYS}
-        settings["data"] = str(data_root(args.data, args.quick))
-    store = CellStore(out / "comparison.json", settings)
-    try:
-        if not args.report_only:
-            cells = [(f"otsu:{OTSU}", (run_otsu, settings, examples))]
-            # The short gradient cells last: they fill the processes' ends.
-            cells += [
-                (f"train:{name} seed={seed}", (run_variant, name, seed, settings, examples))
+
+    def cells(settings: dict) -> list[tuple[str, tuple]]:
+        made = [(f"otsu:{OTSU}", (run_otsu, settings, examples))]
+        # The short gradient cells last: they fill the processes' ends.
+        made += [
+            (f"train:{name} seed={seed}", (run_variant, name, seed, settings, examples))
+            for seed in range(args.seeds)
+            for name in args.variants
+        ]
+        if not args.no_gradients:
+            made += [
+                (f"gradients:{gradient_key(*variant)} seed={seed}", (run_gradients, *variant, seed, settings))
                 for seed in range(args.seeds)
-                for name in args.variants
+                for variant in GRADIENT_VARIANTS
             ]
-            if not args.no_gradients:
-                cells += [
-                    (f"gradients:{gradient_key(*variant)} seed={seed}", (run_gradients, *variant, seed, settings))
-                    for seed in range(args.seeds)
-                    for variant in GRADIENT_VARIANTS
-                ]
-            ran = run_cells(call, cells, store, args.jobs, args.threads)
-            command = command_line("experiments.compare", argv)
-            record_session(store, command, time.time() - started, ran, args.jobs, args.threads)
-        if not store.cells:
-            raise SystemExit(f"{store.path}: no finished cells to report")
-        finish(store.data, settings, out, examples)
-    finally:
-        store.close()
+        return made
+
+    def report(data: dict, settings: dict) -> None:
+        finish(data, settings, out, examples)
+
+    run_study(args, argv, "experiments.compare", "comparison.json", PROTOCOL_KEYS, cells, call, report)
 
 
 def call(function, *arguments):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 from experiments.degradation_cells import cell_key, run_cell, study_data
@@ -31,15 +30,7 @@ from experiments.degradation_report import (
     plot_gradients,
     write_report,
 )
-from experiments.study import (
-    CellStore,
-    add_study_arguments,
-    command_line,
-    data_root,
-    record_session,
-    run_cells,
-    stored_protocol,
-)
+from experiments.study import add_study_arguments, run_study
 from unetseg.models.blocks import BLOCKS, NORMS
 
 log = logging.getLogger("degradation")
@@ -123,31 +114,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
-    started = time.time()
-    if args.report_only:
-        settings = stored_protocol(out / "degradation.json")
-    else:
-        settings = {key: getattr(args, key) for key in PROTOCOL_KEYS}
-        settings["data"] = str(data_root(args.data, args.quick))
-    store = CellStore(out / "degradation.json", settings)
-    try:
-        ran = 0
-        if not args.report_only:
-            cells = [
-                (cell_key(block, norm, blocks, seed), (block, norm, blocks, seed, settings))
-                for blocks in sorted(args.blocks_per_level, reverse=True)  # longest first
-                for seed in range(args.seeds)
-                for block in args.blocks
-                for norm in args.norms
-            ]
-            ran = run_cells(run_cell, cells, store, args.jobs, args.threads)
-            command = command_line("experiments.degradation", argv)
-            record_session(store, command, time.time() - started, ran, args.jobs, args.threads)
-        if not store.cells:
-            raise SystemExit(f"{store.path}: no finished cells to report")
-        finish(store.data, settings, out)
-    finally:
-        store.close()
+
+    def cells(settings: dict) -> list[tuple[str, tuple]]:
+        return [
+            (cell_key(block, norm, blocks, seed), (block, norm, blocks, seed, settings))
+            for blocks in sorted(args.blocks_per_level, reverse=True)  # longest first
+            for seed in range(args.seeds)
+            for block in args.blocks
+            for norm in args.norms
+        ]
+
+    def report(data: dict, settings: dict) -> None:
+        finish(data, settings, out)
+
+    run_study(args, argv, "experiments.degradation", "degradation.json", PROTOCOL_KEYS, cells, run_cell, report)
 
 
 def finish(data: dict, settings: dict, out: Path) -> None:

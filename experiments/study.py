@@ -162,6 +162,38 @@ def run_cells(
     return len(pending)
 
 
+def run_study(
+    args,
+    argv: Sequence[str] | None,
+    module: str,
+    store_name: str,
+    protocol_keys: Sequence[str],
+    make_cells: Callable[[dict], list[tuple[str, tuple]]],
+    run: Callable,
+    finish: Callable[[dict, dict], None],
+) -> None:
+    """One study's run: its settings (the arguments, or with --report-only the stored protocol), the cells
+    `make_cells(settings)` gives, run side by side (`run_cells`) and recorded as a session, then
+    `finish(store data, settings)` writes the report from every stored cell."""
+    out = Path(args.out)
+    started = time.time()
+    if args.report_only:
+        settings = stored_protocol(out / store_name)
+    else:
+        settings = {key: getattr(args, key) for key in protocol_keys}
+        settings["data"] = str(data_root(args.data, args.quick))
+    store = CellStore(out / store_name, settings)
+    try:
+        if not args.report_only:
+            ran = run_cells(run, make_cells(settings), store, args.jobs, args.threads)
+            record_session(store, command_line(module, argv), time.time() - started, ran, args.jobs, args.threads)
+        if not store.cells:
+            raise SystemExit(f"{store.path}: no finished cells to report")
+        finish(store.data, settings)
+    finally:
+        store.close()
+
+
 def record_session(store: CellStore, command: str, seconds: float, cells_run: int, jobs: int, threads: int) -> None:
     """Append this invocation (command, wall time, cells it ran) to the store's sessions."""
     store.data["sessions"].append(
