@@ -116,3 +116,42 @@ def test_stardist_stack_instances_are_recovered_from_boundary_targets():
     assert scores["n_gt"] == len(np.unique(truth)) - 1
     assert scores["f1"] > 0.9, scores
     assert segmentation_scores(truth, truth)["f1"] == 1.0
+
+
+@pytest.mark.parametrize("shape, spacing", [((96, 112), None), ((12, 48, 56), (2.0, 0.5, 0.5))])
+def test_one_class_labels_leave_components_under_min_size_out_of_the_peak_search_and_keep_the_objects(shape, spacing):
+    """`to_labels` skips components smaller than min_size when it looks for distance maxima (they only make
+    objects that are removed); it finds the objects of the search over every component, on noisy
+    probabilities with many tiny components beside large touching ones."""
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    from skimage.measure import label
+    from skimage.segmentation import watershed
+
+    from unetseg.inference.postprocess import remove_small
+
+    rng = np.random.default_rng(0)
+    probs = ndimage.gaussian_filter(rng.random(shape), 3 if spacing is None else (1, 3, 3))
+    probs = (probs - probs.min()) / (probs.max() - probs.min())
+    probs = np.clip(probs + 0.35 * (rng.random(shape) > 0.97), 0, 1)[None]  # speckles: tiny components
+    foreground = probs[0] > 0.5
+    components = label(foreground)
+    sizes = np.bincount(components.ravel())[1:]
+    assert (sizes < 15).sum() > 50 and (sizes >= 15).sum() >= 1  # both kinds are there
+    distance = ndimage.distance_transform_edt(foreground, sampling=spacing)
+    footprint = peak_footprint(4, spacing)
+    peaks = peak_local_max(distance, min_distance=4, footprint=footprint, labels=components, exclude_border=False)
+    markers = np.zeros(shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    expected = remove_small(watershed(-distance, markers=markers, mask=foreground), 15)
+    labels = to_labels(probs, min_size=15, min_distance=4, spacing=spacing)
+    assert labels.max() == expected.max() > 3 and np.array_equal(labels > 0, expected > 0)
+    # The same objects, one to one; skimage's watershed breaks ties between fronts of equal height by
+    # the order pixels entered its queue, which the left-out markers change: a few pixels where two
+    # objects meet may go to the other one.
+    overlap = np.zeros((labels.max() + 1, expected.max() + 1), dtype=np.int64)
+    np.add.at(overlap, (labels.ravel(), expected.ravel()), 1)
+    match = overlap[1:, 1:].argmax(axis=1)
+    assert len(set(match)) == labels.max()
+    moved = (labels > 0).sum() - overlap[1:, 1:].max(axis=1).sum()
+    assert moved <= 0.005 * (labels > 0).sum()

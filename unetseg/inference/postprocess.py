@@ -65,11 +65,13 @@ def to_labels(
     elif classes == 1:
         foreground = probs[0] > threshold
         distance = ndimage.distance_transform_edt(foreground, sampling=spacing)
+        # Maxima are looked for in each component alone (skimage loops over them); a component under
+        # min_size pixels only makes objects that are removed below, so it is left out of that loop.
         peaks = peak_local_max(
             distance,
             min_distance=min_distance,
             footprint=peak_footprint(min_distance, spacing),
-            labels=connected_components(foreground),
+            labels=remove_small(connected_components(foreground), min_size),
             exclude_border=False,
         )
         markers = np.zeros(foreground.shape, dtype=np.int32)
