@@ -185,7 +185,7 @@ def data_alone(data: Path | None, config: str, batch_size: int, batches: int, wa
     settings.update(tiles_per_epoch=batch_size * (warmup + batches), num_workers=0)
     parser = ArgumentParser()
     parser.add_class_arguments(SegmentationDataModule, "data")
-    module = parser.instantiate_classes(parser.parse_object({"data": settings})).data
+    module = parser.instantiate(parser.parse_object({"data": settings})).data
     module.setup("fit")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker, where PyTorch runs one thread

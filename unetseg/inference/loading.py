@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unetseg.inference.volume import spatial_dims
 from unetseg.io.files import cache_folder
 from unetseg.models.checkpoint import CHECKPOINT_SUFFIXES, CheckpointError, load_net
 from unetseg.spec import InputSpec
@@ -74,7 +75,7 @@ def load_predictor(
 
 def _onnxruntime_copy(path: Path, model: nn.Module, spec: InputSpec) -> nn.Module:
     """The checkpoint's network run by ONNX Runtime: exported once into the cache, keyed by the file's hash."""
-    if any(parameter.ndim == 5 for parameter in model.parameters()):
+    if spatial_dims(model) == 3:
         raise CheckpointError(f"{path}: a 3-D model; --backend onnxruntime runs 2-D models (use --backend torch)")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     exported = cache_folder() / "onnx" / f"{path.stem}-{digest}.onnx"
