@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from unetseg.runtime.precision import cpu_flags, cpu_has_native_bf16
+from unetseg.runtime.precision import cpu_flags, cpu_has_native_bf16, onednn_isa_cap
 
 PEAK_SIZE = 2048  # a square matmul this large runs at the BLAS kernels' full rate on one to many cores
 
@@ -34,12 +34,21 @@ def cpu_model() -> str:
 
 
 def vector_units() -> str:
-    """The widest SIMD the CPU flags name: AMX, AVX512-BF16, AVX-512, AVX2 or neither."""
+    """The widest SIMD the CPU flags name (AMX, AVX512-BF16, AVX-512, AVX2 or neither), and the caps this process
+    put on oneDNN, MKL and ATen where it emulates an older CPU (`speed_goals.sh --isa avx2`)."""
     flags = cpu_flags()
+    widest = "no AVX2"
     for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
         if flag in flags:
-            return name
-    return "no AVX2"
+            widest = name
+            break
+    caps = {
+        "oneDNN": onednn_isa_cap(),
+        "MKL": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
+        "ATen": os.environ.get("ATEN_CPU_CAPABILITY"),
+    }
+    capped = ", ".join(f"{library} {cap}" for library, cap in caps.items() if cap)
+    return f"{widest} capped to {capped} (emulated)" if capped else widest
 
 
 def machine_line() -> str:
@@ -64,10 +73,18 @@ def matmul_peak(dtype: torch.dtype = torch.float32, rounds: int = 3, size: int =
     return best
 
 
+def measured_dtypes() -> tuple[torch.dtype, ...]:
+    """The precisions worth timing here: float32, and bfloat16 where the CPU computes it natively (emulated, a
+    2048^2 bfloat16 matmul takes minutes and no unetseg default uses it)."""
+    return (torch.float32, torch.bfloat16) if cpu_has_native_bf16() else (torch.float32,)
+
+
 def main() -> None:
     print(machine_line())
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in measured_dtypes():
         print(f"{str(dtype).removeprefix('torch.')} matmul {PEAK_SIZE}^2: {matmul_peak(dtype) / 1e9:.1f} GFLOP/s")
+    if torch.bfloat16 not in measured_dtypes():
+        print("bfloat16 matmul: not measured (emulated on this machine; unetseg runs float32 here)")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,15 @@
 #   4. bench_volume.py: 3-D tiled prediction vs MONAI (64 x 256 x 256, patch 64^3);
 #   5. bench_training.py: unetseg-train vs a bare fp32 loop; the data pipeline alone;
 #   6. profile_predict.py: where prediction's time goes, per stage (torch.profiler).
-# Usage: benchmarks/speed_goals.sh [OUT_FOLDER]   (default /tmp/unetseg_speed; one .txt per benchmark)
+# Usage: benchmarks/speed_goals.sh [--isa avx2] [OUT_FOLDER]   (default /tmp/unetseg_speed; one .txt per benchmark)
+#   --isa avx2: measure an AVX2-only machine on a newer CPU: oneDNN, MKL and ATen are capped to AVX2, so
+#   convolutions and matmuls run their AVX2 kernels and bfloat16 is emulated (unetseg then picks float32).
 set -euo pipefail
+if [[ ${1:-} == --isa ]]; then
+    [[ ${2:-} == avx2 ]] || { echo "speed_goals.sh: --isa takes avx2 (the one older CPU kind it emulates), not '${2:-}'" >&2; exit 2; }
+    export ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
+    shift 2
+fi
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-../shared/data/dsb2018}

@@ -27,6 +27,26 @@ def test_cpu_flags_from_cpuinfo_tell_native_bf16(tmp_path, monkeypatch, line, ex
     assert precision.detect_native_bf16() is expected
 
 
+@pytest.mark.parametrize(
+    "variable, cap, expected",
+    [
+        ("ONEDNN_MAX_CPU_ISA", "AVX2", False),  # an AVX2 machine emulated on a newer CPU: bf16 is emulated
+        ("ONEDNN_MAX_CPU_ISA", "avx512_core", False),
+        ("DNNL_MAX_CPU_ISA", "AVX2_VNNI", False),
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", True),
+        ("ONEDNN_MAX_CPU_ISA", "ALL", True),
+    ],
+)
+def test_a_onednn_isa_cap_below_bf16_makes_bf16_not_native(monkeypatch, variable, cap, expected):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert precision.detect_native_bf16() is True
+    monkeypatch.setenv(variable, cap)
+    assert precision.detect_native_bf16() is expected
+
+
 def test_amx_capability_counts_as_native_without_cpuinfo(monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: set())
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AMX")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -28,6 +29,13 @@ log = logging.getLogger(__name__)
 
 # /proc/cpuinfo flags of native bfloat16 arithmetic: x86 AVX512-BF16 and AMX, Arm BF16.
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) that leave out its bfloat16 dot-product kernels: with one of
+# these set, oneDNN emulates bfloat16 whatever the CPU has (`benchmarks/speed_goals.sh --isa avx2` uses this to
+# measure an AVX2 machine on a newer CPU).
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
@@ -49,12 +57,20 @@ def cpu_has_native_bf16() -> bool:
     return detect_native_bf16()
 
 
+def onednn_isa_cap() -> str | None:
+    """The instruction-set cap this process set for oneDNN (ONEDNN_MAX_CPU_ISA, or its older name), upper-cased."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip().upper() if cap else None
+
+
 def detect_native_bf16() -> bool:
     """`cpu_has_native_bf16` uncached: torch's CPU capability names AMX where it is present; AVX512-BF16 is only
-    visible in the kernel's CPU flags."""
+    visible in the kernel's CPU flags. A oneDNN ISA cap below AVX512_CORE_BF16 makes bfloat16 emulated."""
     capability = torch.backends.cpu.get_cpu_capability().upper()
     native = "AMX" in capability or "BF16" in capability or bool(cpu_flags() & BF16_CPU_FLAGS)
-    log.debug("CPU capability %s, native bfloat16: %s", capability, native)
+    if native and onednn_isa_cap() in ONEDNN_ISAS_WITHOUT_BF16:
+        native = False
+    log.debug("CPU capability %s, oneDNN cap %s, native bfloat16: %s", capability, onednn_isa_cap(), native)
     return native
 
 
