@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import QUIET
 
 from unetseg.cli.cv import main as cv_main
@@ -83,3 +84,65 @@ def test_the_classical_reference_finds_bright_and_dark_objects():
     image = np.where(discs, 200, 10).astype(np.uint8)[None]
     assert classical_labels(image).max() == 2
     assert classical_labels(255 - image).max() == 2  # brightfield: dark objects on a bright background
+
+
+def unseen_images(root, count=2):
+    """Synthetic pairs under names no fold of `cross_validation` trained on."""
+    from unetseg.synthetic import make_nuclei_dataset
+
+    make_nuclei_dataset(root, count=count, shape=(80, 80), seed=1)
+    for path in sorted(root.glob("*/nuclei_*")):
+        path.rename(path.with_name("unseen_" + path.name))
+    return root
+
+
+def test_the_mean_of_a_network_in_its_eight_views_is_unetseg_tta(cross_validation):
+    from experiments.ensemble_vs_tta import VIEWS, View
+    from unetseg.inference.pipeline import PredictSettings, predict_image
+    from unetseg.inference.tiling import TilingConfig
+    from unetseg.io import read_image
+
+    data, work = cross_validation
+    model, spec = load_predictor(work / "fold_0" / "checkpoints" / "last.ckpt", "cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights far from the barely trained fold's, so the views give different outputs
+        for parameter in model.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    image = read_image(sorted((data / "images").glob("*.tif"))[0])
+
+    def probs(network, tta):
+        return predict_image(network, spec, image, PredictSettings("prob", tiling=TilingConfig(tta=tta, amp=False)))
+
+    views = [probs(View(model, view), False) for view in range(VIEWS)]
+    assert not np.allclose(views[0], views[1], atol=1e-4)  # the views differ: each is its own pass
+    np.testing.assert_allclose(np.mean(views, axis=0), probs(model, True), atol=1e-5)
+
+
+def test_ensemble_vs_tta_scores_every_variant_on_unseen_images_and_refuses_seen_ones(cross_validation, tmp_path):
+    from experiments.ensemble_vs_tta import format_report, run
+
+    data, work = cross_validation
+    with pytest.raises(ValueError, match=r"nuclei_000\.png: a fold of .* trained on this image"):
+        run(work, data, tile_size=256, limit=1)
+    result = run(work, unseen_images(tmp_path / "test"), tile_size=256, limit=None)
+    assert result["images"] == 2 and result["folds"] == 2
+    rows = {row["variant"]: row for row in result["variants"]}
+    expected = {  # passes a tile, instances scored (one per fold, per left-out fold, or the whole ensemble)
+        "one network": (1, 2),
+        "one network, 4 views (flips)": (4, 2),
+        "1-fold ensemble": (1, 2),
+        "one network, 8 views (TTA)": (8, 2),
+        "1-fold ensemble, 2 views": (2, 2),
+        "2-fold ensemble": (2, 1),
+        "2-fold ensemble, 8 views (TTA)": (16, 1),
+    }
+    assert {name: (row["passes"], row["instances"]) for name, row in rows.items()} == expected
+    for row in rows.values():
+        assert 0.0 <= row["dsb"] <= 1.0 and len(row["image_dsb"]) == 2
+    # a 1-fold "ensemble" leaving one fold out is the other fold's network: the same scores as one network
+    assert rows["1-fold ensemble"]["dsb"] == pytest.approx(rows["one network"]["dsb"])
+    comparison = result["comparisons"][0]
+    assert comparison["dsb_difference"] == pytest.approx(
+        np.mean(rows[comparison["b"]]["image_dsb"]) - np.mean(rows[comparison["a"]]["image_dsb"])
+    )
+    assert "| one network, 8 views (TTA) | 8 |" in format_report(result)
