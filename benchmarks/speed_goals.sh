@@ -7,7 +7,8 @@
 #   3. bench_inference.py --part flops: the forward's fraction of the matmul peak (UNet(32), nuclei net);
 #   4. bench_volume.py: 3-D tiled prediction vs MONAI (64 x 256 x 256, patch 64^3);
 #   5. bench_training.py: unetseg-train vs a bare fp32 loop; the data pipeline alone;
-#   6. profile_predict.py: where prediction's time goes, per stage (torch.profiler).
+#   6. profile_predict.py: where prediction's time goes, per stage (torch.profiler);
+#   7. profile_training_step.py: a training step per operator, standard layout and channels-last.
 # Usage: benchmarks/speed_goals.sh [--isa avx2] [OUT_FOLDER]   (default /tmp/unetseg_speed; one .txt per benchmark)
 #   --isa avx2: measure an AVX2-only machine on a newer CPU: oneDNN, MKL and ATen are capped to AVX2, so
 #   convolutions and matmuls run their AVX2 kernels and bfloat16 is emulated (unetseg then picks float32).
@@ -30,3 +31,4 @@ run inference_flops benchmarks/bench_inference.py --part flops --rounds 3
 run volume benchmarks/bench_volume.py --rounds 2
 run training benchmarks/bench_training.py --data "$DATA" --steps 6 --warmup 2
 run profile benchmarks/profile_predict.py --data "$DATA"
+run profile_training benchmarks/profile_training_step.py
