@@ -2,7 +2,8 @@
 256², in the standard layout (a bare loop) and channels-last (as unetseg-train runs it), under torch.profiler.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/profile_training_step.py
-    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python benchmarks/profile_training_step.py
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+        .venv/bin/python benchmarks/profile_training_step.py
 
 (the second as on an AVX2 machine; float32 in both, the precision of an AVX2 machine).
 """

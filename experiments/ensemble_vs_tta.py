@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +113,10 @@ def run(work: Path, test: Path, tile_size: int, limit: int | None) -> dict:
         truth = as_instances(read_labels(mask_path))
         groups.append(modality_names(image_features(to_channels(stored, 3)))[0])
         started = time.perf_counter()
-        probs = [[view_probabilities(network, view, spec, stored, settings) for view in range(VIEWS)] for network, _ in networks]
+        probs = [
+            [view_probabilities(network, view, spec, stored, settings) for view in range(VIEWS)]
+            for network, _ in networks
+        ]
         seconds.append((time.perf_counter() - started) / (folds * VIEWS))
         for variant, _, instances in table:
             for slot, (members, views) in enumerate(instances):
