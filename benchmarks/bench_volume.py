@@ -154,10 +154,11 @@ def main() -> None:
         if peer not in runs:
             continue
         print(f"{ours_name} vs {peer}: {best[peer] / best[ours_name]:.2f}x faster")
-    for dtype in (None, torch.bfloat16)[: len(measured_dtypes())]:
-        gflop, rate = forward_rate(model, dtype, args.rounds + 1)
-        peak = matmul_peak(dtype or torch.float32) / 1e9
-        name = "bf16" if dtype else "fp32"
+    for dtype in measured_dtypes():
+        bf16 = dtype == torch.bfloat16
+        gflop, rate = forward_rate(model, dtype if bf16 else None, args.rounds + 1)
+        peak = matmul_peak(dtype) / 1e9
+        name = "bf16" if bf16 else "fp32"
         print(
             f"forward of {BATCH} patches ({gflop:.1f} GFLOP) in {name}: {rate:.1f} GFLOP/s, {rate / peak:.1%} of the "
             f"{name} matmul peak ({peak:.1f} GFLOP/s)"
