@@ -1,5 +1,7 @@
-"""The shipped nuclei model on its 85 held-out DSB2018 images, through the user's commands: its stored
-post-processing and its scores (README, "The shipped nuclei model"), per image type.
+"""The shipped nuclei model on the 85 held-out DSB2018 images of stage 5 (`nuclei_split.json`), through the
+user's commands: its stored post-processing and its scores (README, "The shipped nuclei model"), per image type.
+The shipped file is the all-data model (issue 28), which trained on these images too: the scores check that the
+file and the user's path give what the README says, not the model's accuracy on unseen images.
 
 Run with `pytest -m slow`; skipped when ../shared/data/dsb2018 (images/, masks/) is absent.
 """
@@ -47,13 +49,13 @@ def test_shipped_nuclei_model_scores_on_its_held_out_images(tmp_path):
     assert evaluate_main([*arguments, "--json", str(report)]) == 0
     summary = json.loads(report.read_text())["summary"]
     assert summary["images"] == 85
-    # Measured 0.9209 / 0.6264 (README); a little room for other CPUs' arithmetic.
-    assert summary["dice"] == pytest.approx(0.921, abs=0.005)
-    assert summary["dsb_score"] == pytest.approx(0.626, abs=0.005)
+    # The all-data model, measured 0.923 / 0.622, fluorescence DSB 0.665 (README); room for other CPUs' arithmetic.
+    assert summary["dice"] == pytest.approx(0.923, abs=0.005)
+    assert summary["dsb_score"] == pytest.approx(0.622, abs=0.005)
     groups = summary["by_modality"]
     assert {name: group["images"] for name, group in groups.items()} == {
         "colour (stained)": 10,
         "fluorescence": 72,
         "grey brightfield": 3,
     }
-    assert groups["fluorescence"]["dsb_score"] == pytest.approx(0.671, abs=0.005)
+    assert groups["fluorescence"]["dsb_score"] == pytest.approx(0.665, abs=0.005)
