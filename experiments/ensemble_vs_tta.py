@@ -95,8 +95,8 @@ def postprocessing(work: Path) -> tuple[dict, str]:
 
 
 def run(work: Path, test: Path, tile_size: int, limit: int | None) -> dict:
-    folds = len(fold_splits(work))
-    trained_on = set(fold_splits(work)[0]["assigned"])
+    splits = fold_splits(work)
+    folds, trained_on = len(splits), set(splits[0]["assigned"])  # every image a fold trained or validated on
     networks = [load_predictor(fold_checkpoint(work, f), "cpu") for f in range(folds)]
     spec = networks[0][1]
     settings = PredictSettings("prob", tiling=TilingConfig(tile_size=tile_size, tta=False))
