@@ -5,18 +5,13 @@ mismatches."""
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
+from experiments import compare, degradation, degradation_cells, degradation_report
+from experiments.study import CellStore, difference, pm
 from unetseg.synthetic import make_nuclei_dataset
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # experiments/ lives beside the package, not in it
-
-from experiments import compare, degradation, degradation_cells, degradation_report  # noqa: E402
-from experiments.study import CellStore, difference, pm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
