@@ -34,36 +34,38 @@ from torch import nn
 
 from unetseg.evaluation.crossval import fold_checkpoint, fold_splits
 from unetseg.evaluation.metrics import segmentation_scores, summarize
+from unetseg.inference.engine import DIHEDRAL_VIEWS as VIEWS
+from unetseg.inference.engine import dihedral_view, undo_dihedral_view
 from unetseg.inference.loading import load_predictor
 from unetseg.inference.pipeline import PredictSettings, predict_image
 from unetseg.inference.postprocess import to_labels
 from unetseg.inference.tiling import TilingConfig
+from unetseg.inference.volume import spatial_dims
 from unetseg.io import find_pairs, pair_name, read_image, read_labels, to_channels
 from unetseg.io.labels import as_instances
 from unetseg.io.modality import image_features, modality_names
-from unetseg.spec import label_settings
+from unetseg.spec import InputSpec, label_settings
 
-VIEWS = 8  # k < 4: a quarter turn k times; k >= 4: a flip of the last axis, then k - 4 quarter turns
 FLIPS = (0, 2, 4, 6)  # identity, half turn, flip of x, flip of y (= flip of x and a half turn)
 IDENTITY_AND_FLIP = (0, 4)
 
 
 class View(nn.Module):
-    """A network run on a flipped / turned copy of its tiles, its logits turned back: one view of TTA."""
+    """A network run on view `view` of its tiles (the engine's `dihedral_view`), its logits turned back: one of
+    the 8 passes of unetseg's TTA as a network of its own."""
 
     def __init__(self, network: nn.Module, view: int):
         super().__init__()
         self.network, self.view = network, view
-        self.spatial_dims = 2
+        self.spatial_dims = spatial_dims(network)
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        turns, flip = self.view % 4, self.view >= 4
-        tiles = torch.rot90(tiles.flip(-1) if flip else tiles, turns, dims=(-2, -1))
-        logits = torch.rot90(self.network(tiles), -turns, dims=(-2, -1))
-        return logits.flip(-1) if flip else logits
+        return undo_dihedral_view(self.network(dihedral_view(tiles, self.view)), self.view)
 
 
-def view_probabilities(network: nn.Module, view: int, spec, image: np.ndarray, settings: PredictSettings) -> np.ndarray:
+def view_probabilities(
+    network: nn.Module, view: int, spec: InputSpec, image: np.ndarray, settings: PredictSettings
+) -> np.ndarray:
     """(classes, H, W) float32 probabilities of `network` in one view (one-class models too)."""
     probs = np.asarray(predict_image(View(network, view), spec, image, settings), np.float32)
     return probs[None] if probs.ndim == 2 else probs
@@ -85,12 +87,12 @@ def variants(folds: int) -> list[tuple[str, int, list[tuple[tuple[int, ...], tup
     ]
 
 
-def postprocessing(work: Path) -> tuple[dict, str]:
-    """The post-processing every variant uses: tuned on the out-of-fold probabilities where `score` tuned it."""
+def postprocessing(work: Path, spec: InputSpec) -> tuple[dict, str]:
+    """The post-processing every variant uses: tuned on the out-of-fold probabilities where `score` tuned it,
+    else the one stored in the fold checkpoints (`spec`)."""
     scored = json.loads((work / "cv.json").read_text()) if (work / "cv.json").exists() else {}
     if "tuned_postprocess" in scored:
         return label_settings(scored["tuned_postprocess"]["settings"]), "tuned on the out-of-fold probabilities"
-    _, spec = load_predictor(fold_checkpoint(work, 0), "cpu")
     return label_settings(spec.postprocess), "stored in the fold checkpoints (not tuned)"
 
 
@@ -100,7 +102,7 @@ def run(work: Path, test: Path, tile_size: int, limit: int | None) -> dict:
     networks = [load_predictor(fold_checkpoint(work, f), "cpu") for f in range(folds)]
     spec = networks[0][1]
     settings = PredictSettings("prob", tiling=TilingConfig(tile_size=tile_size, tta=False))
-    labels, chosen = postprocessing(work)
+    labels, chosen = postprocessing(work, spec)
     table = variants(folds)
     per_image = {name: [[] for _ in instances] for name, _, instances in table}
     groups, seconds = [], []

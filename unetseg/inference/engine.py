@@ -86,22 +86,32 @@ def plan_axis(length: int, tile_size: int, overlap: int, blend: str, pad_mode: s
     )
 
 
+DIHEDRAL_VIEWS = 8  # view k < 4: k quarter turns; k >= 4: a flip of the last axis, then k - 4 quarter turns
+
+
+def dihedral_view(tiles: torch.Tensor, k: int) -> torch.Tensor:
+    """View k (0..7) of (..., T, T) tiles: the flips and quarter turns of their last two axes."""
+    return torch.rot90(tiles.flip(-1) if k >= 4 else tiles, k % 4, dims=(-2, -1))
+
+
+def undo_dihedral_view(outputs: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of `dihedral_view(., k)`: outputs of view k turned back to the tiles' orientation."""
+    outputs = torch.rot90(outputs, -(k % 4), dims=(-2, -1))
+    return outputs.flip(-1) if k >= 4 else outputs
+
+
 def _dihedral_views(tiles: torch.Tensor) -> torch.Tensor:
     """The 8 flips and quarter turns of (N, C, T, T) tiles, stacked as (8 N, C, T, T)."""
-    flipped = tiles.flip(-1)
-    views = [torch.rot90(tiles, k, dims=(-2, -1)) for k in range(4)]
-    views += [torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4)]
-    return torch.cat(views)
+    return torch.cat([dihedral_view(tiles, k) for k in range(DIHEDRAL_VIEWS)])
 
 
 def _merge_dihedral(probs: torch.Tensor) -> torch.Tensor:
     """Undo `_dihedral_views` on (8 N, K, T, T) outputs and average them to (N, K, T, T)."""
-    views = probs.chunk(8)
+    views = probs.chunk(DIHEDRAL_VIEWS)
     total = torch.zeros_like(views[0])
     for k, view in enumerate(views):
-        view = torch.rot90(view, -(k % 4), dims=(-2, -1))
-        total += view.flip(-1) if k >= 4 else view
-    return total / 8
+        total += undo_dihedral_view(view, k)
+    return total / DIHEDRAL_VIEWS
 
 
 def _band_tensor(band: Any, device: torch.device) -> torch.Tensor:
